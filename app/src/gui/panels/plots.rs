@@ -1,0 +1,119 @@
+//! Per-step curves of the selected run: entropy, chosen-token probability, tokens per step, time per step. A
+//! vertical line marks the cursor; clicking a plot moves the cursor there.
+
+use egui::Color32;
+use egui_plot::{Line, Plot, PlotPoints, Points, VLine};
+use specula_core::trace::StepRecord;
+
+use super::{ViewCtx, empty_state, readable_axes};
+use crate::gui::command::Command;
+use crate::gui::cursor::CursorMove;
+
+#[derive(Default)]
+pub struct PlotsPanel;
+
+/// One curve: title, unit, colour, and the value of a step (None leaves a gap).
+struct Series {
+    title: &'static str,
+    color: Color32,
+    value: fn(&StepRecord) -> Option<f64>,
+}
+
+const SERIES: &[Series] = &[
+    Series {
+        title: "Entropy of the model's distribution (nats)",
+        color: Color32::from_rgb(117, 112, 179),
+        value: |s| s.tokens.first().map(|t| f64::from(t.entropy)),
+    },
+    Series {
+        title: "Probability of the chosen token",
+        color: Color32::from_rgb(69, 117, 180),
+        value: |s| s.tokens.first().map(|t| f64::from(t.prob())),
+    },
+    Series {
+        title: "Tokens committed per step",
+        color: Color32::from_rgb(26, 152, 80),
+        value: |s| Some(s.tokens.len() as f64),
+    },
+    Series {
+        title: "Time per step (ms; step 1, which reads the prompt, is left out)",
+        color: Color32::from_rgb(217, 95, 2),
+        // The prefill step takes ten to a hundred times a decode step and would flatten the curve.
+        value: |s| {
+            if s.index == 0 {
+                None
+            } else {
+                s.timing.map(|t| t.total_ms)
+            }
+        },
+    },
+];
+
+impl PlotsPanel {
+    pub fn ui(&mut self, ui: &mut egui::Ui, ctx: &ViewCtx<'_>) {
+        let Some((key, run)) = ctx.selected() else {
+            empty_state(
+                ui,
+                "Nothing to plot",
+                "Open a trace or start a run to see its curves here.",
+            );
+            return;
+        };
+        let steps = &run.trace.steps;
+        if steps.is_empty() {
+            empty_state(ui, "No steps yet", "The curves appear as the run decodes.");
+            return;
+        }
+        let cursor_x = (ctx.cursor.step + 1) as f64;
+        let link = egui::Id::unique(("plots_link", key));
+        let height = ((ui.available_height() - 4.0 * 28.0) / 4.0).max(80.0);
+        egui::ScrollArea::vertical()
+            .auto_shrink([false, false])
+            .show(ui, |ui| {
+                for series in SERIES {
+                    ui.label(egui::RichText::new(series.title).strong());
+                    let points: Vec<[f64; 2]> = steps
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(i, s)| (series.value)(s).map(|v| [(i + 1) as f64, v]))
+                        .collect();
+                    if points.is_empty() {
+                        ui.label(egui::RichText::new("Not recorded in this trace.").weak());
+                        continue;
+                    }
+                    let at_cursor = points.iter().find(|p| p[0] == cursor_x).copied();
+                    let plot = readable_axes(Plot::new(("plot", series.title)), "step", "");
+                    let response = plot
+                        .height(height)
+                        .link_axis(link, [true, false])
+                        .link_cursor(link, [true, false])
+                        .allow_drag(false)
+                        .allow_scroll(false)
+                        .include_y(0.0)
+                        .show(ui, |plot_ui| {
+                            plot_ui.line(
+                                Line::new(series.title, PlotPoints::from(points))
+                                    .color(series.color),
+                            );
+                            plot_ui.vline(
+                                VLine::new("cursor", cursor_x)
+                                    .color(Color32::from_rgb(230, 50, 50))
+                                    .width(1.5),
+                            );
+                            if let Some(p) = at_cursor {
+                                plot_ui.points(
+                                    Points::new("at cursor", p).radius(4.0).color(series.color),
+                                );
+                            }
+                        });
+                    if response.response.clicked()
+                        && let Some(pos) = response.response.interact_pointer_pos()
+                    {
+                        let x = response.transform.value_from_position(pos).x.round();
+                        let step = (x.max(1.0) as usize).saturating_sub(1);
+                        ctx.send(Command::MoveCursor(CursorMove::To(step)));
+                    }
+                }
+            });
+    }
+}

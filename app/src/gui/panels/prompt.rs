@@ -1,0 +1,116 @@
+//! The left panel: the prompt, the method's parameters (live: a change on a running sample run applies at its
+//! next step), and the list of runs.
+
+use egui::RichText;
+
+use super::ViewCtx;
+use crate::gui::command::Command;
+use crate::gui::settings::RunSettings;
+
+#[derive(Default)]
+pub struct PromptPanel;
+
+impl PromptPanel {
+    pub fn ui(&mut self, ui: &mut egui::Ui, ctx: &ViewCtx<'_>, settings: &mut RunSettings) {
+        egui::ScrollArea::vertical().show(ui, |ui| {
+            ui.heading("Prompt");
+            let label = ui.label("Prompt text");
+            ui.add(
+                egui::TextEdit::multiline(&mut settings.prompt)
+                    .desired_rows(4)
+                    .desired_width(f32::INFINITY),
+            )
+            .labelled_by(label.id);
+            ui.checkbox(&mut settings.chat, "Chat template")
+                .on_hover_text("Wrap the prompt as a user message in the model's chat template");
+            ui.add_enabled_ui(settings.chat, |ui| {
+                ui.checkbox(&mut settings.use_system, "System prompt");
+                if settings.use_system {
+                    let label = ui.label("System prompt text");
+                    ui.add(
+                        egui::TextEdit::multiline(&mut settings.system)
+                            .desired_rows(2)
+                            .desired_width(f32::INFINITY),
+                    )
+                    .labelled_by(label.id);
+                }
+            });
+            ui.separator();
+            self.params_ui(ui, ctx, settings);
+            ui.separator();
+            runs_ui(ui, ctx);
+        });
+    }
+
+    fn params_ui(&mut self, ui: &mut egui::Ui, ctx: &ViewCtx<'_>, settings: &mut RunSettings) {
+        ui.heading("Method parameters");
+        let sample = !settings.is_greedy();
+        if !sample {
+            ui.label(RichText::new("Greedy always takes the most likely token; pick “sample” in the top bar to use these.").weak());
+        }
+        let before = settings.params();
+        ui.add_enabled_ui(sample, |ui| {
+            ui.add(egui::Slider::new(&mut settings.temperature, 0.0..=2.0).text("Temperature"))
+                .on_hover_text(
+                    "Divides the logits: below 1 sharpens the distribution, above 1 flattens it",
+                );
+            ui.add(egui::Slider::new(&mut settings.top_k, 0..=100).text("Top-k (0 = off)"))
+                .on_hover_text("Keep only the k most likely tokens");
+            ui.add(egui::Slider::new(&mut settings.top_p, 0.01..=1.0).text("Top-p (1 = off)"))
+                .on_hover_text("Keep the smallest set of tokens whose probability reaches p");
+            ui.add(egui::Slider::new(&mut settings.min_p, 0.0..=0.99).text("Min-p (0 = off)"))
+                .on_hover_text("Drop tokens less likely than min-p times the most likely one");
+            ui.add(
+                egui::Slider::new(&mut settings.typical_p, 0.01..=1.0).text("Typical-p (1 = off)"),
+            )
+            .on_hover_text(
+                "Locally typical sampling: keep tokens whose surprise is close to the entropy",
+            );
+        });
+        let after = settings.params();
+        if after != before
+            && let Some((key, run)) = ctx.selected()
+            && run.live_id().is_some()
+            && run.trace.header.method == settings.method
+        {
+            ctx.send(Command::SetParams(key, Box::new(after)));
+        }
+        ui.horizontal(|ui| {
+            let label = ui.label("Seed");
+            ui.add(egui::DragValue::new(&mut settings.seed))
+                .labelled_by(label.id);
+            let label = ui.label("Max tokens");
+            ui.add(egui::DragValue::new(&mut settings.max_tokens).range(1..=4096))
+                .labelled_by(label.id);
+        });
+    }
+}
+
+/// Every run, newest last; click to select, ✕ to close.
+fn runs_ui(ui: &mut egui::Ui, ctx: &ViewCtx<'_>) {
+    ui.heading("Runs");
+    if ctx.store.is_empty() {
+        ui.label(RichText::new("No runs yet. Press Run, or open a trace.").weak());
+    }
+    let selected = ctx.store.selected_key();
+    for (key, run) in ctx.store.runs() {
+        ui.horizontal(|ui| {
+            let text = format!(
+                "{} · {} tokens · {}",
+                run.label(),
+                run.trace.generated_len(),
+                run.status.describe()
+            );
+            if ui.selectable_label(selected == Some(key), text).clicked() {
+                ctx.send(Command::SelectRun(key));
+            }
+            if ui
+                .small_button("Close")
+                .on_hover_text("Close this run (a running one is cancelled)")
+                .clicked()
+            {
+                ctx.send(Command::CloseRun(key));
+            }
+        });
+    }
+}

@@ -1,0 +1,120 @@
+//! The timeline of the selected run: one mark per step (coloured by how many tokens it committed, the stop
+//! marked), the cursor, and the play controls. Click or drag on the strip to move the cursor.
+
+use egui::{Color32, Rect, RichText, Sense, Stroke, pos2, vec2};
+use specula_core::trace::StopReason;
+
+use super::ViewCtx;
+use crate::gui::command::Command;
+use crate::gui::cursor::{CursorMove, PlayMode};
+
+const ONE_TOKEN: Color32 = Color32::from_rgb(69, 117, 180);
+const SEVERAL_TOKENS: Color32 = Color32::from_rgb(26, 152, 80);
+const NO_TOKEN: Color32 = Color32::from_rgb(150, 150, 150);
+const STOP: Color32 = Color32::from_rgb(215, 48, 39);
+
+#[derive(Default)]
+pub struct TimelinePanel;
+
+impl TimelinePanel {
+    pub fn ui(&mut self, ui: &mut egui::Ui, ctx: &ViewCtx<'_>) {
+        let run = ctx.selected().map(|(_, r)| r);
+        let len = run.map_or(0, |r| r.trace.steps.len());
+        ui.horizontal(|ui| {
+            let send = |m| ctx.send(Command::MoveCursor(m));
+            let has_steps = len > 0;
+            ui.add_enabled_ui(has_steps, |ui| {
+                if ui.button("First").on_hover_text("First step (Home)").clicked() {
+                    send(CursorMove::First);
+                }
+                if ui.button("Back").on_hover_text("Previous step (Left arrow)").clicked() {
+                    send(CursorMove::Back);
+                }
+                if ctx.cursor.mode == PlayMode::Playing {
+                    if ui.button("Stop").on_hover_text("Stop playing (Space)").clicked() {
+                        send(CursorMove::Pause);
+                    }
+                } else if ui.button("Play").on_hover_text("Replay the steps (Space)").clicked() {
+                    send(CursorMove::Play);
+                }
+                if ui.button("Forward").on_hover_text("Next step (Right arrow)").clicked() {
+                    send(CursorMove::Forward);
+                }
+                if ui.button("Follow").on_hover_text("Jump to the newest step and stay there (End)").clicked() {
+                    send(CursorMove::Follow);
+                }
+            });
+            let mut rate = ctx.cursor.steps_per_second;
+            let label = ui.label("Speed");
+            if ui
+                .add(egui::DragValue::new(&mut rate).range(0.5..=120.0).suffix(" steps/s").speed(0.2))
+                .labelled_by(label.id)
+                .changed()
+            {
+                send(CursorMove::SetRate(rate));
+            }
+            ui.separator();
+            let position = if len == 0 { "no steps".to_owned() } else { format!("step {} / {len}", ctx.cursor.step + 1) };
+            ui.label(RichText::new(position).monospace().strong());
+            ui.label(RichText::new(ctx.cursor.mode.name()).weak())
+                .on_hover_text("Following: stays on the newest step. Paused: stays put. Playing: advances by itself.");
+        });
+        if let Some(run) = run {
+            self.strip_ui(ui, ctx, run, len);
+        }
+    }
+
+    fn strip_ui(
+        &mut self,
+        ui: &mut egui::Ui,
+        ctx: &ViewCtx<'_>,
+        run: &crate::gui::store::RunEntry,
+        len: usize,
+    ) {
+        let (rect, response) =
+            ui.allocate_exact_size(vec2(ui.available_width(), 28.0), Sense::click_and_drag());
+        let painter = ui.painter_at(rect);
+        painter.rect_filled(rect, 2.0, ui.visuals().extreme_bg_color);
+        if len == 0 {
+            return;
+        }
+        let width = rect.width() / len as f32;
+        let stopped_at_eos = run
+            .trace
+            .summary
+            .as_ref()
+            .is_some_and(|s| s.stop_reason == StopReason::Eos);
+        for (i, step) in run.trace.steps.iter().enumerate() {
+            let color = if stopped_at_eos && i + 1 == len {
+                STOP
+            } else {
+                match step.tokens.len() {
+                    0 => NO_TOKEN,
+                    1 => ONE_TOKEN,
+                    _ => SEVERAL_TOKENS,
+                }
+            };
+            let x = rect.left() + i as f32 * width;
+            // A hairline gap between marks keeps them countable when they are wide enough.
+            let gap = if width > 3.0 { 1.0 } else { 0.0 };
+            let mark = Rect::from_min_max(
+                pos2(x, rect.top() + 4.0),
+                pos2(x + width - gap, rect.bottom() - 4.0),
+            );
+            painter.rect_filled(mark, 0.0, color);
+        }
+        let x = rect.left() + (ctx.cursor.step as f32 + 0.5) * width;
+        let stroke = Stroke::new(2.0, ui.visuals().strong_text_color());
+        painter.line_segment([pos2(x, rect.top()), pos2(x, rect.bottom())], stroke);
+        if (response.clicked() || response.dragged())
+            && let Some(pos) = response.interact_pointer_pos()
+        {
+            let step = ((pos.x - rect.left()) / width).floor().max(0.0) as usize;
+            ctx.send(Command::MoveCursor(CursorMove::To(step.min(len - 1))));
+        }
+        response.on_hover_text(
+            "One mark per step. Blue: one token; green: several tokens (a fork's kept tokens); grey: none; red: \
+             the end-of-text stop. Click or drag to move the cursor.",
+        );
+    }
+}

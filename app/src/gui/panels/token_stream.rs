@@ -1,0 +1,160 @@
+//! The generated text, token by token: each token a chip coloured by its probability; hovering shows its
+//! candidates, clicking focuses it (and moves the cursor to its step) so it can be forked.
+
+use egui::{RichText, Sense};
+
+use super::model_panel;
+use super::tokens::{candidates_table, display_text, legend, newlines, token_chip};
+use super::{ViewCtx, empty_state};
+use crate::gui::command::Command;
+use crate::gui::store::{ModelState, tokens_with_steps};
+
+#[derive(Default)]
+pub struct TokenStreamPanel;
+
+impl TokenStreamPanel {
+    pub fn ui(&mut self, ui: &mut egui::Ui, ctx: &ViewCtx<'_>) {
+        let Some((key, run)) = ctx.selected() else {
+            self.empty_ui(ui, ctx);
+            return;
+        };
+        legend(ui);
+        ui.separator();
+        let shown = ctx.tokens_shown();
+        let focused = ctx.focused_token().map(|t| t.index);
+        egui::ScrollArea::vertical()
+            .auto_shrink([false, false])
+            .stick_to_bottom(true)
+            .show(ui, |ui| {
+                ui.label(
+                    RichText::new(prompt_line(&run.trace.header.prompt.text))
+                        .weak()
+                        .italics(),
+                );
+                ui.spacing_mut().item_spacing = egui::vec2(1.0, 3.0);
+                ui.horizontal_wrapped(|ui| {
+                    for t in tokens_with_steps(&run.trace) {
+                        let mut text = if t.index < shown {
+                            token_chip(t.token)
+                        } else {
+                            // Tokens after the cursor are the run's future: plain and faded, still clickable.
+                            RichText::new(display_text(&t.token.token))
+                                .monospace()
+                                .weak()
+                        };
+                        if focused == Some(t.index) {
+                            text = text.strong();
+                        }
+                        let chip = egui::Label::new(text)
+                            .selectable(false)
+                            .sense(Sense::click());
+                        // A token is never split across lines; the row wraps between tokens.
+                        let response = ui.add(chip.wrap_mode(egui::TextWrapMode::Extend));
+                        if focused == Some(t.index) {
+                            let stroke = egui::Stroke::new(2.0, ui.visuals().strong_text_color());
+                            ui.painter().rect_stroke(
+                                response.rect.expand(1.0),
+                                2.0,
+                                stroke,
+                                egui::StrokeKind::Outside,
+                            );
+                        }
+                        let response = response.on_hover_ui(|ui| {
+                            ui.label(format!("Token {} (step {})", t.index + 1, t.step + 1));
+                            candidates_table(ui, t.token, ("hover", key, t.index));
+                        });
+                        if response.clicked() {
+                            ctx.send(Command::FocusToken(t.index));
+                        }
+                        for _ in 0..newlines(&t.token.token) {
+                            ui.end_row();
+                        }
+                    }
+                    if run.status.is_live() {
+                        ui.spinner();
+                    }
+                });
+                if let Some(error) = match &run.status {
+                    crate::gui::store::RunStatus::Failed(e) => Some(e),
+                    _ => None,
+                } {
+                    ui.colored_label(
+                        ui.visuals().error_fg_color,
+                        format!("The run failed: {error}"),
+                    );
+                }
+                ui.add_space(8.0);
+                self.fork_ui(ui, ctx, key);
+            });
+    }
+
+    fn empty_ui(&mut self, ui: &mut egui::Ui, ctx: &ViewCtx<'_>) {
+        match &ctx.store.model {
+            ModelState::Loaded { .. } => empty_state(
+                ui,
+                "Ready",
+                "Write a prompt on the left and press Run, or open a recorded trace (File > Open trace…).",
+            ),
+            ModelState::Loading { path } => {
+                ui.vertical_centered(|ui| {
+                    ui.add_space(24.0);
+                    ui.spinner();
+                    ui.label(format!("Loading the model {} …", path.display()));
+                    ui.label("Meanwhile you can open a recorded trace (File > Open trace…).");
+                });
+            }
+            _ => model_panel::no_model_ui(ui, ctx),
+        }
+    }
+
+    /// The focused token's candidates with a Fork button each.
+    fn fork_ui(&mut self, ui: &mut egui::Ui, ctx: &ViewCtx<'_>, key: crate::gui::store::RunKey) {
+        let Some(t) = ctx.focused_token() else { return };
+        ui.separator();
+        ui.label(
+            RichText::new(format!(
+                "Token {} of step {}: what else could have come here?",
+                t.index + 1,
+                t.step + 1
+            ))
+            .strong(),
+        );
+        let can_fork = ctx.store.model.info().is_some();
+        if !can_fork {
+            ui.label(
+                RichText::new(
+                    "Forking runs the model from the chosen token: load a model to fork.",
+                )
+                .weak(),
+            );
+        }
+        egui::Grid::new(("fork", key, t.index)).striped(true).num_columns(4).spacing([12.0, 4.0]).show(ui, |ui| {
+            for (i, c) in t.token.top_logprobs.iter().enumerate().take(10) {
+                ui.label(RichText::new(format!("{:?}", c.token)).monospace());
+                ui.label(super::tokens::percent(c.logprob.exp()));
+                ui.label(c.warped_prob.map(super::tokens::warped_percent).unwrap_or_default());
+                if c.id == t.token.id {
+                    ui.label("chosen");
+                } else if ui
+                    .add_enabled(can_fork, egui::Button::new(format!("Fork with {:?}", c.token)))
+                    .on_hover_text("Start a new run that keeps the tokens before this one and forces this candidate")
+                    .clicked()
+                {
+                    ctx.send(Command::Fork { run: key, token_index: t.index, candidate: i });
+                }
+                ui.end_row();
+            }
+        });
+    }
+}
+
+/// The prompt, shortened to one line for the head of the stream.
+fn prompt_line(prompt: &str) -> String {
+    let line = prompt.lines().next().unwrap_or_default();
+    let short: String = line.chars().take(120).collect();
+    if short.len() < prompt.len() {
+        format!("Prompt: {short} …")
+    } else {
+        format!("Prompt: {short}")
+    }
+}

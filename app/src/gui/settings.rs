@@ -1,0 +1,100 @@
+//! What the user set up in the prompt panel and the view menu; persisted across sessions by eframe.
+
+use serde::{Deserialize, Serialize};
+use specula_core::trace::SamplingParams;
+use specula_core::{MethodParams, PromptSpec, RunSpec};
+
+/// The decoding methods the GUI offers, as `specula run --method` names them.
+pub const METHODS: &[&str] = &["greedy", "sample"];
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RunSettings {
+    pub prompt: String,
+    pub chat: bool,
+    pub use_system: bool,
+    pub system: String,
+    pub method: String,
+    pub temperature: f32,
+    pub top_k: usize,
+    pub top_p: f32,
+    pub min_p: f32,
+    pub typical_p: f32,
+    pub seed: u64,
+    pub max_tokens: usize,
+}
+
+impl Default for RunSettings {
+    fn default() -> Self {
+        let s = SamplingParams::default();
+        Self {
+            prompt: "Explain why the sky is blue in two sentences.".to_owned(),
+            chat: true,
+            use_system: false,
+            system: "You are a helpful assistant.".to_owned(),
+            method: "greedy".to_owned(),
+            temperature: s.temperature,
+            top_k: s.top_k,
+            top_p: s.top_p,
+            min_p: s.min_p,
+            typical_p: s.typical_p,
+            seed: 7,
+            max_tokens: 64,
+        }
+    }
+}
+
+impl RunSettings {
+    pub fn is_greedy(&self) -> bool {
+        self.method == "greedy"
+    }
+
+    /// The parameters a run of the chosen method gets: greedy ignores the sliders.
+    pub fn params(&self) -> MethodParams {
+        let sampling = if self.is_greedy() {
+            SamplingParams::greedy()
+        } else {
+            SamplingParams {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                min_p: self.min_p,
+                typical_p: self.typical_p,
+            }
+        };
+        MethodParams { sampling }
+    }
+
+    pub fn run_spec(&self) -> RunSpec {
+        RunSpec {
+            label: String::new(),
+            method: self.method.clone(),
+            params: self.params(),
+            prompt: PromptSpec {
+                text: self.prompt.clone(),
+                chat: self.chat,
+                system: (self.chat && self.use_system).then(|| self.system.clone()),
+            },
+            seed: self.seed,
+            max_tokens: self.max_tokens,
+            fork: None,
+        }
+    }
+}
+
+/// Everything persisted besides the tile layout.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    pub run: RunSettings,
+    pub dark_mode: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            run: RunSettings::default(),
+            dark_mode: true,
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! The workbench layout: panes in an egui_tiles tree (the user can drag, split and resize them; the layout is
+//! persisted), and the behaviour that draws each pane.
+
+use serde::{Deserialize, Serialize};
+
+use super::panels::ViewCtx;
+use super::panels::candidates::CandidatesPanel;
+use super::panels::compare::ComparePanel;
+use super::panels::plots::PlotsPanel;
+use super::panels::stats::StatsPanel;
+use super::panels::token_stream::TokenStreamPanel;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Pane {
+    TokenStream,
+    Candidates,
+    Plots,
+    Stats,
+    Compare,
+}
+
+impl Pane {
+    pub const ALL: [Pane; 5] = [
+        Pane::TokenStream,
+        Pane::Candidates,
+        Pane::Plots,
+        Pane::Stats,
+        Pane::Compare,
+    ];
+
+    pub fn title(self) -> &'static str {
+        match self {
+            Pane::TokenStream => "Token stream",
+            Pane::Candidates => "Candidates",
+            Pane::Plots => "Plots",
+            Pane::Stats => "Run statistics",
+            Pane::Compare => "Compare",
+        }
+    }
+}
+
+/// Token stream on the left; the other panes as tabs on the right.
+pub fn default_tree() -> egui_tiles::Tree<Pane> {
+    let mut tiles = egui_tiles::Tiles::default();
+    let stream = tiles.insert_pane(Pane::TokenStream);
+    let tabs: Vec<_> = [Pane::Candidates, Pane::Plots, Pane::Stats, Pane::Compare]
+        .into_iter()
+        .map(|p| tiles.insert_pane(p))
+        .collect();
+    let right = tiles.insert_tab_tile(tabs);
+    let root = tiles.insert_new(egui_tiles::Tile::Container(egui_tiles::Container::Linear(
+        egui_tiles::Linear::new_binary(egui_tiles::LinearDir::Horizontal, [stream, right], 0.55),
+    )));
+    egui_tiles::Tree::new(egui::Id::unique("specula_workbench"), root, tiles)
+}
+
+/// A persisted tree is usable only when it still holds every pane once (an older version may lack one).
+pub fn is_complete(tree: &egui_tiles::Tree<Pane>) -> bool {
+    Pane::ALL.iter().all(|p| {
+        tree.tiles
+            .iter()
+            .filter(|(_, t)| matches!(t, egui_tiles::Tile::Pane(q) if q == p))
+            .count()
+            == 1
+    })
+}
+
+/// The panels' own state, kept across frames.
+#[derive(Default)]
+pub struct Panels {
+    pub token_stream: TokenStreamPanel,
+    pub candidates: CandidatesPanel,
+    pub plots: PlotsPanel,
+    pub stats: StatsPanel,
+    pub compare: ComparePanel,
+}
+
+pub struct Behavior<'a, 'b> {
+    pub panels: &'a mut Panels,
+    pub ctx: &'a ViewCtx<'b>,
+}
+
+impl egui_tiles::Behavior<Pane> for Behavior<'_, '_> {
+    fn pane_ui(
+        &mut self,
+        ui: &mut egui::Ui,
+        _tile_id: egui_tiles::TileId,
+        pane: &mut Pane,
+    ) -> egui_tiles::UiResponse {
+        // Panes get a margin so text does not touch the tile edges.
+        egui::Frame::new()
+            .inner_margin(6.0)
+            .show(ui, |ui| match pane {
+                Pane::TokenStream => self.panels.token_stream.ui(ui, self.ctx),
+                Pane::Candidates => self.panels.candidates.ui(ui, self.ctx),
+                Pane::Plots => self.panels.plots.ui(ui, self.ctx),
+                Pane::Stats => self.panels.stats.ui(ui, self.ctx),
+                Pane::Compare => self.panels.compare.ui(ui, self.ctx),
+            });
+        egui_tiles::UiResponse::None
+    }
+
+    fn tab_title_for_pane(&mut self, pane: &Pane) -> egui::WidgetText {
+        pane.title().into()
+    }
+
+    fn simplification_options(&self) -> egui_tiles::SimplificationOptions {
+        // Keep a tab bar over single panes too, so every pane can be dragged by its title.
+        egui_tiles::SimplificationOptions {
+            all_panes_must_have_tabs: true,
+            ..Default::default()
+        }
+    }
+}

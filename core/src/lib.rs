@@ -1,0 +1,39 @@
+//! Specula's engine, with no GUI dependency. Data flows one way:
+//!
+//! ```text
+//! store (where is the GGUF?) -> engine::Model::load (model + tokenizer)
+//!   -> engine::Run (steps a methods::DecodingMethod, writes a trace::Trace)
+//!   -> worker (runs on its own thread, streams worker::Event to the UI)
+//! ```
+//!
+//! The trace is the contract: everything the app shows can be rebuilt from an exported trace file.
+
+pub mod engine;
+pub mod error;
+pub mod methods;
+pub mod model;
+pub mod sampling;
+pub mod store;
+pub mod tokenizer;
+pub mod trace;
+pub mod worker;
+
+pub use engine::{Fork, Model, PromptSpec, Run, RunSpec, generate};
+pub use error::{Error, Result};
+pub use trace::{MethodParams, SamplingParams, Trace};
+
+/// Sets how many threads candle's matmuls use. Must run before the first tensor operation (candle reads the
+/// variables once), which is why the binary calls it first thing in `main`.
+///
+/// One thread is the default: candle's barrier thread pool collapses when another thread (the GUI's software
+/// renderer) competes for the same two cores (65 -> 1.8 tokens/s measured), while one thread holds its speed.
+pub fn set_compute_threads(threads: usize) {
+    let n = threads.max(1).to_string();
+    // SAFETY-free: std::env::set_var is unsafe in Rust 2024 only because other threads may read the environment;
+    // callers run this before spawning any thread.
+    #[allow(unsafe_code)]
+    unsafe {
+        std::env::set_var("CANDLE_NUM_THREADS", &n);
+        std::env::set_var("RAYON_NUM_THREADS", &n);
+    }
+}

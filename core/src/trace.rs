@@ -1,0 +1,670 @@
+//! The step trace: the contract between the engine and everything that shows or stores a run.
+//!
+//! A trace file is JSON Lines. Each run is a `header` line, one `step` line per decoding step and, when the run
+//! ended, a `summary` line; a file may hold several runs one after another. Field names follow what readers
+//! already know: OpenAI's `token`, `logprob`, `top_logprobs`; llama.cpp's `draft_n`, `draft_n_accepted`; vLLM's
+//! `mean_acceptance_length`, `acceptance_histogram`.
+//!
+//! Compatibility rules, so that every version opens the previous versions' files:
+//! - new fields are `#[serde(default)]`; fields are never renamed or removed;
+//! - method payloads are a tagged enum; a payload kind this version does not know is read as `Unknown`;
+//! - `schema_version` only grows; a file from a newer major version is refused with a clear message.
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the trace schema written by this build.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// How many candidates each token record keeps (OpenAI's maximum for `top_logprobs`).
+pub const TOP_CANDIDATES: usize = 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TraceError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("cannot write {path}: {source} (nothing was overwritten)")]
+    Write { path: PathBuf, source: std::io::Error },
+    #[error("line {line}: {message}")]
+    Parse { line: usize, message: String },
+    #[error("line {line}: a `{kind}` line comes before any `header` line; is this a Specula trace?")]
+    NoHeader { line: usize, kind: &'static str },
+    #[error("line {line}: trace schema version {found} is newer than this Specula understands ({supported}); update Specula")]
+    TooNew { line: usize, found: u32, supported: u32 },
+    #[error("the file holds no run (it is empty or has only blank lines)")]
+    Empty,
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Header
+
+/// Everything needed to know what produced a run and to run it again.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunHeader {
+    pub schema_version: u32,
+    /// Specula's version (`CARGO_PKG_VERSION`) that wrote the trace.
+    pub app_version: String,
+    /// A short label shown in the GUI ("greedy", "sample T=0.8", "fork of greedy at 12").
+    #[serde(default)]
+    pub label: String,
+    pub model: ModelInfo,
+    pub tokenizer: TokenizerInfo,
+    /// The decoding method's name, as `specula run --method` takes it.
+    pub method: String,
+    pub params: MethodParams,
+    pub prompt: PromptInfo,
+    pub seed: u64,
+    pub max_tokens: usize,
+    /// Wall-clock creation time; omitted from deterministic exports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_unix_ms: Option<u64>,
+    /// Set when this run was forked from another one by forcing a token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forked_from: Option<ForkOrigin>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    /// `general.name`, or the file name when the GGUF has none.
+    pub name: String,
+    pub file_name: String,
+    /// sha256 of the GGUF file, lower-case hex.
+    pub sha256: String,
+    pub architecture: String,
+    /// Weight format of the block matrices as the file stores them (e.g. "Q4_1").
+    pub weight_format: String,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub embedding_length: usize,
+    pub vocab_size: usize,
+    pub context_length: usize,
+    pub file_bytes: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TokenizerInfo {
+    /// `tokenizer.ggml.model`, e.g. "gpt2" for byte-level BPE.
+    pub model: String,
+    /// `tokenizer.ggml.pre`, the pre-tokenizer the file asks for (e.g. "smollm").
+    pub pre: String,
+    pub vocab_size: usize,
+    pub bos_token_id: Option<u32>,
+    pub add_bos: bool,
+    /// Tokens that end generation.
+    pub eos_token_ids: Vec<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PromptInfo {
+    /// The text the user wrote (the user message when `chat` is set).
+    pub text: String,
+    /// Wrapped in the model's chat template.
+    pub chat: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
+    /// The exact text that was tokenized (with the chat template applied).
+    pub rendered: String,
+    pub token_ids: Vec<u32>,
+    /// One display string per prompt token.
+    pub tokens: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ForkOrigin {
+    /// Label of the run this one was forked from.
+    pub parent_label: String,
+    /// Number of generated tokens kept from the parent before the forced token.
+    pub kept_tokens: usize,
+    pub forced_token_id: u32,
+}
+
+/// Every parameter of a run. One struct for all methods: each method reads the fields it needs, and new
+/// methods add fields with defaults so old traces still parse.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MethodParams {
+    pub sampling: SamplingParams,
+}
+
+impl Default for MethodParams {
+    fn default() -> Self {
+        Self { sampling: SamplingParams::greedy() }
+    }
+}
+
+/// The warping applied to the model's distribution before a token is chosen. Applied in this order:
+/// temperature, top-k, typical, top-p, min-p (temperature first, as Hugging Face does, so that top-p and min-p
+/// act on the distribution actually sampled). Temperature 0 means greedy (argmax).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SamplingParams {
+    pub temperature: f32,
+    /// 0 = off.
+    pub top_k: usize,
+    /// 1 = off.
+    pub top_p: f32,
+    /// 0 = off.
+    pub min_p: f32,
+    /// Locally typical sampling mass; 1 = off.
+    pub typical_p: f32,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self { temperature: 0.8, top_k: 0, top_p: 0.95, min_p: 0.0, typical_p: 1.0 }
+    }
+}
+
+impl SamplingParams {
+    pub fn greedy() -> Self {
+        Self { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, typical_p: 1.0 }
+    }
+
+    pub fn is_greedy(&self) -> bool {
+        self.temperature <= 0.0
+    }
+
+    /// A short description for labels: "greedy" or "T=0.8 top-p=0.95".
+    pub fn describe(&self) -> String {
+        if self.is_greedy() {
+            return "greedy".to_owned();
+        }
+        let mut s = format!("T={}", self.temperature);
+        if self.top_k > 0 {
+            s += &format!(" top-k={}", self.top_k);
+        }
+        if self.typical_p < 1.0 {
+            s += &format!(" typical={}", self.typical_p);
+        }
+        if self.top_p < 1.0 {
+            s += &format!(" top-p={}", self.top_p);
+        }
+        if self.min_p > 0.0 {
+            s += &format!(" min-p={}", self.min_p);
+        }
+        s
+    }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Steps
+
+/// One decoding step: what the method fed the model and which tokens it committed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    pub index: usize,
+    /// Tokens committed to the output by this step, in order (several for speculative methods).
+    pub tokens: Vec<TokenRecord>,
+    /// Forward passes of the target model this step made.
+    pub target_forward_calls: u32,
+    #[serde(default)]
+    pub draft_forward_calls: u32,
+    /// Prompt tokens fed in this step (the first step prefills the prompt).
+    #[serde(default)]
+    pub prefill_tokens: usize,
+    /// Tokens proposed by a drafter this step (llama.cpp's name).
+    #[serde(default)]
+    pub draft_n: usize,
+    /// Of those, accepted by the verifier.
+    #[serde(default)]
+    pub draft_n_accepted: usize,
+    /// Parameter changes that took effect at this step.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub param_changes: Vec<ParamChange>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback: Option<Rollback>,
+    /// Method-specific data (draft trees, beams, attention maps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<StepPayload>,
+    /// Measured times; omitted from deterministic exports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timing: Option<StepTiming>,
+}
+
+/// A committed token, with what the model thought at that position.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub id: u32,
+    /// The token's text (lossy where a token holds part of a UTF-8 character).
+    pub token: String,
+    /// Absolute position in the sequence (prompt tokens come first).
+    pub position: usize,
+    /// ln p(token) under the model's plain distribution (softmax of the logits at temperature 1).
+    pub logprob: f32,
+    /// 0 for the model's most likely token.
+    pub rank: u32,
+    /// Entropy of the plain distribution, in nats.
+    pub entropy: f32,
+    /// Probability of the token under the warped distribution it was drawn from (absent for greedy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampling_prob: Option<f32>,
+    /// Number of tokens the warpers kept (the support of the warped distribution); absent for greedy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warped_kept: Option<usize>,
+    /// The most likely tokens of the plain distribution, best first, with their warped probability.
+    pub top_logprobs: Vec<Candidate>,
+    pub source: TokenSource,
+}
+
+impl TokenRecord {
+    pub fn prob(&self) -> f32 {
+        self.logprob.exp()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Candidate {
+    pub id: u32,
+    pub token: String,
+    pub logprob: f32,
+    /// Probability after warping (0 when a warper cut the token); absent for greedy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warped_prob: Option<f32>,
+}
+
+/// Why a token is in the output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenSource {
+    /// The argmax of the target.
+    Greedy,
+    /// Drawn from the warped target distribution.
+    Sampled,
+    /// Chosen by the user (fork from a token).
+    Forced,
+    /// A drafted token the verifier accepted.
+    DraftAccepted,
+    /// Drawn by the verifier after rejecting a draft token.
+    Corrected,
+    /// Drawn by the verifier after accepting every draft token.
+    Bonus,
+    /// Chosen by a search method (beam, contrastive, ...).
+    Search,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ParamChange {
+    pub name: String,
+    pub value: serde_json::Value,
+}
+
+/// Tokens taken back by the method (OPERA's retrospection, for example).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Rollback {
+    /// Generated-token count after the rollback.
+    pub to_generated: usize,
+    pub removed: usize,
+    pub reason: String,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StepTiming {
+    pub total_ms: f64,
+    #[serde(default)]
+    pub draft_ms: f64,
+    #[serde(default)]
+    pub verify_ms: f64,
+}
+
+/// Method-specific step data. Later methods add variants; a kind this build does not know reads as `Unknown`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum StepPayload {
+    #[serde(other)]
+    Unknown,
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Summary
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// The model produced an end-of-generation token.
+    Eos,
+    MaxTokens,
+    /// The context window is full.
+    ContextFull,
+    Cancelled,
+    Error,
+}
+
+/// Figures of a whole run, derived from its steps (and so rebuilt on import when a file lacks them).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunSummary {
+    pub stop_reason: StopReason,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub steps: usize,
+    pub generated_tokens: usize,
+    pub token_ids: Vec<u32>,
+    pub text: String,
+    pub target_forward_calls: u64,
+    pub draft_forward_calls: u64,
+    pub draft_n: u64,
+    pub draft_n_accepted: u64,
+    /// Generated tokens per target forward pass (1.0 for plain decoding).
+    pub mean_accepted_tokens: f64,
+    /// `acceptance_histogram[n]` = number of steps that committed n tokens.
+    pub acceptance_histogram: Vec<u64>,
+    pub mean_entropy: f64,
+    /// Mean ln p of the generated tokens under the plain distribution.
+    pub mean_logprob: f64,
+    /// Measured times; omitted from deterministic exports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timing: Option<RunTiming>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunTiming {
+    pub wall_ms: f64,
+    /// Time of the step that fed the prompt.
+    pub prefill_ms: f64,
+    /// Generated tokens after the first, per second of the steps after the first.
+    pub decode_tokens_per_s: f64,
+}
+
+impl RunSummary {
+    /// Derives the summary from the steps. `text` is the decoded output (the tokenizer lives elsewhere).
+    pub fn from_steps(steps: &[StepRecord], stop_reason: StopReason, error: Option<String>, text: String) -> Self {
+        let token_ids: Vec<u32> = steps.iter().flat_map(|s| s.tokens.iter().map(|t| t.id)).collect();
+        let generated_tokens = token_ids.len();
+        let target_forward_calls: u64 = steps.iter().map(|s| u64::from(s.target_forward_calls)).sum();
+        let draft_forward_calls: u64 = steps.iter().map(|s| u64::from(s.draft_forward_calls)).sum();
+        let draft_n: u64 = steps.iter().map(|s| s.draft_n as u64).sum();
+        let draft_n_accepted: u64 = steps.iter().map(|s| s.draft_n_accepted as u64).sum();
+        let mut acceptance_histogram = Vec::new();
+        for step in steps {
+            let n = step.tokens.len();
+            if acceptance_histogram.len() <= n {
+                acceptance_histogram.resize(n + 1, 0);
+            }
+            acceptance_histogram[n] += 1;
+        }
+        let per_token = |f: fn(&TokenRecord) -> f32| -> f64 {
+            let (sum, n) = steps
+                .iter()
+                .flat_map(|s| &s.tokens)
+                .fold((0.0f64, 0usize), |(sum, n), t| (sum + f64::from(f(t)), n + 1));
+            if n == 0 { 0.0 } else { sum / n as f64 }
+        };
+        let timing = summarize_timing(steps);
+        Self {
+            stop_reason,
+            error,
+            steps: steps.len(),
+            generated_tokens,
+            token_ids,
+            text,
+            target_forward_calls,
+            draft_forward_calls,
+            draft_n,
+            draft_n_accepted,
+            mean_accepted_tokens: if target_forward_calls == 0 {
+                0.0
+            } else {
+                generated_tokens as f64 / target_forward_calls as f64
+            },
+            acceptance_histogram,
+            mean_entropy: per_token(|t| t.entropy),
+            mean_logprob: per_token(|t| t.logprob),
+            timing,
+        }
+    }
+}
+
+fn summarize_timing(steps: &[StepRecord]) -> Option<RunTiming> {
+    let times: Vec<f64> = steps.iter().map(|s| s.timing.map(|t| t.total_ms)).collect::<Option<_>>()?;
+    let (first, rest) = times.split_first()?;
+    let decode_ms: f64 = rest.iter().sum();
+    let decode_tokens: usize = steps.iter().skip(1).map(|s| s.tokens.len()).sum();
+    Some(RunTiming {
+        wall_ms: first + decode_ms,
+        prefill_ms: *first,
+        decode_tokens_per_s: if decode_ms > 0.0 { decode_tokens as f64 * 1000.0 / decode_ms } else { 0.0 },
+    })
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// A whole run, and files of runs
+
+/// One run: its header, the steps so far and, once it ended, its summary.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Trace {
+    pub header: RunHeader,
+    pub steps: Vec<StepRecord>,
+    pub summary: Option<RunSummary>,
+}
+
+/// One line of a trace file.
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum TraceLine {
+    Header(Box<RunHeader>),
+    Step(Box<StepRecord>),
+    Summary(Box<RunSummary>),
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExportOptions {
+    /// Leave out every wall-clock measurement, so that the same seed gives the same bytes.
+    pub deterministic: bool,
+}
+
+impl Trace {
+    pub fn new(header: RunHeader) -> Self {
+        Self { header, steps: Vec::new(), summary: None }
+    }
+
+    /// Generated token ids so far, in order.
+    pub fn token_ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.tokens().map(|t| t.id)
+    }
+
+    /// Generated tokens so far, in order.
+    pub fn tokens(&self) -> impl Iterator<Item = &TokenRecord> + '_ {
+        self.steps.iter().flat_map(|s| s.tokens.iter())
+    }
+
+    pub fn generated_len(&self) -> usize {
+        self.steps.iter().map(|s| s.tokens.len()).sum()
+    }
+
+    /// The output text: from the summary when the run ended, else the concatenated token strings.
+    pub fn text(&self) -> String {
+        match &self.summary {
+            Some(s) => s.text.clone(),
+            None => self.tokens().map(|t| t.token.as_str()).collect(),
+        }
+    }
+
+    pub fn write_jsonl(&self, w: &mut dyn Write, opts: ExportOptions) -> std::io::Result<()> {
+        let mut header = self.header.clone();
+        let mut summary = self.summary.clone();
+        if opts.deterministic {
+            header.created_unix_ms = None;
+            if let Some(s) = summary.as_mut() {
+                s.timing = None;
+            }
+        }
+        write_line(w, &TraceLine::Header(Box::new(header)))?;
+        for step in &self.steps {
+            if opts.deterministic && step.timing.is_some() {
+                let mut step = step.clone();
+                step.timing = None;
+                write_line(w, &TraceLine::Step(Box::new(step)))?;
+            } else {
+                write_line(w, &TraceLine::Step(Box::new(step.clone())))?;
+            }
+        }
+        if let Some(s) = summary {
+            write_line(w, &TraceLine::Summary(Box::new(s)))?;
+        }
+        Ok(())
+    }
+
+    /// One row per generated token, for spreadsheets and plotting scripts.
+    pub fn write_csv(&self, w: &mut dyn Write) -> std::io::Result<()> {
+        let mut out = csv::Writer::from_writer(w);
+        out.write_record([
+            "run",
+            "step",
+            "position",
+            "token_id",
+            "token",
+            "logprob",
+            "prob",
+            "rank",
+            "entropy",
+            "sampling_prob",
+            "source",
+            "top1_token",
+            "top1_logprob",
+            "step_ms",
+        ])?;
+        for step in &self.steps {
+            for t in &step.tokens {
+                let top1 = t.top_logprobs.first();
+                out.write_record([
+                    self.header.label.clone(),
+                    step.index.to_string(),
+                    t.position.to_string(),
+                    t.id.to_string(),
+                    t.token.clone(),
+                    t.logprob.to_string(),
+                    t.prob().to_string(),
+                    t.rank.to_string(),
+                    t.entropy.to_string(),
+                    t.sampling_prob.map(|p| p.to_string()).unwrap_or_default(),
+                    serde_json::to_string(&t.source).unwrap_or_default().trim_matches('"').to_owned(),
+                    top1.map(|c| c.token.clone()).unwrap_or_default(),
+                    top1.map(|c| c.logprob.to_string()).unwrap_or_default(),
+                    step.timing.map(|t| format!("{:.3}", t.total_ms)).unwrap_or_default(),
+                ])?;
+            }
+        }
+        out.flush()
+    }
+
+    /// Reads every run of a JSONL trace. Errors name the line and, through serde, the field.
+    pub fn read_jsonl(r: impl BufRead) -> Result<Vec<Trace>, TraceError> {
+        let mut runs: Vec<Trace> = Vec::new();
+        for (i, line) in r.lines().enumerate() {
+            let line_no = i + 1;
+            let line = line.map_err(|e| TraceError::Parse { line: line_no, message: e.to_string() })?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let parsed: TraceLine = serde_json::from_str(&line)
+                .map_err(|e| TraceError::Parse { line: line_no, message: describe_json_error(&line, &e) })?;
+            match parsed {
+                TraceLine::Header(h) => {
+                    if h.schema_version > SCHEMA_VERSION {
+                        return Err(TraceError::TooNew {
+                            line: line_no,
+                            found: h.schema_version,
+                            supported: SCHEMA_VERSION,
+                        });
+                    }
+                    runs.push(Trace::new(*h));
+                }
+                TraceLine::Step(s) => match runs.last_mut() {
+                    Some(run) => run.steps.push(*s),
+                    None => return Err(TraceError::NoHeader { line: line_no, kind: "step" }),
+                },
+                TraceLine::Summary(s) => match runs.last_mut() {
+                    Some(run) => run.summary = Some(*s),
+                    None => return Err(TraceError::NoHeader { line: line_no, kind: "summary" }),
+                },
+            }
+        }
+        if runs.is_empty() {
+            return Err(TraceError::Empty);
+        }
+        Ok(runs)
+    }
+
+    pub fn load(path: &Path) -> Result<Vec<Trace>, TraceError> {
+        let file =
+            std::fs::File::open(path).map_err(|source| TraceError::Read { path: path.to_owned(), source })?;
+        Self::read_jsonl(std::io::BufReader::new(file))
+    }
+}
+
+fn write_line(w: &mut dyn Write, line: &TraceLine) -> std::io::Result<()> {
+    serde_json::to_writer(&mut *w, line)?;
+    w.write_all(b"\n")
+}
+
+/// serde_json says "missing field `token` at line 1 column 80"; the line is ours to name, so keep the field and
+/// the column, and add which record kind it was.
+fn describe_json_error(line: &str, e: &serde_json::Error) -> String {
+    let kind = serde_json::from_str::<serde_json::Value>(line)
+        .ok()
+        .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_owned));
+    match kind {
+        Some(kind) => format!("in a `{kind}` record: {e}"),
+        None => format!("not a trace record: {e}"),
+    }
+}
+
+/// The file formats a set of runs can be saved in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileFormat {
+    Jsonl,
+    Csv,
+}
+
+impl FileFormat {
+    pub fn from_path(path: &Path) -> Self {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some(ext) if ext.eq_ignore_ascii_case("csv") => Self::Csv,
+            _ => Self::Jsonl,
+        }
+    }
+}
+
+/// Saves runs so that a crash or a full disk never leaves a half-written file where a good one was: the data
+/// goes to a temporary file in the same folder, is flushed to disk, then renamed over the target.
+pub fn save_runs(path: &Path, runs: &[&Trace], format: FileFormat, opts: ExportOptions) -> Result<(), TraceError> {
+    write_atomically(path, |w| {
+        for run in runs {
+            match format {
+                FileFormat::Jsonl => run.write_jsonl(w, opts)?,
+                FileFormat::Csv => run.write_csv(w)?,
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Writes through `body` into a temporary sibling of `path`, then renames it into place.
+pub fn write_atomically(
+    path: &Path,
+    body: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<(), TraceError> {
+    let err = |source| TraceError::Write { path: path.to_owned(), source };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
+    let result = (|| {
+        let file = std::fs::File::create(&tmp)?;
+        let mut w = std::io::BufWriter::new(file);
+        body(&mut w)?;
+        let file = w.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = result {
+        // The temporary file is ours and incomplete; failing to remove it changes nothing for the user.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(err(e));
+    }
+    Ok(())
+}

@@ -1,0 +1,29 @@
+//! Shared by the tests that need the real default model. They fail (never skip) when it is missing: the test
+//! command in the README fetches it first.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use specula_core::Model;
+
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+pub fn model_path() -> PathBuf {
+    let path = workspace_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(path.is_file(), "the default model is missing at {}: run models/fetch.sh", path.display());
+    path
+}
+
+/// The default model, loaded once per test binary.
+pub fn model() -> &'static Model {
+    static MODEL: OnceLock<Model> = OnceLock::new();
+    MODEL.get_or_init(|| Model::load(&model_path()).expect("the default model loads"))
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
