@@ -65,6 +65,7 @@ case "$title" in
        exit 1 ;;
 esac
 
+xdotool mousemove 1279 799 # no tooltip in the picture
 sleep 1 # let the last frame render
 mkdir -p "$(dirname "$out")"
 import -window root "$out"

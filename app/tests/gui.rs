@@ -192,6 +192,8 @@ fn run_without_a_model_says_so() {
     harness.get_by_label("Run").click();
     harness.run();
     harness.get_by_label_contains("Cannot run: no model is loaded");
+    harness.remove_cursor();
+    harness.run();
     harness.snapshot("no_model");
 }
 

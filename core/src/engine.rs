@@ -13,8 +13,8 @@ use crate::model::{Llama, read_gguf_header};
 use crate::sampling::{RunRng, rng_from_seed};
 use crate::tokenizer::Tokenizer;
 use crate::trace::{
-    ForkOrigin, MethodParams, ParamChange, PromptInfo, RunHeader, RunSummary, SCHEMA_VERSION, StepRecord,
-    StepTiming, StopReason, TokenRecord, Trace,
+    ForkOrigin, MethodParams, ParamChange, PromptInfo, RunHeader, RunSummary, SCHEMA_VERSION,
+    StepRecord, StepTiming, StopReason, TokenRecord, Trace,
 };
 
 /// A loaded model: weights and tokenizer, shared by every run.
@@ -28,15 +28,21 @@ pub struct Model {
 impl Model {
     /// Loads a Llama GGUF. A corrupt, truncated or foreign file gives an error that names it, never a panic.
     pub fn load(path: &Path) -> Result<Self> {
-        let sha256 = crate::store::sha256_file(path)
-            .map_err(|e| Error::ModelFile { path: path.to_owned(), message: e.to_string() })?;
+        let sha256 = crate::store::sha256_file(path).map_err(|e| Error::ModelFile {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
         // candle's GGUF reader has panicked on malformed input in the past; a bad file must not take down the
         // worker, so a panic here becomes an ordinary error.
         let loaded = catch_unwind(AssertUnwindSafe(|| -> Result<Self> {
             let (mut file, content) = read_gguf_header(path)?;
             let llama = Llama::load(path, &mut file, &content, sha256)?;
             let tokenizer = Tokenizer::from_gguf(&content, path)?;
-            Ok(Self { llama: Arc::new(llama), tokenizer: Arc::new(tokenizer), path: path.to_owned() })
+            Ok(Self {
+                llama: Arc::new(llama),
+                tokenizer: Arc::new(tokenizer),
+                path: path.to_owned(),
+            })
         }));
         loaded.unwrap_or_else(|panic| {
             Err(Error::ModelFile {
@@ -113,10 +119,18 @@ impl Run {
     }
 
     /// A run of a method built outside [`methods::create`] (a plug-in, or a test double).
-    pub fn with_method(model: &Model, spec: RunSpec, method: Box<dyn DecodingMethod>) -> Result<Self> {
+    pub fn with_method(
+        model: &Model,
+        spec: RunSpec,
+        method: Box<dyn DecodingMethod>,
+    ) -> Result<Self> {
         spec.params.sampling.validate()?;
         if spec.max_tokens == 0 {
-            return Err(crate::error::bad_param("max_tokens", 0, "must be at least 1"));
+            return Err(crate::error::bad_param(
+                "max_tokens",
+                0,
+                "must be at least 1",
+            ));
         }
         let tok = &model.tokenizer;
         let rendered = if spec.prompt.chat {
@@ -129,7 +143,11 @@ impl Run {
             return Err(Error::EmptyPrompt);
         }
         let context_length = model.llama.config.context_length;
-        let fork_tokens = spec.fork.as_ref().map(|f| f.tokens.clone()).unwrap_or_default();
+        let fork_tokens = spec
+            .fork
+            .as_ref()
+            .map(|f| f.tokens.clone())
+            .unwrap_or_default();
         let mut prefill = prompt_ids.clone();
         prefill.extend(fork_tokens.iter().map(|t| t.id));
         if prefill.len() >= context_length {
@@ -259,9 +277,17 @@ impl Run {
         record.timing = Some(StepTiming { total_ms, ..timing });
 
         // Commit tokens up to the first end-of-generation token and within the token budget.
-        let budget = self.trace.header.max_tokens.saturating_sub(self.generated.len());
+        let budget = self
+            .trace
+            .header
+            .max_tokens
+            .saturating_sub(self.generated.len());
         record.tokens.truncate(budget);
-        if let Some(eos) = record.tokens.iter().position(|t| self.model.tokenizer.is_end_of_generation(t.id)) {
+        if let Some(eos) = record
+            .tokens
+            .iter()
+            .position(|t| self.model.tokenizer.is_end_of_generation(t.id))
+        {
             record.tokens.truncate(eos + 1);
         }
         self.generated.extend(record.tokens.iter().map(|t| t.id));
@@ -280,11 +306,17 @@ impl Run {
     }
 
     fn stop_reason(&self) -> Option<StopReason> {
-        if self.generated.last().is_some_and(|&id| self.model.tokenizer.is_end_of_generation(id)) {
+        if self
+            .generated
+            .last()
+            .is_some_and(|&id| self.model.tokenizer.is_end_of_generation(id))
+        {
             Some(StopReason::Eos)
         } else if self.generated.len() >= self.trace.header.max_tokens {
             Some(StopReason::MaxTokens)
-        } else if self.prefill.len() + self.generated.len() >= self.model.llama.config.context_length {
+        } else if self.prefill.len() + self.generated.len()
+            >= self.model.llama.config.context_length
+        {
             Some(StopReason::ContextFull)
         } else {
             None
@@ -293,7 +325,12 @@ impl Run {
 
     fn finish(&mut self, stop: StopReason, error: Option<String>) {
         let tok = &self.model.tokenizer;
-        let text_ids: Vec<u32> = self.generated.iter().copied().filter(|&i| !tok.is_end_of_generation(i)).collect();
+        let text_ids: Vec<u32> = self
+            .generated
+            .iter()
+            .copied()
+            .filter(|&i| !tok.is_end_of_generation(i))
+            .collect();
         let text = tok.decode(&text_ids);
         self.trace.summary = Some(RunSummary::from_steps(&self.trace.steps, stop, error, text));
     }
@@ -318,16 +355,33 @@ fn default_label(method: &str, params: &MethodParams) -> String {
 }
 
 /// Lists the leaves that differ between two parameter sets, as dotted names ("sampling.temperature").
-fn diff_params(prefix: &str, old: &serde_json::Value, new: &serde_json::Value, out: &mut Vec<ParamChange>) {
+fn diff_params(
+    prefix: &str,
+    old: &serde_json::Value,
+    new: &serde_json::Value,
+    out: &mut Vec<ParamChange>,
+) {
     match (old, new) {
         (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
             // serde_json's Map is ordered (BTreeMap), so the changes come out in a stable order.
             for (key, value) in b {
-                let name = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
-                diff_params(&name, a.get(key).unwrap_or(&serde_json::Value::Null), value, out);
+                let name = if prefix.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{prefix}.{key}")
+                };
+                diff_params(
+                    &name,
+                    a.get(key).unwrap_or(&serde_json::Value::Null),
+                    value,
+                    out,
+                );
             }
         }
-        _ if old != new => out.push(ParamChange { name: prefix.to_owned(), value: new.clone() }),
+        _ if old != new => out.push(ParamChange {
+            name: prefix.to_owned(),
+            value: new.clone(),
+        }),
         _ => {}
     }
 }

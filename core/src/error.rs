@@ -13,7 +13,9 @@ pub enum Error {
     #[error("the model file {path} is missing metadata `{key}` (is it a complete GGUF?)")]
     MissingMetadata { path: PathBuf, key: String },
 
-    #[error("the model file {path} is missing tensor `{name}` (is it truncated or from another architecture?)")]
+    #[error(
+        "the model file {path} is missing tensor `{name}` (is it truncated or from another architecture?)"
+    )]
     MissingTensor { path: PathBuf, name: String },
 
     #[error("tokenizer: {0}")]
@@ -23,7 +25,10 @@ pub enum Error {
         "the prompt has {prompt_tokens} tokens, but the model's context holds only {context_length} \
          (prompt and output together); shorten the prompt"
     )]
-    PromptTooLong { prompt_tokens: usize, context_length: usize },
+    PromptTooLong {
+        prompt_tokens: usize,
+        context_length: usize,
+    },
 
     #[error("the prompt is empty: give at least one token of text")]
     EmptyPrompt,
@@ -32,7 +37,11 @@ pub enum Error {
     UnknownMethod(String),
 
     #[error("bad parameter {name} = {value}: {reason}")]
-    BadParameter { name: &'static str, value: String, reason: String },
+    BadParameter {
+        name: &'static str,
+        value: String,
+        reason: String,
+    },
 
     #[error("invalid model input: {0}")]
     InvalidInput(String),
@@ -46,7 +55,9 @@ pub enum Error {
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
 
-    #[error("the decoding method panicked: {0} (this is a bug in Specula; the worker keeps running)")]
+    #[error(
+        "the decoding method panicked: {0} (this is a bug in Specula; the worker keeps running)"
+    )]
     MethodPanicked(String),
 
     #[error("the run was cancelled")]
@@ -57,5 +68,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Shorthand for a bad-parameter error.
 pub fn bad_param(name: &'static str, value: impl ToString, reason: impl Into<String>) -> Error {
-    Error::BadParameter { name, value: value.to_string(), reason: reason.into() }
+    Error::BadParameter {
+        name,
+        value: value.to_string(),
+        reason: reason.into(),
+    }
 }

@@ -111,7 +111,9 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(n_layers: usize) -> Self {
-        Self { layers: vec![None; n_layers] }
+        Self {
+            layers: vec![None; n_layers],
+        }
     }
 
     /// Cached positions in a layer. Layers differ only on a draft copy that skipped some layers.
@@ -124,7 +126,10 @@ impl KvCache {
 
     /// Cached positions of the full model (the longest layer).
     pub fn len(&self) -> usize {
-        (0..self.layers.len()).map(|i| self.layer_len(i)).max().unwrap_or(0)
+        (0..self.layers.len())
+            .map(|i| self.layer_len(i))
+            .max()
+            .unwrap_or(0)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -133,7 +138,12 @@ impl KvCache {
 
     /// Batch rows (beams) held.
     pub fn batch(&self) -> usize {
-        self.layers.iter().flatten().next().map(|(k, _)| k.dims()[0]).unwrap_or(1)
+        self.layers
+            .iter()
+            .flatten()
+            .next()
+            .map(|(k, _)| k.dims()[0])
+            .unwrap_or(1)
     }
 
     /// Forgets every position from `len` on (rolling back rejected drafts).
@@ -153,7 +163,9 @@ impl KvCache {
         for (k, v) in self.layers.iter_mut().flatten() {
             let len = k.dim(2)?;
             if let Some(bad) = positions.iter().find(|&&p| p >= len) {
-                return Err(Error::InvalidInput(format!("cannot keep position {bad} of a cache holding {len}")));
+                return Err(Error::InvalidInput(format!(
+                    "cannot keep position {bad} of a cache holding {len}"
+                )));
             }
             let idx = Tensor::from_iter(positions.iter().map(|&p| p as u32), k.device())?;
             *k = k.index_select(&idx, 2)?;
@@ -167,7 +179,9 @@ impl KvCache {
         for (k, v) in self.layers.iter_mut().flatten() {
             let b = k.dim(0)?;
             if let Some(bad) = rows.iter().find(|&&r| r >= b) {
-                return Err(Error::InvalidInput(format!("cannot select batch row {bad} of a cache holding {b}")));
+                return Err(Error::InvalidInput(format!(
+                    "cannot select batch row {bad} of a cache holding {b}"
+                )));
             }
             let idx = Tensor::from_iter(rows.iter().map(|&r| r as u32), k.device())?;
             *k = k.index_select(&idx, 0)?;
@@ -192,26 +206,36 @@ impl KvCache {
 
 /// Reads a metadata value, naming the key in the error.
 fn meta<'a>(ct: &'a gguf_file::Content, path: &Path, key: &str) -> Result<&'a gguf_file::Value> {
-    ct.metadata.get(key).ok_or_else(|| Error::MissingMetadata { path: path.to_owned(), key: key.to_owned() })
+    ct.metadata.get(key).ok_or_else(|| Error::MissingMetadata {
+        path: path.to_owned(),
+        key: key.to_owned(),
+    })
 }
 
 fn meta_usize(ct: &gguf_file::Content, path: &Path, key: &str) -> Result<usize> {
     let v = meta(ct, path, key)?;
-    v.to_u32().map(|x| x as usize).or_else(|_| v.to_u64().map(|x| x as usize)).map_err(|e| Error::ModelFile {
+    v.to_u32()
+        .map(|x| x as usize)
+        .or_else(|_| v.to_u64().map(|x| x as usize))
+        .map_err(|e| Error::ModelFile {
+            path: path.to_owned(),
+            message: format!("metadata `{key}`: {e}"),
+        })
+}
+
+fn meta_f32(ct: &gguf_file::Content, path: &Path, key: &str) -> Result<f32> {
+    meta(ct, path, key)?.to_f32().map_err(|e| Error::ModelFile {
         path: path.to_owned(),
         message: format!("metadata `{key}`: {e}"),
     })
 }
 
-fn meta_f32(ct: &gguf_file::Content, path: &Path, key: &str) -> Result<f32> {
-    meta(ct, path, key)?
-        .to_f32()
-        .map_err(|e| Error::ModelFile { path: path.to_owned(), message: format!("metadata `{key}`: {e}") })
-}
-
 /// Opens a GGUF and parses its header (metadata and tensor table), with errors that name the file.
 pub fn read_gguf_header(path: &Path) -> Result<(File, gguf_file::Content)> {
-    let mut file = File::open(path).map_err(|e| Error::ModelFile { path: path.to_owned(), message: e.to_string() })?;
+    let mut file = File::open(path).map_err(|e| Error::ModelFile {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
     let content = gguf_file::Content::read(&mut file).map_err(|e| Error::ModelFile {
         path: path.to_owned(),
         message: format!("not a readable GGUF file ({e})"),
@@ -223,45 +247,85 @@ impl Config {
     pub fn from_gguf(ct: &gguf_file::Content, path: &Path) -> Result<Self> {
         let arch = meta(ct, path, "general.architecture")?
             .to_string()
-            .map_err(|e| Error::ModelFile { path: path.to_owned(), message: e.to_string() })?;
+            .map_err(|e| Error::ModelFile {
+                path: path.to_owned(),
+                message: e.to_string(),
+            })?;
         if arch != "llama" {
-            return Err(Error::UnsupportedArchitecture { path: path.to_owned(), architecture: arch.clone() });
+            return Err(Error::UnsupportedArchitecture {
+                path: path.to_owned(),
+                architecture: arch.clone(),
+            });
         }
         let n_heads = meta_usize(ct, path, "llama.attention.head_count")?;
         let n_kv_heads = meta_usize(ct, path, "llama.attention.head_count_kv").unwrap_or(n_heads);
         let dim = meta_usize(ct, path, "llama.embedding_length")?;
         let n_layers = meta_usize(ct, path, "llama.block_count")?;
-        let rms_eps = f64::from(meta_f32(ct, path, "llama.attention.layer_norm_rms_epsilon")?);
+        let rms_eps = f64::from(meta_f32(
+            ct,
+            path,
+            "llama.attention.layer_norm_rms_epsilon",
+        )?);
         let rope_base = meta_f32(ct, path, "llama.rope.freq_base").unwrap_or(10_000.0);
         let context_length = meta_usize(ct, path, "llama.context_length").unwrap_or(4096);
-        let bad = |message: String| Error::ModelFile { path: path.to_owned(), message };
+        let bad = |message: String| Error::ModelFile {
+            path: path.to_owned(),
+            message,
+        };
         if n_heads == 0 || n_kv_heads == 0 || n_heads % n_kv_heads != 0 || dim % n_heads != 0 {
-            return Err(bad(format!("inconsistent attention shape: {n_heads} heads, {n_kv_heads} kv heads, dim {dim}")));
+            return Err(bad(format!(
+                "inconsistent attention shape: {n_heads} heads, {n_kv_heads} kv heads, dim {dim}"
+            )));
         }
         let head_dim = dim / n_heads;
         if let Ok(rope_dim) = meta_usize(ct, path, "llama.rope.dimension_count")
             && rope_dim != head_dim
         {
-            return Err(bad(format!("partial rotary embeddings ({rope_dim} of {head_dim}) are not supported")));
+            return Err(bad(format!(
+                "partial rotary embeddings ({rope_dim} of {head_dim}) are not supported"
+            )));
         }
         let vocab_size = match ct.tensor_infos.get("token_embd.weight") {
             Some(info) => info.shape.dims().first().copied().unwrap_or(0),
-            None => return Err(Error::MissingTensor { path: path.to_owned(), name: "token_embd.weight".into() }),
+            None => {
+                return Err(Error::MissingTensor {
+                    path: path.to_owned(),
+                    name: "token_embd.weight".into(),
+                });
+            }
         };
-        Ok(Self { n_layers, n_heads, n_kv_heads, dim, head_dim, vocab_size, context_length, rms_eps, rope_base })
+        Ok(Self {
+            n_layers,
+            n_heads,
+            n_kv_heads,
+            dim,
+            head_dim,
+            vocab_size,
+            context_length,
+            rms_eps,
+            rope_base,
+        })
     }
 }
 
 impl Llama {
     /// Loads the weights of a Llama-architecture GGUF, keeping the file's own quantized blocks.
     /// `file` and `ct` come from [`read_gguf_header`]; `sha256` is recorded in traces.
-    pub fn load(path: &Path, file: &mut File, ct: &gguf_file::Content, sha256: String) -> Result<Self> {
+    pub fn load(
+        path: &Path,
+        file: &mut File,
+        ct: &gguf_file::Content,
+        sha256: String,
+    ) -> Result<Self> {
         let device = Device::Cpu;
         let config = Config::from_gguf(ct, path)?;
         let file_bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
         let mut tensor = |name: &str| -> Result<QTensor> {
             if !ct.tensor_infos.contains_key(name) {
-                return Err(Error::MissingTensor { path: path.to_owned(), name: name.to_owned() });
+                return Err(Error::MissingTensor {
+                    path: path.to_owned(),
+                    name: name.to_owned(),
+                });
             }
             read_tensor(ct, file, name, &device).map_err(|e| Error::ModelFile {
                 path: path.to_owned(),
@@ -294,7 +358,12 @@ impl Llama {
                 w_down: QMatMul::from_qtensor(tensor(&format!("{p}.ffn_down.weight"))?)?,
             });
         }
-        let (cos, sin) = rope_tables(config.head_dim, config.rope_base, config.context_length, &device)?;
+        let (cos, sin) = rope_tables(
+            config.head_dim,
+            config.rope_base,
+            config.context_length,
+            &device,
+        )?;
         let info = ModelInfo {
             name: ct
                 .metadata
@@ -313,7 +382,17 @@ impl Llama {
             context_length: config.context_length,
             file_bytes,
         };
-        Ok(Self { config, info, embeddings, layers, final_norm, lm_head, cos, sin, device })
+        Ok(Self {
+            config,
+            info,
+            embeddings,
+            layers,
+            final_norm,
+            lm_head,
+            cos,
+            sin,
+            device,
+        })
     }
 
     pub fn device(&self) -> &Device {
@@ -341,18 +420,34 @@ impl Llama {
         let b = batch.max(1);
         let t = tokens.len() / b;
         if t == 0 || tokens.len() != b * t || positions.len() != tokens.len() {
-            return Err(Error::InvalidInput(format!("forward: {} tokens and {} positions do not fill {b} rows", tokens.len(), positions.len())));
+            return Err(Error::InvalidInput(format!(
+                "forward: {} tokens and {} positions do not fill {b} rows",
+                tokens.len(),
+                positions.len()
+            )));
         }
         if let Some(&bad) = tokens.iter().find(|&&id| id as usize >= cfg.vocab_size) {
-            return Err(Error::InvalidInput(format!("token id {bad} is outside the vocabulary ({})", cfg.vocab_size)));
+            return Err(Error::InvalidInput(format!(
+                "token id {bad} is outside the vocabulary ({})",
+                cfg.vocab_size
+            )));
         }
         if let Some(&bad) = positions.iter().find(|&&p| p >= cfg.context_length) {
-            return Err(Error::InvalidInput(format!("position {bad} is beyond the context length ({})", cfg.context_length)));
+            return Err(Error::InvalidInput(format!(
+                "position {bad} is beyond the context length ({})",
+                cfg.context_length
+            )));
         }
         if let Mask::Tree(parents) = mask
-            && (parents.len() != t || parents.iter().enumerate().any(|(i, p)| p.is_some_and(|p| p >= i)))
+            && (parents.len() != t
+                || parents
+                    .iter()
+                    .enumerate()
+                    .any(|(i, p)| p.is_some_and(|p| p >= i)))
         {
-            return Err(Error::InvalidInput(format!("tree mask: parents must list one earlier node (or none) for each of the {t} tokens")));
+            return Err(Error::InvalidInput(format!(
+                "tree mask: parents must list one earlier node (or none) for each of the {t} tokens"
+            )));
         }
         let dev = &self.device;
         let ids = Tensor::from_slice(tokens, (b, t), dev)?;
@@ -362,7 +457,11 @@ impl Llama {
         let cos = self.cos.index_select(&pos, 0)?.reshape((b, t, half))?;
         let sin = self.sin.index_select(&pos, 0)?.reshape((b, t, half))?;
 
-        let mut out = ForwardOutput { logits: Tensor::zeros(1, DType::F32, dev)?, attention: vec![], hidden_states: vec![] };
+        let mut out = ForwardOutput {
+            logits: Tensor::zeros(1, DType::F32, dev)?,
+            attention: vec![],
+            hidden_states: vec![],
+        };
         if capture.hidden_states {
             out.hidden_states.push(x.clone());
         }
@@ -376,7 +475,8 @@ impl Llama {
             let past = cache.layer_len(i);
             let mask = attention_mask(mask, t, past, dev)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, cfg.rms_eps as f32)?;
-            let (attn, probs) = self.attention(layer, i, cache, &h, &cos, &sin, mask.as_ref(), b, t)?;
+            let (attn, probs) =
+                self.attention(layer, i, cache, &h, &cos, &sin, mask.as_ref(), b, t)?;
             if capture.attention_layers.contains(&i) {
                 out.attention.push((i, probs));
             }
@@ -419,9 +519,24 @@ impl Llama {
     ) -> Result<(Tensor, Tensor)> {
         let cfg = &self.config;
         let (h, kv, d) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
-        let q = layer.wq.forward(x)?.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()?;
-        let k = layer.wk.forward(x)?.reshape((b, t, kv, d))?.transpose(1, 2)?.contiguous()?;
-        let v = layer.wv.forward(x)?.reshape((b, t, kv, d))?.transpose(1, 2)?.contiguous()?;
+        let q = layer
+            .wq
+            .forward(x)?
+            .reshape((b, t, h, d))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let k = layer
+            .wk
+            .forward(x)?
+            .reshape((b, t, kv, d))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let v = layer
+            .wv
+            .forward(x)?
+            .reshape((b, t, kv, d))?
+            .transpose(1, 2)?
+            .contiguous()?;
         let q = candle_nn::rotary_emb::rope_i(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope_i(&k, cos, sin)?;
         let (k, v) = cache.append(index, k, v)?;
@@ -477,7 +592,12 @@ fn is_ancestor_or_self(parents: &[Option<usize>], ancestor: usize, node: usize) 
     false
 }
 
-fn read_tensor(ct: &gguf_file::Content, file: &mut File, name: &str, device: &Device) -> candle_core::Result<QTensor> {
+fn read_tensor(
+    ct: &gguf_file::Content,
+    file: &mut File,
+    name: &str,
+    device: &Device,
+) -> candle_core::Result<QTensor> {
     // candle reads the tensor with `read_exact`; a truncated file surfaces as an io error here.
     let mut reader = ReadSeek(file);
     ct.tensor(&mut reader, name, device)
@@ -497,21 +617,36 @@ impl Seek for ReadSeek<'_> {
     }
 }
 
-fn rope_tables(head_dim: usize, base: f32, context: usize, dev: &Device) -> Result<(Tensor, Tensor)> {
+fn rope_tables(
+    head_dim: usize,
+    base: f32,
+    context: usize,
+    dev: &Device,
+) -> Result<(Tensor, Tensor)> {
     // Same arithmetic as candle-transformers' quantized_llama, so the logits match it bit for bit.
-    let theta: Vec<f32> =
-        (0..head_dim).step_by(2).map(|i| 1f32 / base.powf(i as f32 / head_dim as f32)).collect();
+    let theta: Vec<f32> = (0..head_dim)
+        .step_by(2)
+        .map(|i| 1f32 / base.powf(i as f32 / head_dim as f32))
+        .collect();
     let theta = Tensor::new(theta.as_slice(), dev)?;
-    let idx = Tensor::arange(0, context as u32, dev)?.to_dtype(DType::F32)?.reshape((context, 1))?;
+    let idx = Tensor::arange(0, context as u32, dev)?
+        .to_dtype(DType::F32)?
+        .reshape((context, 1))?;
     let freqs = idx.matmul(&theta.reshape((1, theta.elem_count()))?)?;
     Ok((freqs.cos()?, freqs.sin()?))
 }
 
 fn file_name(path: &Path) -> String {
-    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// One position's logits as a vector.
 pub fn logits_row(logits: &Tensor, batch_row: usize, position: usize) -> Result<Vec<f32>> {
-    Ok(logits.get(batch_row)?.get(position)?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+    Ok(logits
+        .get(batch_row)?
+        .get(position)?
+        .to_dtype(DType::F32)?
+        .to_vec1::<f32>()?)
 }

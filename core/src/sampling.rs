@@ -21,23 +21,43 @@ impl SamplingParams {
     /// Refuses values that would make the warped distribution meaningless.
     pub fn validate(&self) -> Result<()> {
         let finite = |name: &'static str, v: f32| {
-            if v.is_finite() { Ok(()) } else { Err(bad_param(name, v, "must be a finite number")) }
+            if v.is_finite() {
+                Ok(())
+            } else {
+                Err(bad_param(name, v, "must be a finite number"))
+            }
         };
         finite("temperature", self.temperature)?;
         finite("top_p", self.top_p)?;
         finite("min_p", self.min_p)?;
         finite("typical_p", self.typical_p)?;
         if self.temperature < 0.0 || self.temperature > 100.0 {
-            return Err(bad_param("temperature", self.temperature, "must be between 0 (greedy) and 100"));
+            return Err(bad_param(
+                "temperature",
+                self.temperature,
+                "must be between 0 (greedy) and 100",
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(bad_param("top_p", self.top_p, "must be in (0, 1]; 1 turns it off"));
+            return Err(bad_param(
+                "top_p",
+                self.top_p,
+                "must be in (0, 1]; 1 turns it off",
+            ));
         }
         if !(0.0..1.0).contains(&self.min_p) {
-            return Err(bad_param("min_p", self.min_p, "must be in [0, 1); 0 turns it off"));
+            return Err(bad_param(
+                "min_p",
+                self.min_p,
+                "must be in [0, 1); 0 turns it off",
+            ));
         }
         if !(self.typical_p > 0.0 && self.typical_p <= 1.0) {
-            return Err(bad_param("typical_p", self.typical_p, "must be in (0, 1]; 1 turns it off"));
+            return Err(bad_param(
+                "typical_p",
+                self.typical_p,
+                "must be in (0, 1]; 1 turns it off",
+            ));
         }
         Ok(())
     }
@@ -48,12 +68,18 @@ pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let sum: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
     let log_z = f64::from(max) + sum.ln();
-    logits.iter().map(|&l| (f64::from(l) - log_z) as f32).collect()
+    logits
+        .iter()
+        .map(|&l| (f64::from(l) - log_z) as f32)
+        .collect()
 }
 
 /// Entropy in nats of a distribution given by its log-probabilities.
 pub fn entropy(logprobs: &[f32]) -> f32 {
-    let h: f64 = logprobs.iter().map(|&lp| -f64::from(lp) * f64::from(lp).exp()).sum();
+    let h: f64 = logprobs
+        .iter()
+        .map(|&lp| -f64::from(lp) * f64::from(lp).exp())
+        .sum();
     h.max(0.0) as f32
 }
 
@@ -71,7 +97,11 @@ pub fn argmax(values: &[f32]) -> u32 {
 /// Ids of the `n` largest values, best first (ties to the lower id).
 pub fn top_n(values: &[f32], n: usize) -> Vec<u32> {
     let mut ids: Vec<u32> = (0..values.len() as u32).collect();
-    let by_value_desc = |a: &u32, b: &u32| values[*b as usize].total_cmp(&values[*a as usize]).then(a.cmp(b));
+    let by_value_desc = |a: &u32, b: &u32| {
+        values[*b as usize]
+            .total_cmp(&values[*a as usize])
+            .then(a.cmp(b))
+    };
     let n = n.min(ids.len());
     if n == 0 {
         return Vec::new();
@@ -94,11 +124,16 @@ pub struct Warped {
 impl Warped {
     /// A distribution with all its mass on one token (greedy choice, or an n-gram drafter's guess).
     pub fn point(id: u32) -> Self {
-        Self { support: vec![(id, 1.0)] }
+        Self {
+            support: vec![(id, 1.0)],
+        }
     }
 
     pub fn prob(&self, id: u32) -> f32 {
-        self.support.iter().find(|(t, _)| *t == id).map_or(0.0, |(_, p)| *p)
+        self.support
+            .iter()
+            .find(|(t, _)| *t == id)
+            .map_or(0.0, |(_, p)| *p)
     }
 
     /// Draws a token: inverse CDF over the support in its fixed order.
@@ -124,10 +159,17 @@ pub fn warp(logits: &[f32], params: &SamplingParams) -> Warped {
     }
     let t = f64::from(params.temperature);
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let weights: Vec<f64> = logits.iter().map(|&l| (f64::from(l - max) / t).exp()).collect();
+    let weights: Vec<f64> = logits
+        .iter()
+        .map(|&l| (f64::from(l - max) / t).exp())
+        .collect();
     let total: f64 = weights.iter().sum();
-    let mut support: Vec<(u32, f64)> =
-        weights.iter().enumerate().map(|(i, &w)| (i as u32, w / total)).filter(|(_, p)| *p > 0.0).collect();
+    let mut support: Vec<(u32, f64)> = weights
+        .iter()
+        .enumerate()
+        .map(|(i, &w)| (i as u32, w / total))
+        .filter(|(_, p)| *p > 0.0)
+        .collect();
     sort_desc(&mut support);
 
     if params.top_k > 0 && params.top_k < support.len() {
@@ -138,7 +180,12 @@ pub fn warp(logits: &[f32], params: &SamplingParams) -> Warped {
         // Locally typical sampling: keep the tokens whose surprisal is closest to the entropy.
         let h: f64 = support.iter().map(|(_, p)| -p * p.ln()).sum();
         let mut by_typicality = support.clone();
-        by_typicality.sort_by(|a, b| (-a.1.ln() - h).abs().total_cmp(&(-b.1.ln() - h).abs()).then(a.0.cmp(&b.0)));
+        by_typicality.sort_by(|a, b| {
+            (-a.1.ln() - h)
+                .abs()
+                .total_cmp(&(-b.1.ln() - h).abs())
+                .then(a.0.cmp(&b.0))
+        });
         let keep = prefix_reaching(&by_typicality, f64::from(params.typical_p));
         by_typicality.truncate(keep);
         support = by_typicality;
@@ -157,7 +204,9 @@ pub fn warp(logits: &[f32], params: &SamplingParams) -> Warped {
         support.retain(|(_, p)| *p >= floor);
         renormalize(&mut support);
     }
-    Warped { support: support.into_iter().map(|(id, p)| (id, p as f32)).collect() }
+    Warped {
+        support: support.into_iter().map(|(id, p)| (id, p as f32)).collect(),
+    }
 }
 
 fn sort_desc(v: &mut [(u32, f64)]) {
@@ -197,12 +246,18 @@ impl PositionStats {
         let logprobs = log_softmax(logits);
         let entropy = entropy(&logprobs);
         let top = top_n(&logprobs, TOP_CANDIDATES);
-        Self { logprobs, entropy, top }
+        Self {
+            logprobs,
+            entropy,
+            top,
+        }
     }
 
     /// 0 for the most likely token; ties rank by id, as everywhere else.
     pub fn rank(&self, id: u32) -> u32 {
-        let Some(&lp) = self.logprobs.get(id as usize) else { return u32::MAX };
+        let Some(&lp) = self.logprobs.get(id as usize) else {
+            return u32::MAX;
+        };
         self.logprobs
             .iter()
             .enumerate()
@@ -250,7 +305,13 @@ mod tests {
     use super::*;
 
     fn params(temperature: f32) -> SamplingParams {
-        SamplingParams { temperature, top_k: 0, top_p: 1.0, min_p: 0.0, typical_p: 1.0 }
+        SamplingParams {
+            temperature,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            typical_p: 1.0,
+        }
     }
 
     #[test]
@@ -268,12 +329,33 @@ mod tests {
         let w = warp(&logits, &params(1.0));
         assert_eq!(w.support.len(), 4);
         assert!((w.prob(0) - 0.5).abs() < 1e-6);
-        let w = warp(&logits, &SamplingParams { top_k: 2, ..params(1.0) });
-        assert_eq!(w.support.iter().map(|x| x.0).collect::<Vec<_>>(), vec![0, 1]);
+        let w = warp(
+            &logits,
+            &SamplingParams {
+                top_k: 2,
+                ..params(1.0)
+            },
+        );
+        assert_eq!(
+            w.support.iter().map(|x| x.0).collect::<Vec<_>>(),
+            vec![0, 1]
+        );
         assert!((w.prob(0) - 2.0 / 3.0).abs() < 1e-6);
-        let w = warp(&logits, &SamplingParams { top_p: 0.7, ..params(1.0) });
+        let w = warp(
+            &logits,
+            &SamplingParams {
+                top_p: 0.7,
+                ..params(1.0)
+            },
+        );
         assert_eq!(w.support.len(), 2, "0.5 + 0.25 reaches 0.7");
-        let w = warp(&logits, &SamplingParams { min_p: 0.3, ..params(1.0) });
+        let w = warp(
+            &logits,
+            &SamplingParams {
+                min_p: 0.3,
+                ..params(1.0)
+            },
+        );
         assert_eq!(w.support.len(), 2, "0.125 < 0.3 * 0.5");
         assert_eq!(warp(&logits, &params(0.0)), Warped::point(0));
     }
@@ -289,7 +371,10 @@ mod tests {
         }
         for (id, &c) in counts.iter().enumerate() {
             let expected = w.prob(id as u32) as f64 * 30_000.0;
-            assert!((c as f64 - expected).abs() < 4.0 * expected.sqrt() + 1.0, "{counts:?} vs {w:?}");
+            assert!(
+                (c as f64 - expected).abs() < 4.0 * expected.sqrt() + 1.0,
+                "{counts:?} vs {w:?}"
+            );
         }
     }
 
@@ -305,9 +390,30 @@ mod tests {
 
     #[test]
     fn validation_refuses_nonsense() {
-        assert!(SamplingParams { temperature: -1.0, ..params(1.0) }.validate().is_err());
-        assert!(SamplingParams { top_p: 0.0, ..params(1.0) }.validate().is_err());
-        assert!(SamplingParams { min_p: f32::NAN, ..params(1.0) }.validate().is_err());
+        assert!(
+            SamplingParams {
+                temperature: -1.0,
+                ..params(1.0)
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            SamplingParams {
+                top_p: 0.0,
+                ..params(1.0)
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            SamplingParams {
+                min_p: f32::NAN,
+                ..params(1.0)
+            }
+            .validate()
+            .is_err()
+        );
         assert!(params(0.7).validate().is_ok());
     }
 }

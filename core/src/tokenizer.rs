@@ -18,8 +18,15 @@ use crate::error::{Error, Result};
 use crate::trace::TokenizerInfo;
 
 /// Control tokens that end a turn in the chat formats we know (llama.cpp's end-of-generation set).
-const END_OF_GENERATION: &[&str] =
-    &["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>", "<end_of_turn>", "<|end|>"];
+const END_OF_GENERATION: &[&str] = &[
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<|eot_id|>",
+    "<|end_of_text|>",
+    "</s>",
+    "<end_of_turn>",
+    "<|end|>",
+];
 
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
@@ -43,7 +50,9 @@ impl Tokenizer {
         let mut inner = <tokenizers::Tokenizer as TokenizerFromGguf>::from_gguf(ct)
             .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
         let get = |key: &str| ct.metadata.get(key);
-        let pre = get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok().cloned()).unwrap_or_else(|| "gpt2".into());
+        let pre = get("tokenizer.ggml.pre")
+            .and_then(|v| v.to_string().ok().cloned())
+            .unwrap_or_else(|| "gpt2".into());
         match pre.as_str() {
             // llama.cpp: digits split one by one, then the GPT-2 regex, no prefix space.
             "smollm" | "starcoder" | "refact" | "codeshell" | "falcon3" => {
@@ -59,14 +68,19 @@ impl Tokenizer {
                 inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
             }
         }
-        let model = get("tokenizer.ggml.model").and_then(|v| v.to_string().ok().cloned()).unwrap_or_default();
+        let model = get("tokenizer.ggml.model")
+            .and_then(|v| v.to_string().ok().cloned())
+            .unwrap_or_default();
         let vocab_size = inner.get_vocab_size(true);
         let id = |key: &str| get(key).and_then(|v| v.to_u32().ok());
-        let add_bos = get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false);
-        let mut eos_token_ids: Vec<u32> = ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"]
-            .iter()
-            .filter_map(|k| id(k))
-            .collect();
+        let add_bos = get("tokenizer.ggml.add_bos_token")
+            .and_then(|v| v.to_bool().ok())
+            .unwrap_or(false);
+        let mut eos_token_ids: Vec<u32> =
+            ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"]
+                .iter()
+                .filter_map(|k| id(k))
+                .collect();
         for name in END_OF_GENERATION {
             if let Some(i) = inner.token_to_id(name) {
                 eos_token_ids.push(i);
@@ -74,10 +88,26 @@ impl Tokenizer {
         }
         eos_token_ids.sort_unstable();
         eos_token_ids.dedup();
-        let pieces = (0..vocab_size as u32).map(|i| inner.decode(&[i], false).unwrap_or_default()).collect();
-        let template = get("tokenizer.chat_template").and_then(|v| v.to_string().ok().cloned()).unwrap_or_default();
-        let info = TokenizerInfo { model, pre, vocab_size, bos_token_id: id("tokenizer.ggml.bos_token_id"), add_bos, eos_token_ids };
-        Ok(Self { inner, info, pieces, chat: ChatTemplate::from_jinja(&template) })
+        let pieces = (0..vocab_size as u32)
+            .map(|i| inner.decode(&[i], false).unwrap_or_default())
+            .collect();
+        let template = get("tokenizer.chat_template")
+            .and_then(|v| v.to_string().ok().cloned())
+            .unwrap_or_default();
+        let info = TokenizerInfo {
+            model,
+            pre,
+            vocab_size,
+            bos_token_id: id("tokenizer.ggml.bos_token_id"),
+            add_bos,
+            eos_token_ids,
+        };
+        Ok(Self {
+            inner,
+            info,
+            pieces,
+            chat: ChatTemplate::from_jinja(&template),
+        })
     }
 
     pub fn info(&self) -> &TokenizerInfo {
@@ -91,7 +121,10 @@ impl Tokenizer {
     /// Token ids of `text`. Special tokens written in the text (`<|im_start|>`) become their ids; BOS is
     /// prepended when the GGUF asks for it.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
         let mut ids = Vec::with_capacity(enc.len() + 1);
         if self.info.add_bos
             && let Some(bos) = self.info.bos_token_id
@@ -104,12 +137,17 @@ impl Tokenizer {
 
     /// The text of a token sequence (special tokens kept, so the stream shows `<|im_end|>`).
     pub fn decode(&self, ids: &[u32]) -> String {
-        self.inner.decode(ids, false).unwrap_or_else(|_| ids.iter().map(|&i| self.token_text(i)).collect())
+        self.inner
+            .decode(ids, false)
+            .unwrap_or_else(|_| ids.iter().map(|&i| self.token_text(i)).collect())
     }
 
     /// One token's text; a token holding part of a UTF-8 character shows as U+FFFD.
     pub fn token_text(&self, id: u32) -> String {
-        self.pieces.get(id as usize).cloned().unwrap_or_else(|| format!("<{id}>"))
+        self.pieces
+            .get(id as usize)
+            .cloned()
+            .unwrap_or_else(|| format!("<{id}>"))
     }
 
     pub fn is_end_of_generation(&self, id: u32) -> bool {
@@ -168,9 +206,14 @@ mod tests {
         assert_eq!(
             ChatTemplate::from_jinja(t),
             ChatTemplate::ChatMl {
-                default_system: Some("You are a helpful AI assistant named SmolLM, trained by Hugging Face".into())
+                default_system: Some(
+                    "You are a helpful AI assistant named SmolLM, trained by Hugging Face".into()
+                )
             }
         );
-        assert_eq!(ChatTemplate::from_jinja("{{ bos_token }}[INST]"), ChatTemplate::None);
+        assert_eq!(
+            ChatTemplate::from_jinja("{{ bos_token }}[INST]"),
+            ChatTemplate::None
+        );
     }
 }

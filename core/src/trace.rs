@@ -24,15 +24,29 @@ pub const TOP_CANDIDATES: usize = 20;
 #[derive(Debug, thiserror::Error)]
 pub enum TraceError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot write {path}: {source} (nothing was overwritten)")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("line {line}: {message}")]
     Parse { line: usize, message: String },
-    #[error("line {line}: a `{kind}` line comes before any `header` line; is this a Specula trace?")]
+    #[error(
+        "line {line}: a `{kind}` line comes before any `header` line; is this a Specula trace?"
+    )]
     NoHeader { line: usize, kind: &'static str },
-    #[error("line {line}: trace schema version {found} is newer than this Specula understands ({supported}); update Specula")]
-    TooNew { line: usize, found: u32, supported: u32 },
+    #[error(
+        "line {line}: trace schema version {found} is newer than this Specula understands ({supported}); update Specula"
+    )]
+    TooNew {
+        line: usize,
+        found: u32,
+        supported: u32,
+    },
     #[error("the file holds no run (it is empty or has only blank lines)")]
     Empty,
 }
@@ -131,7 +145,9 @@ pub struct MethodParams {
 
 impl Default for MethodParams {
     fn default() -> Self {
-        Self { sampling: SamplingParams::greedy() }
+        Self {
+            sampling: SamplingParams::greedy(),
+        }
     }
 }
 
@@ -154,13 +170,25 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self { temperature: 0.8, top_k: 0, top_p: 0.95, min_p: 0.0, typical_p: 1.0 }
+        Self {
+            temperature: 0.8,
+            top_k: 0,
+            top_p: 0.95,
+            min_p: 0.0,
+            typical_p: 1.0,
+        }
     }
 }
 
 impl SamplingParams {
     pub fn greedy() -> Self {
-        Self { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, typical_p: 1.0 }
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            typical_p: 1.0,
+        }
     }
 
     pub fn is_greedy(&self) -> bool {
@@ -369,10 +397,21 @@ pub struct RunTiming {
 
 impl RunSummary {
     /// Derives the summary from the steps. `text` is the decoded output (the tokenizer lives elsewhere).
-    pub fn from_steps(steps: &[StepRecord], stop_reason: StopReason, error: Option<String>, text: String) -> Self {
-        let token_ids: Vec<u32> = steps.iter().flat_map(|s| s.tokens.iter().map(|t| t.id)).collect();
+    pub fn from_steps(
+        steps: &[StepRecord],
+        stop_reason: StopReason,
+        error: Option<String>,
+        text: String,
+    ) -> Self {
+        let token_ids: Vec<u32> = steps
+            .iter()
+            .flat_map(|s| s.tokens.iter().map(|t| t.id))
+            .collect();
         let generated_tokens = token_ids.len();
-        let target_forward_calls: u64 = steps.iter().map(|s| u64::from(s.target_forward_calls)).sum();
+        let target_forward_calls: u64 = steps
+            .iter()
+            .map(|s| u64::from(s.target_forward_calls))
+            .sum();
         let draft_forward_calls: u64 = steps.iter().map(|s| u64::from(s.draft_forward_calls)).sum();
         let draft_n: u64 = steps.iter().map(|s| s.draft_n as u64).sum();
         let draft_n_accepted: u64 = steps.iter().map(|s| s.draft_n_accepted as u64).sum();
@@ -388,7 +427,9 @@ impl RunSummary {
             let (sum, n) = steps
                 .iter()
                 .flat_map(|s| &s.tokens)
-                .fold((0.0f64, 0usize), |(sum, n), t| (sum + f64::from(f(t)), n + 1));
+                .fold((0.0f64, 0usize), |(sum, n), t| {
+                    (sum + f64::from(f(t)), n + 1)
+                });
             if n == 0 { 0.0 } else { sum / n as f64 }
         };
         let timing = summarize_timing(steps);
@@ -417,14 +458,21 @@ impl RunSummary {
 }
 
 fn summarize_timing(steps: &[StepRecord]) -> Option<RunTiming> {
-    let times: Vec<f64> = steps.iter().map(|s| s.timing.map(|t| t.total_ms)).collect::<Option<_>>()?;
+    let times: Vec<f64> = steps
+        .iter()
+        .map(|s| s.timing.map(|t| t.total_ms))
+        .collect::<Option<_>>()?;
     let (first, rest) = times.split_first()?;
     let decode_ms: f64 = rest.iter().sum();
     let decode_tokens: usize = steps.iter().skip(1).map(|s| s.tokens.len()).sum();
     Some(RunTiming {
         wall_ms: first + decode_ms,
         prefill_ms: *first,
-        decode_tokens_per_s: if decode_ms > 0.0 { decode_tokens as f64 * 1000.0 / decode_ms } else { 0.0 },
+        decode_tokens_per_s: if decode_ms > 0.0 {
+            decode_tokens as f64 * 1000.0 / decode_ms
+        } else {
+            0.0
+        },
     })
 }
 
@@ -456,7 +504,11 @@ pub struct ExportOptions {
 
 impl Trace {
     pub fn new(header: RunHeader) -> Self {
-        Self { header, steps: Vec::new(), summary: None }
+        Self {
+            header,
+            steps: Vec::new(),
+            summary: None,
+        }
     }
 
     /// Generated token ids so far, in order.
@@ -539,10 +591,15 @@ impl Trace {
                     t.rank.to_string(),
                     t.entropy.to_string(),
                     t.sampling_prob.map(|p| p.to_string()).unwrap_or_default(),
-                    serde_json::to_string(&t.source).unwrap_or_default().trim_matches('"').to_owned(),
+                    serde_json::to_string(&t.source)
+                        .unwrap_or_default()
+                        .trim_matches('"')
+                        .to_owned(),
                     top1.map(|c| c.token.clone()).unwrap_or_default(),
                     top1.map(|c| c.logprob.to_string()).unwrap_or_default(),
-                    step.timing.map(|t| format!("{:.3}", t.total_ms)).unwrap_or_default(),
+                    step.timing
+                        .map(|t| format!("{:.3}", t.total_ms))
+                        .unwrap_or_default(),
                 ])?;
             }
         }
@@ -554,12 +611,17 @@ impl Trace {
         let mut runs: Vec<Trace> = Vec::new();
         for (i, line) in r.lines().enumerate() {
             let line_no = i + 1;
-            let line = line.map_err(|e| TraceError::Parse { line: line_no, message: e.to_string() })?;
+            let line = line.map_err(|e| TraceError::Parse {
+                line: line_no,
+                message: e.to_string(),
+            })?;
             if line.trim().is_empty() {
                 continue;
             }
-            let parsed: TraceLine = serde_json::from_str(&line)
-                .map_err(|e| TraceError::Parse { line: line_no, message: describe_json_error(&line, &e) })?;
+            let parsed: TraceLine = serde_json::from_str(&line).map_err(|e| TraceError::Parse {
+                line: line_no,
+                message: describe_json_error(&line, &e),
+            })?;
             match parsed {
                 TraceLine::Header(h) => {
                     if h.schema_version > SCHEMA_VERSION {
@@ -573,11 +635,21 @@ impl Trace {
                 }
                 TraceLine::Step(s) => match runs.last_mut() {
                     Some(run) => run.steps.push(*s),
-                    None => return Err(TraceError::NoHeader { line: line_no, kind: "step" }),
+                    None => {
+                        return Err(TraceError::NoHeader {
+                            line: line_no,
+                            kind: "step",
+                        });
+                    }
                 },
                 TraceLine::Summary(s) => match runs.last_mut() {
                     Some(run) => run.summary = Some(*s),
-                    None => return Err(TraceError::NoHeader { line: line_no, kind: "summary" }),
+                    None => {
+                        return Err(TraceError::NoHeader {
+                            line: line_no,
+                            kind: "summary",
+                        });
+                    }
                 },
             }
         }
@@ -588,8 +660,10 @@ impl Trace {
     }
 
     pub fn load(path: &Path) -> Result<Vec<Trace>, TraceError> {
-        let file =
-            std::fs::File::open(path).map_err(|source| TraceError::Read { path: path.to_owned(), source })?;
+        let file = std::fs::File::open(path).map_err(|source| TraceError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Self::read_jsonl(std::io::BufReader::new(file))
     }
 }
@@ -629,7 +703,12 @@ impl FileFormat {
 
 /// Saves runs so that a crash or a full disk never leaves a half-written file where a good one was: the data
 /// goes to a temporary file in the same folder, is flushed to disk, then renamed over the target.
-pub fn save_runs(path: &Path, runs: &[&Trace], format: FileFormat, opts: ExportOptions) -> Result<(), TraceError> {
+pub fn save_runs(
+    path: &Path,
+    runs: &[&Trace],
+    format: FileFormat,
+    opts: ExportOptions,
+) -> Result<(), TraceError> {
     write_atomically(path, |w| {
         for run in runs {
             match format {
@@ -646,12 +725,18 @@ pub fn write_atomically(
     path: &Path,
     body: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
 ) -> Result<(), TraceError> {
-    let err = |source| TraceError::Write { path: path.to_owned(), source };
+    let err = |source| TraceError::Write {
+        path: path.to_owned(),
+        source,
+    };
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
         _ => PathBuf::from("."),
     };
-    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
     let result = (|| {
         let file = std::fs::File::create(&tmp)?;

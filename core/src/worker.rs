@@ -25,7 +25,12 @@ pub type Waker = Arc<dyn Fn() + Send + Sync>;
 
 pub enum Command {
     LoadModel(PathBuf),
-    Start { id: RunId, spec: Box<RunSpec>, paused: bool, cancel: Arc<AtomicBool> },
+    Start {
+        id: RunId,
+        spec: Box<RunSpec>,
+        paused: bool,
+        cancel: Arc<AtomicBool>,
+    },
     Pause(RunId),
     Resume(RunId),
     /// Run one step, then pause.
@@ -37,18 +42,46 @@ pub enum Command {
 
 #[derive(Clone, Debug)]
 pub enum Event {
-    ModelLoading { path: PathBuf },
-    ModelLoaded { path: PathBuf, info: Box<ModelInfo>, load_ms: f64 },
-    ModelFailed { path: PathBuf, error: String },
-    RunStarted { id: RunId, header: Box<RunHeader> },
-    Step { id: RunId, step: Box<StepRecord> },
-    Paused { id: RunId },
-    Resumed { id: RunId },
+    ModelLoading {
+        path: PathBuf,
+    },
+    ModelLoaded {
+        path: PathBuf,
+        info: Box<ModelInfo>,
+        load_ms: f64,
+    },
+    ModelFailed {
+        path: PathBuf,
+        error: String,
+    },
+    RunStarted {
+        id: RunId,
+        header: Box<RunHeader>,
+    },
+    Step {
+        id: RunId,
+        step: Box<StepRecord>,
+    },
+    Paused {
+        id: RunId,
+    },
+    Resumed {
+        id: RunId,
+    },
     /// A parameter change was refused; the run goes on with its previous parameters.
-    ParamsRejected { id: RunId, error: String },
-    RunFinished { id: RunId, summary: Box<RunSummary> },
+    ParamsRejected {
+        id: RunId,
+        error: String,
+    },
+    RunFinished {
+        id: RunId,
+        summary: Box<RunSummary>,
+    },
     /// The run could not start (no model, bad parameter, prompt too long...).
-    RunFailed { id: RunId, error: String },
+    RunFailed {
+        id: RunId,
+        error: String,
+    },
 }
 
 /// The UI's handle on the worker thread. Dropping it stops the thread.
@@ -68,7 +101,13 @@ impl Worker {
             .name("specula-worker".into())
             .spawn(move || WorkerLoop::new(command_rx, event_tx, waker).run())
             .ok();
-        Self { commands, events, cancels: BTreeMap::new(), next_id: 1, thread }
+        Self {
+            commands,
+            events,
+            cancels: BTreeMap::new(),
+            next_id: 1,
+            thread,
+        }
     }
 
     /// Events produced since the last call; never blocks.
@@ -91,7 +130,12 @@ impl Worker {
         self.next_id += 1;
         let cancel = Arc::new(AtomicBool::new(false));
         self.cancels.insert(id, cancel.clone());
-        self.send(Command::Start { id, spec: Box::new(spec), paused, cancel });
+        self.send(Command::Start {
+            id,
+            spec: Box::new(spec),
+            paused,
+            cancel,
+        });
         id
     }
 
@@ -162,7 +206,14 @@ struct WorkerLoop {
 
 impl WorkerLoop {
     fn new(commands: Receiver<Command>, events: Sender<Event>, waker: Waker) -> Self {
-        Self { commands, events, waker, model: None, runs: BTreeMap::new(), last_stepped: 0 }
+        Self {
+            commands,
+            events,
+            waker,
+            model: None,
+            runs: BTreeMap::new(),
+            last_stepped: 0,
+        }
     }
 
     fn emit(&self, event: Event) {
@@ -196,7 +247,12 @@ impl WorkerLoop {
     fn handle(&mut self, command: Command) {
         match command {
             Command::LoadModel(path) => self.load_model(path),
-            Command::Start { id, spec, paused, cancel } => self.start(id, *spec, paused, cancel),
+            Command::Start {
+                id,
+                spec,
+                paused,
+                cancel,
+            } => self.start(id, *spec, paused, cancel),
             Command::Pause(id) => {
                 if let Some(slot) = self.runs.get_mut(&id) {
                     slot.mode = Mode::Paused;
@@ -228,7 +284,10 @@ impl WorkerLoop {
                 if let Some(slot) = self.runs.get_mut(&id)
                     && let Err(e) = slot.run.set_params(*params)
                 {
-                    self.emit(Event::ParamsRejected { id, error: e.to_string() });
+                    self.emit(Event::ParamsRejected {
+                        id,
+                        error: e.to_string(),
+                    });
                 }
             }
             Command::Shutdown => {}
@@ -242,26 +301,42 @@ impl WorkerLoop {
             Ok(model) => {
                 let info = Box::new(model.llama.info.clone());
                 self.model = Some(model);
-                self.emit(Event::ModelLoaded { path, info, load_ms: started.elapsed().as_secs_f64() * 1000.0 });
+                self.emit(Event::ModelLoaded {
+                    path,
+                    info,
+                    load_ms: started.elapsed().as_secs_f64() * 1000.0,
+                });
             }
-            Err(e) => self.emit(Event::ModelFailed { path, error: e.to_string() }),
+            Err(e) => self.emit(Event::ModelFailed {
+                path,
+                error: e.to_string(),
+            }),
         }
     }
 
     fn start(&mut self, id: RunId, spec: RunSpec, paused: bool, cancel: Arc<AtomicBool>) {
         let Some(model) = &self.model else {
-            self.emit(Event::RunFailed { id, error: "no model is loaded: load a GGUF model first".into() });
+            self.emit(Event::RunFailed {
+                id,
+                error: "no model is loaded: load a GGUF model first".into(),
+            });
             return;
         };
         let created = catch_unwind(AssertUnwindSafe(|| Run::new(model, spec)))
             .unwrap_or_else(|p| Err(crate::error::Error::MethodPanicked(panic_message(&p))));
         match created {
             Ok(run) => {
-                self.emit(Event::RunStarted { id, header: Box::new(run.header().clone()) });
+                self.emit(Event::RunStarted {
+                    id,
+                    header: Box::new(run.header().clone()),
+                });
                 let mode = if paused { Mode::Paused } else { Mode::Running };
                 self.runs.insert(id, Slot { run, mode, cancel });
             }
-            Err(e) => self.emit(Event::RunFailed { id, error: e.to_string() }),
+            Err(e) => self.emit(Event::RunFailed {
+                id,
+                error: e.to_string(),
+            }),
         }
     }
 
@@ -274,15 +349,24 @@ impl WorkerLoop {
             .or_else(|| self.runs.iter().find_map(runnable));
         let Some(id) = next else { return };
         self.last_stepped = id;
-        let Some(slot) = self.runs.get_mut(&id) else { return };
+        let Some(slot) = self.runs.get_mut(&id) else {
+            return;
+        };
         // Errors end the run inside `step` (its summary carries the message), so only the record matters here.
         let stepped = slot.run.step(&slot.cancel).ok().flatten().cloned();
         if let Mode::Steps(n) = slot.mode {
-            slot.mode = if n <= 1 { Mode::Paused } else { Mode::Steps(n - 1) };
+            slot.mode = if n <= 1 {
+                Mode::Paused
+            } else {
+                Mode::Steps(n - 1)
+            };
         }
         let paused_now = slot.mode == Mode::Paused;
         if let Some(step) = stepped {
-            self.emit(Event::Step { id, step: Box::new(step) });
+            self.emit(Event::Step {
+                id,
+                step: Box::new(step),
+            });
         }
         let finished = self.runs.get(&id).is_some_and(|s| s.run.is_finished());
         if finished {
@@ -296,7 +380,10 @@ impl WorkerLoop {
 
     fn finish(&self, id: RunId, run: &Run) {
         if let Some(summary) = &run.trace().summary {
-            self.emit(Event::RunFinished { id, summary: Box::new(summary.clone()) });
+            self.emit(Event::RunFinished {
+                id,
+                summary: Box::new(summary.clone()),
+            });
         }
     }
 }

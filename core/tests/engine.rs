@@ -4,22 +4,29 @@
 
 mod common;
 
-use std::io::Write;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use common::{model, model_path};
 use specula_core::methods::{DecodingMethod, StepContext};
-use specula_core::trace::{ExportOptions, FileFormat, StopReason, TokenSource, TraceError, save_runs};
+use specula_core::trace::{
+    ExportOptions, FileFormat, StopReason, TokenSource, TraceError, save_runs,
+};
 use specula_core::worker::{Event, Worker};
-use specula_core::{Error, MethodParams, Model, PromptSpec, Run, RunSpec, SamplingParams, Trace, generate};
+use specula_core::{
+    Error, MethodParams, Model, PromptSpec, Run, RunSpec, SamplingParams, Trace, generate,
+};
 
 fn spec(method: &str, sampling: SamplingParams, max_tokens: usize, seed: u64) -> RunSpec {
     RunSpec {
         method: method.into(),
         params: MethodParams { sampling },
-        prompt: PromptSpec { text: "Write one sentence about the sea.".into(), chat: true, system: None },
+        prompt: PromptSpec {
+            text: "Write one sentence about the sea.".into(),
+            chat: true,
+            system: None,
+        },
         seed,
         max_tokens,
         ..RunSpec::default()
@@ -27,12 +34,25 @@ fn spec(method: &str, sampling: SamplingParams, max_tokens: usize, seed: u64) ->
 }
 
 fn sampling() -> SamplingParams {
-    SamplingParams { temperature: 0.9, top_k: 0, top_p: 0.95, min_p: 0.0, typical_p: 1.0 }
+    SamplingParams {
+        temperature: 0.9,
+        top_k: 0,
+        top_p: 0.95,
+        min_p: 0.0,
+        typical_p: 1.0,
+    }
 }
 
 fn deterministic_bytes(trace: &Trace) -> Vec<u8> {
     let mut out = Vec::new();
-    trace.write_jsonl(&mut out, ExportOptions { deterministic: true }).unwrap();
+    trace
+        .write_jsonl(
+            &mut out,
+            ExportOptions {
+                deterministic: true,
+            },
+        )
+        .unwrap();
     out
 }
 
@@ -42,7 +62,10 @@ fn same_seed_same_bytes_other_seed_other_text() {
     let b = generate(model(), spec("sample", sampling(), 24, 42)).unwrap();
     let c = generate(model(), spec("sample", sampling(), 24, 43)).unwrap();
     assert_eq!(deterministic_bytes(&a), deterministic_bytes(&b));
-    assert_ne!(a.token_ids().collect::<Vec<_>>(), c.token_ids().collect::<Vec<_>>());
+    assert_ne!(
+        a.token_ids().collect::<Vec<_>>(),
+        c.token_ids().collect::<Vec<_>>()
+    );
     for t in a.tokens() {
         assert_eq!(t.source, TokenSource::Sampled);
         let p = t.sampling_prob.unwrap();
@@ -58,8 +81,14 @@ fn same_seed_same_bytes_other_seed_other_text() {
 fn greedy_steps_record_what_the_model_thought() {
     let trace = generate(model(), spec("greedy", SamplingParams::greedy(), 16, 0)).unwrap();
     let summary = trace.summary.as_ref().unwrap();
-    assert_eq!(trace.steps[0].prefill_tokens, trace.header.prompt.token_ids.len());
-    assert_eq!(summary.target_forward_calls as usize, summary.steps, "one forward per step (prompt < 128 tokens)");
+    assert_eq!(
+        trace.steps[0].prefill_tokens,
+        trace.header.prompt.token_ids.len()
+    );
+    assert_eq!(
+        summary.target_forward_calls as usize, summary.steps,
+        "one forward per step (prompt < 128 tokens)"
+    );
     assert!((summary.mean_accepted_tokens - 1.0).abs() < 1e-9);
     for (i, t) in trace.tokens().enumerate() {
         assert_eq!(t.rank, 0, "greedy picks the most likely token");
@@ -68,7 +97,10 @@ fn greedy_steps_record_what_the_model_thought() {
         assert!(t.entropy >= 0.0);
         assert!(t.logprob <= 0.0);
     }
-    assert!(matches!(summary.stop_reason, StopReason::MaxTokens | StopReason::Eos));
+    assert!(matches!(
+        summary.stop_reason,
+        StopReason::MaxTokens | StopReason::Eos
+    ));
     assert!(summary.timing.unwrap().decode_tokens_per_s > 0.0);
 }
 
@@ -78,7 +110,12 @@ fn parameter_changes_apply_at_the_next_step_and_are_recorded() {
     let never = AtomicBool::new(false);
     run.step(&never).unwrap();
     run.step(&never).unwrap();
-    let greedy = MethodParams { sampling: SamplingParams { temperature: 0.0, ..sampling() } };
+    let greedy = MethodParams {
+        sampling: SamplingParams {
+            temperature: 0.0,
+            ..sampling()
+        },
+    };
     run.set_params(greedy).unwrap();
     while !run.is_finished() {
         run.step(&never).unwrap();
@@ -87,10 +124,23 @@ fn parameter_changes_apply_at_the_next_step_and_are_recorded() {
     assert!(trace.steps[..2].iter().all(|s| s.param_changes.is_empty()));
     assert_eq!(trace.steps[2].param_changes.len(), 1);
     assert_eq!(trace.steps[2].param_changes[0].name, "sampling.temperature");
-    assert!(trace.steps[2..].iter().flat_map(|s| &s.tokens).all(|t| t.source == TokenSource::Greedy && t.rank == 0));
+    assert!(
+        trace.steps[2..]
+            .iter()
+            .flat_map(|s| &s.tokens)
+            .all(|t| t.source == TokenSource::Greedy && t.rank == 0)
+    );
     // A bad value is refused and the run keeps its parameters.
     let mut run = Run::new(model(), spec("sample", sampling(), 4, 1)).unwrap();
-    assert!(run.set_params(MethodParams { sampling: SamplingParams { top_p: 2.0, ..sampling() } }).is_err());
+    assert!(
+        run.set_params(MethodParams {
+            sampling: SamplingParams {
+                top_p: 2.0,
+                ..sampling()
+            }
+        })
+        .is_err()
+    );
     assert_eq!(run.params().sampling, sampling());
 }
 
@@ -100,12 +150,24 @@ fn trace_files_round_trip_and_bad_files_say_where() {
     let b = generate(model(), spec("sample", sampling(), 8, 5)).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("runs.jsonl");
-    save_runs(&path, &[&a, &b], FileFormat::Jsonl, ExportOptions::default()).unwrap();
+    save_runs(
+        &path,
+        &[&a, &b],
+        FileFormat::Jsonl,
+        ExportOptions::default(),
+    )
+    .unwrap();
     let back = Trace::load(&path).unwrap();
     assert_eq!(back, vec![a.clone(), b.clone()]);
 
     let csv_path = dir.path().join("runs.csv");
-    save_runs(&csv_path, &[&a], FileFormat::from_path(&csv_path), ExportOptions::default()).unwrap();
+    save_runs(
+        &csv_path,
+        &[&a],
+        FileFormat::from_path(&csv_path),
+        ExportOptions::default(),
+    )
+    .unwrap();
     let csv = std::fs::read_to_string(&csv_path).unwrap();
     assert_eq!(csv.lines().count(), 1 + a.generated_len());
     assert!(csv.starts_with("run,step,position,token_id,token,logprob"));
@@ -116,7 +178,10 @@ fn trace_files_round_trip_and_bad_files_say_where() {
     lines[3] = lines[3].replace("\"logprob\":", "\"logprobz\":");
     let err = Trace::read_jsonl(lines.join("\n").as_bytes()).unwrap_err();
     let msg = err.to_string();
-    assert!(msg.starts_with("line 4:") && msg.contains("logprob"), "{msg}");
+    assert!(
+        msg.starts_with("line 4:") && msg.contains("logprob"),
+        "{msg}"
+    );
     // Not JSON at all.
     let err = Trace::read_jsonl("{\"type\":\"header\"\n".as_bytes()).unwrap_err();
     assert!(matches!(err, TraceError::Parse { line: 1, .. }), "{err}");
@@ -125,10 +190,25 @@ fn trace_files_round_trip_and_bad_files_say_where() {
     assert!(matches!(err, TraceError::NoHeader { line: 1, .. }), "{err}");
     // A newer schema is refused clearly; an unknown payload kind from a newer minor version is tolerated.
     let newer = lines[0].replace("\"schema_version\":1", "\"schema_version\":99");
-    assert!(matches!(Trace::read_jsonl(newer.as_bytes()).unwrap_err(), TraceError::TooNew { found: 99, .. }));
-    let with_payload = format!("{}\n{}", lines[0], lines[1].replacen('{', "{\"payload\":{\"kind\":\"future_thing\",\"x\":1},", 1));
-    assert_eq!(Trace::read_jsonl(with_payload.as_bytes()).unwrap()[0].steps.len(), 1);
-    assert!(matches!(Trace::read_jsonl("\n\n".as_bytes()).unwrap_err(), TraceError::Empty));
+    assert!(matches!(
+        Trace::read_jsonl(newer.as_bytes()).unwrap_err(),
+        TraceError::TooNew { found: 99, .. }
+    ));
+    let with_payload = format!(
+        "{}\n{}",
+        lines[0],
+        lines[1].replacen('{', "{\"payload\":{\"kind\":\"future_thing\",\"x\":1},", 1)
+    );
+    assert_eq!(
+        Trace::read_jsonl(with_payload.as_bytes()).unwrap()[0]
+            .steps
+            .len(),
+        1
+    );
+    assert!(matches!(
+        Trace::read_jsonl("\n\n".as_bytes()).unwrap_err(),
+        TraceError::Empty
+    ));
 }
 
 #[test]
@@ -140,12 +220,19 @@ fn failed_exports_leave_the_old_file_intact() {
     // A writer that fails half-way, as a full disk does.
     let err = specula_core::trace::write_atomically(&path, |w| {
         w.write_all(b"partial")?;
-        Err(std::io::Error::new(std::io::ErrorKind::StorageFull, "no space left on device"))
+        Err(std::io::Error::new(
+            std::io::ErrorKind::StorageFull,
+            "no space left on device",
+        ))
     })
     .unwrap_err();
     assert!(err.to_string().contains("no space left"), "{err}");
     assert_eq!(std::fs::read(&path).unwrap(), b"precious");
-    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "the temporary file is cleaned up");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        1,
+        "the temporary file is cleaned up"
+    );
     // A folder that does not exist.
     let missing = dir.path().join("no/such/dir/out.jsonl");
     assert!(save_runs(&missing, &[&a], FileFormat::Jsonl, ExportOptions::default()).is_err());
@@ -162,7 +249,9 @@ fn bad_input_gets_clear_errors() {
     let bytes = std::fs::read(model_path()).unwrap();
     let truncated = dir.path().join("truncated.gguf");
     std::fs::write(&truncated, &bytes[..bytes.len() / 3]).unwrap();
-    let err = Model::load(&truncated).err().expect("a truncated file must not load");
+    let err = Model::load(&truncated)
+        .err()
+        .expect("a truncated file must not load");
     assert!(err.to_string().contains("truncated.gguf"), "{err}");
     // A GGUF of another architecture.
     let other = dir.path().join("gpt2.gguf");
@@ -172,19 +261,58 @@ fn bad_input_gets_clear_errors() {
         let arch = Value::String("gpt2".into());
         write(&mut f, &[("general.architecture", &arch)], &[]).unwrap();
     }
-    assert!(matches!(Model::load(&other), Err(Error::UnsupportedArchitecture { .. })));
+    assert!(matches!(
+        Model::load(&other),
+        Err(Error::UnsupportedArchitecture { .. })
+    ));
     // A missing file.
     assert!(Model::load(&dir.path().join("absent.gguf")).is_err());
 
     let m = model();
-    let too_long = RunSpec { prompt: PromptSpec { text: "word ".repeat(9000), chat: false, system: None }, ..spec("greedy", SamplingParams::greedy(), 8, 0) };
-    let err = Run::new(m, too_long).err().expect("an over-long prompt is refused");
-    assert!(matches!(err, Error::PromptTooLong { context_length: 8192, .. }), "{err}");
-    assert!(matches!(Run::new(m, spec("no-such-method", sampling(), 4, 0)), Err(Error::UnknownMethod(_))));
-    let bad = SamplingParams { temperature: -0.5, ..sampling() };
-    assert!(matches!(Run::new(m, spec("sample", bad, 4, 0)), Err(Error::BadParameter { name: "temperature", .. })));
-    assert!(matches!(Run::new(m, spec("greedy", SamplingParams::greedy(), 0, 0)), Err(Error::BadParameter { .. })));
-    let empty = RunSpec { prompt: PromptSpec::default(), ..spec("greedy", SamplingParams::greedy(), 4, 0) };
+    let too_long = RunSpec {
+        prompt: PromptSpec {
+            text: "word ".repeat(9000),
+            chat: false,
+            system: None,
+        },
+        ..spec("greedy", SamplingParams::greedy(), 8, 0)
+    };
+    let err = Run::new(m, too_long)
+        .err()
+        .expect("an over-long prompt is refused");
+    assert!(
+        matches!(
+            err,
+            Error::PromptTooLong {
+                context_length: 8192,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(matches!(
+        Run::new(m, spec("no-such-method", sampling(), 4, 0)),
+        Err(Error::UnknownMethod(_))
+    ));
+    let bad = SamplingParams {
+        temperature: -0.5,
+        ..sampling()
+    };
+    assert!(matches!(
+        Run::new(m, spec("sample", bad, 4, 0)),
+        Err(Error::BadParameter {
+            name: "temperature",
+            ..
+        })
+    ));
+    assert!(matches!(
+        Run::new(m, spec("greedy", SamplingParams::greedy(), 0, 0)),
+        Err(Error::BadParameter { .. })
+    ));
+    let empty = RunSpec {
+        prompt: PromptSpec::default(),
+        ..spec("greedy", SamplingParams::greedy(), 4, 0)
+    };
     assert!(matches!(Run::new(m, empty), Err(Error::EmptyPrompt)));
 }
 
@@ -194,26 +322,43 @@ impl DecodingMethod for Panics {
     fn name(&self) -> &'static str {
         "panics"
     }
-    fn step(&mut self, _ctx: &mut StepContext<'_>) -> specula_core::Result<specula_core::trace::StepRecord> {
+    fn step(
+        &mut self,
+        _ctx: &mut StepContext<'_>,
+    ) -> specula_core::Result<specula_core::trace::StepRecord> {
         panic!("deliberate test panic")
     }
 }
 
 #[test]
 fn a_panicking_method_ends_its_run_with_an_error() {
-    let mut run = Run::with_method(model(), spec("greedy", SamplingParams::greedy(), 4, 0), Box::new(Panics)).unwrap();
+    let mut run = Run::with_method(
+        model(),
+        spec("greedy", SamplingParams::greedy(), 4, 0),
+        Box::new(Panics),
+    )
+    .unwrap();
     let err = run.step(&AtomicBool::new(false)).unwrap_err();
     assert!(err.to_string().contains("deliberate test panic"), "{err}");
     let summary = run.trace().summary.as_ref().unwrap();
     assert_eq!(summary.stop_reason, StopReason::Error);
-    assert!(summary.error.as_deref().unwrap_or_default().contains("deliberate"));
+    assert!(
+        summary
+            .error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("deliberate")
+    );
 }
 
 fn collect_until_finished(worker: &Worker, ids: &[u64]) -> Vec<Event> {
     let mut events = Vec::new();
     let mut finished = 0;
     while finished < ids.len() {
-        let e = worker.events().recv_timeout(Duration::from_secs(120)).expect("the worker answers");
+        let e = worker
+            .events()
+            .recv_timeout(Duration::from_secs(120))
+            .expect("the worker answers");
         if matches!(e, Event::RunFinished { .. } | Event::RunFailed { .. }) {
             finished += 1;
         }
@@ -227,13 +372,19 @@ fn worker_streams_interleaves_pauses_and_cancels() {
     let mut worker = Worker::spawn(Arc::new(|| {}));
     // Without a model a run fails with a message instead of hanging.
     let id = worker.start(spec("greedy", SamplingParams::greedy(), 4, 0), false);
-    assert!(matches!(collect_until_finished(&worker, &[id]).last(), Some(Event::RunFailed { error, .. }) if error.contains("no model")));
+    assert!(
+        matches!(collect_until_finished(&worker, &[id]).last(), Some(Event::RunFailed { error, .. }) if error.contains("no model"))
+    );
     // A bad model file is reported, and the worker goes on.
     worker.load_model("/nonexistent/model.gguf".into());
     worker.load_model(model_path());
     let mut failed = false;
     loop {
-        match worker.events().recv_timeout(Duration::from_secs(60)).unwrap() {
+        match worker
+            .events()
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap()
+        {
             Event::ModelFailed { .. } => failed = true,
             Event::ModelLoaded { info, .. } => {
                 assert_eq!(info.n_layers, 30);
@@ -247,10 +398,22 @@ fn worker_streams_interleaves_pauses_and_cancels() {
     let a = worker.start(spec("greedy", SamplingParams::greedy(), 6, 0), false);
     let b = worker.start(spec("sample", sampling(), 6, 3), false);
     let events = collect_until_finished(&worker, &[a, b]);
-    let order: Vec<u64> = events.iter().filter_map(|e| if let Event::Step { id, .. } = e { Some(*id) } else { None }).collect();
+    let order: Vec<u64> = events
+        .iter()
+        .filter_map(|e| {
+            if let Event::Step { id, .. } = e {
+                Some(*id)
+            } else {
+                None
+            }
+        })
+        .collect();
     assert_eq!(order.iter().filter(|&&i| i == a).count(), 6);
     assert_eq!(order.iter().filter(|&&i| i == b).count(), 6);
-    assert!(order.windows(2).any(|w| w[0] != w[1]), "two runs interleave step by step: {order:?}");
+    assert!(
+        order.windows(2).any(|w| w[0] != w[1]),
+        "two runs interleave step by step: {order:?}"
+    );
 
     // Paused runs wait; StepOnce advances exactly one step.
     let c = worker.start(spec("greedy", SamplingParams::greedy(), 50, 0), true);
@@ -267,5 +430,7 @@ fn worker_streams_interleaves_pauses_and_cancels() {
     worker.resume(c);
     worker.cancel(c);
     let events = collect_until_finished(&worker, &[c]);
-    assert!(matches!(events.last(), Some(Event::RunFinished { summary, .. }) if summary.stop_reason == StopReason::Cancelled));
+    assert!(
+        matches!(events.last(), Some(Event::RunFinished { summary, .. }) if summary.stop_reason == StopReason::Cancelled)
+    );
 }

@@ -8,7 +8,8 @@ use candle_core::{Device, Tensor};
 use common::{max_abs_diff, model, model_path};
 use specula_core::model::{Capture, KvCache, Llama, Logits, Mask, logits_row};
 
-const PROMPT: &str = "<|im_start|>user\nName three rivers in Europe.<|im_end|>\n<|im_start|>assistant\n";
+const PROMPT: &str =
+    "<|im_start|>user\nName three rivers in Europe.<|im_end|>\n<|im_start|>assistant\n";
 
 fn prompt_ids() -> Vec<u32> {
     model().tokenizer.encode(PROMPT).unwrap()
@@ -18,8 +19,20 @@ fn prompt_ids() -> Vec<u32> {
 fn chain(llama: &Llama, cache: &mut KvCache, tokens: &[u32]) -> Vec<Vec<f32>> {
     let start = cache.len();
     let positions: Vec<usize> = (start..start + tokens.len()).collect();
-    let out = llama.forward(cache, tokens, &positions, 1, &Mask::Causal, Logits::All, &Capture::default()).unwrap();
-    (0..tokens.len()).map(|i| logits_row(&out.logits, 0, i).unwrap()).collect()
+    let out = llama
+        .forward(
+            cache,
+            tokens,
+            &positions,
+            1,
+            &Mask::Causal,
+            Logits::All,
+            &Capture::default(),
+        )
+        .unwrap();
+    (0..tokens.len())
+        .map(|i| logits_row(&out.logits, 0, i).unwrap())
+        .collect()
 }
 
 #[test]
@@ -32,20 +45,44 @@ fn logits_match_candle_quantized_llama() {
     let ids = prompt_ids();
     let llama = &model().llama;
 
-    let stock_prefill = stock.forward(&Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap(), 0).unwrap();
+    let stock_prefill = stock
+        .forward(
+            &Tensor::new(ids.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap(),
+            0,
+        )
+        .unwrap();
     let mut cache = llama.new_cache();
     let ours = chain(llama, &mut cache, &ids);
     let stock_row = stock_prefill.get(0).unwrap().to_vec1::<f32>().unwrap();
     let diff = max_abs_diff(ours.last().unwrap(), &stock_row);
-    assert!(diff <= 1e-4, "prefill logits differ from quantized_llama by {diff}");
+    assert_eq!(
+        diff, 0.0,
+        "prefill logits differ from quantized_llama by {diff}"
+    );
 
     // One decode step on top of the cache.
     let next = specula_core::sampling::argmax(&stock_row);
-    let stock_step =
-        stock.forward(&Tensor::new(&[next], &Device::Cpu).unwrap().unsqueeze(0).unwrap(), ids.len()).unwrap();
+    let stock_step = stock
+        .forward(
+            &Tensor::new(&[next], &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap(),
+            ids.len(),
+        )
+        .unwrap();
     let ours = chain(llama, &mut cache, &[next]);
-    let diff = max_abs_diff(&ours[0], &stock_step.get(0).unwrap().to_vec1::<f32>().unwrap());
-    assert!(diff <= 1e-4, "decode logits differ from quantized_llama by {diff}");
+    let diff = max_abs_diff(
+        &ours[0],
+        &stock_step.get(0).unwrap().to_vec1::<f32>().unwrap(),
+    );
+    assert_eq!(
+        diff, 0.0,
+        "decode logits differ from quantized_llama by {diff}"
+    );
 }
 
 #[test]
@@ -69,12 +106,22 @@ fn tree_forward_equals_its_chains() {
             &Capture::default(),
         )
         .unwrap();
-    let tree: Vec<Vec<f32>> = (0..4).map(|i| logits_row(&out.logits, 0, i).unwrap()).collect();
+    let tree: Vec<Vec<f32>> = (0..4)
+        .map(|i| logits_row(&out.logits, 0, i).unwrap())
+        .collect();
     let abd = chain(llama, &mut base.clone(), &[a, b, d]);
     let ac = chain(llama, &mut base.clone(), &[a, c]);
-    for (got, want, name) in [(&tree[0], &abd[0], "a"), (&tree[1], &abd[1], "b"), (&tree[3], &abd[2], "d"), (&tree[2], &ac[1], "c")] {
+    for (got, want, name) in [
+        (&tree[0], &abd[0], "a"),
+        (&tree[1], &abd[1], "b"),
+        (&tree[3], &abd[2], "d"),
+        (&tree[2], &ac[1], "c"),
+    ] {
         let diff = max_abs_diff(got, want);
-        assert!(diff <= 1e-4, "tree node {name} differs from its chain by {diff}");
+        assert!(
+            diff <= 1e-4,
+            "tree node {name} differs from its chain by {diff}"
+        );
     }
 
     // Keeping only the accepted path a, b, d compacts the cache to exactly the chain's.
@@ -88,7 +135,10 @@ fn tree_forward_equals_its_chains() {
     let after_compaction = chain(llama, &mut compacted, &[e]);
     let after_chain = chain(llama, &mut reference, &[e]);
     let diff = max_abs_diff(&after_compaction[0], &after_chain[0]);
-    assert!(diff <= 1e-4, "compacted cache gives different logits ({diff})");
+    assert!(
+        diff <= 1e-4,
+        "compacted cache gives different logits ({diff})"
+    );
 }
 
 #[test]
@@ -120,7 +170,17 @@ fn batch_rows_equal_single_runs_and_select_batch_forks() {
     let mut beams = cache.clone();
     beams.select_batch(&[0, 0]).unwrap();
     assert_eq!(beams.batch(), 2);
-    let out = llama.forward(&mut beams, &[1000, 2000], &[p, p], 2, &Mask::Causal, Logits::All, &Capture::default()).unwrap();
+    let out = llama
+        .forward(
+            &mut beams,
+            &[1000, 2000],
+            &[p, p],
+            2,
+            &Mask::Causal,
+            Logits::All,
+            &Capture::default(),
+        )
+        .unwrap();
     assert!(max_abs_diff(&logits_row(&out.logits, 0, 0).unwrap(), &single_a) <= 1e-4);
     assert!(max_abs_diff(&logits_row(&out.logits, 1, 0).unwrap(), &single_b) <= 1e-4);
 }
@@ -138,28 +198,87 @@ fn capture_hidden_states_attention_and_skip() {
         skip_layers: Default::default(),
     };
     let mut cache = llama.new_cache();
-    let out = llama.forward(&mut cache, &ids, &positions, 1, &Mask::Causal, Logits::Last, &capture).unwrap();
+    let out = llama
+        .forward(
+            &mut cache,
+            &ids,
+            &positions,
+            1,
+            &Mask::Causal,
+            Logits::Last,
+            &capture,
+        )
+        .unwrap();
     assert_eq!(out.hidden_states.len(), n + 1);
     // The logit lens at the last layer is the model's output.
     let last_hidden = out.hidden_states[n].narrow(1, t - 1, 1).unwrap();
     let lens = llama.head(&last_hidden).unwrap();
-    assert!(max_abs_diff(&logits_row(&lens, 0, 0).unwrap(), &logits_row(&out.logits, 0, 0).unwrap()) <= 1e-5);
+    assert!(
+        max_abs_diff(
+            &logits_row(&lens, 0, 0).unwrap(),
+            &logits_row(&out.logits, 0, 0).unwrap()
+        ) <= 1e-5
+    );
     // Attention rows are distributions over visible keys only.
     assert_eq!(out.attention.len(), 2);
-    let probs = out.attention[1].1.get(0).unwrap().get(0).unwrap().to_vec2::<f32>().unwrap();
+    let probs = out.attention[1]
+        .1
+        .get(0)
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
     for (i, row) in probs.iter().enumerate() {
         let sum: f32 = row.iter().sum();
         assert!((sum - 1.0).abs() < 1e-4, "row {i} sums to {sum}");
-        assert!(row[i + 1..].iter().all(|&p| p == 0.0), "row {i} sees the future");
+        assert!(
+            row[i + 1..].iter().all(|&p| p == 0.0),
+            "row {i} sees the future"
+        );
     }
     // Skipping no layer is the full model; skipping layers changes the output and leaves those layers uncached.
     let mut full = llama.new_cache();
-    let plain = llama.forward(&mut full, &ids, &positions, 1, &Mask::Causal, Logits::Last, &Capture::default()).unwrap();
-    assert_eq!(max_abs_diff(&logits_row(&plain.logits, 0, 0).unwrap(), &logits_row(&out.logits, 0, 0).unwrap()), 0.0);
-    let skip = Capture { skip_layers: (10..20).collect(), ..Capture::default() };
+    let plain = llama
+        .forward(
+            &mut full,
+            &ids,
+            &positions,
+            1,
+            &Mask::Causal,
+            Logits::Last,
+            &Capture::default(),
+        )
+        .unwrap();
+    assert_eq!(
+        max_abs_diff(
+            &logits_row(&plain.logits, 0, 0).unwrap(),
+            &logits_row(&out.logits, 0, 0).unwrap()
+        ),
+        0.0
+    );
+    let skip = Capture {
+        skip_layers: (10..20).collect(),
+        ..Capture::default()
+    };
     let mut skipped_cache = llama.new_cache();
-    let skipped = llama.forward(&mut skipped_cache, &ids, &positions, 1, &Mask::Causal, Logits::Last, &skip).unwrap();
-    assert!(max_abs_diff(&logits_row(&skipped.logits, 0, 0).unwrap(), &logits_row(&plain.logits, 0, 0).unwrap()) > 1e-3);
+    let skipped = llama
+        .forward(
+            &mut skipped_cache,
+            &ids,
+            &positions,
+            1,
+            &Mask::Causal,
+            Logits::Last,
+            &skip,
+        )
+        .unwrap();
+    assert!(
+        max_abs_diff(
+            &logits_row(&skipped.logits, 0, 0).unwrap(),
+            &logits_row(&plain.logits, 0, 0).unwrap()
+        ) > 1e-3
+    );
     assert_eq!(skipped_cache.layer_len(15), 0);
     assert_eq!(skipped_cache.layer_len(0), t);
 }
@@ -170,12 +289,34 @@ fn forward_refuses_bad_input_without_panicking() {
     let mut cache = llama.new_cache();
     let vocab = llama.config.vocab_size as u32;
     let err = |tokens: &[u32], positions: &[usize], mask: Mask| {
-        llama.forward(&mut cache.clone(), tokens, positions, 1, &mask, Logits::Last, &Capture::default()).is_err()
+        llama
+            .forward(
+                &mut cache.clone(),
+                tokens,
+                positions,
+                1,
+                &mask,
+                Logits::Last,
+                &Capture::default(),
+            )
+            .is_err()
     };
-    assert!(err(&[vocab], &[0], Mask::Causal), "token outside the vocabulary");
-    assert!(err(&[1], &[llama.config.context_length], Mask::Causal), "position past the context");
-    assert!(err(&[1, 2], &[0], Mask::Causal), "positions do not match tokens");
-    assert!(err(&[1, 2], &[0, 1], Mask::Tree(vec![None, Some(1)])), "a node cannot be its own parent");
+    assert!(
+        err(&[vocab], &[0], Mask::Causal),
+        "token outside the vocabulary"
+    );
+    assert!(
+        err(&[1], &[llama.config.context_length], Mask::Causal),
+        "position past the context"
+    );
+    assert!(
+        err(&[1, 2], &[0], Mask::Causal),
+        "positions do not match tokens"
+    );
+    assert!(
+        err(&[1, 2], &[0, 1], Mask::Tree(vec![None, Some(1)])),
+        "a node cannot be its own parent"
+    );
     assert!(err(&[], &[], Mask::Causal), "nothing to feed");
     assert!(cache.truncate(0).is_ok());
 }

@@ -82,8 +82,8 @@ fn fetch_model(args: FetchArgs) -> Result<()> {
     let path = store
         .download(
             &mut |done, total| {
-                let percent = if total == 0 { 0 } else { done * 100 / total };
-                if percent != last_percent && percent % 10 == 0 {
+                let percent = (done * 100).checked_div(total).unwrap_or(0);
+                if percent != last_percent && percent.is_multiple_of(10) {
                     eprintln!("  {percent}% of {} MB", total / 1_000_000);
                     last_percent = percent;
                 }

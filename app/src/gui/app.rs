@@ -324,7 +324,6 @@ impl eframe::App for SpeculaApp {
         egui::CentralPanel::default().show(ui, |ui| {
             tree.ui(&mut Behavior { panels, ctx: &view }, ui);
         });
-        drop(view);
         let commands = self.commands.take();
         if !commands.is_empty() {
             // The frame just drawn predates these changes: draw another.

@@ -4,6 +4,9 @@
 use specula_core::trace::{ForkOrigin, TokenSource, Trace};
 use specula_core::{Fork, PromptSpec, RunSpec};
 
+/// A fork near the end of its parent still decodes at least this many tokens after the forced one.
+pub const MIN_TOKENS_AFTER_FORK: usize = 16;
+
 /// Builds the spec of a run that keeps the first `token_index` generated tokens of `parent`, then forces
 /// candidate `candidate` (an index into that position's `top_logprobs`), and continues with the parent's
 /// method, parameters, seed and token budget.
@@ -56,7 +59,10 @@ pub fn fork_spec(parent: &Trace, token_index: usize, candidate: usize) -> Result
             system: header.prompt.system.clone(),
         },
         seed: header.seed,
-        max_tokens: header.max_tokens.max(token_index + 1),
+        // The parent's budget, but always room to see where the forced token leads.
+        max_tokens: header
+            .max_tokens
+            .max(token_index + 1 + MIN_TOKENS_AFTER_FORK),
         fork: Some(Fork {
             origin: ForkOrigin {
                 parent_label,

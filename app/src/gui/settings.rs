@@ -5,7 +5,7 @@ use specula_core::trace::SamplingParams;
 use specula_core::{MethodParams, PromptSpec, RunSpec};
 
 /// The decoding methods the GUI offers, as `specula run --method` names them.
-pub const METHODS: &[&str] = &["greedy", "sample"];
+pub const METHODS: &[&str] = specula_core::methods::METHOD_NAMES;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]

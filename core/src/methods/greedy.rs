@@ -13,7 +13,9 @@ pub struct Greedy {
 
 impl Greedy {
     pub fn new(model: &Model) -> Self {
-        Self { seq: Sequence::new(model) }
+        Self {
+            seq: Sequence::new(model),
+        }
     }
 }
 
@@ -27,7 +29,13 @@ impl DecodingMethod for Greedy {
         let logits = advance(&mut self.seq, ctx, &mut record)?;
         let id = argmax(&logits);
         let stats = PositionStats::new(&logits);
-        record.tokens.push(stats.record(&ctx.model.tokenizer, id, ctx.next_position(), None, TokenSource::Greedy));
+        record.tokens.push(stats.record(
+            &ctx.model.tokenizer,
+            id,
+            ctx.next_position(),
+            None,
+            TokenSource::Greedy,
+        ));
         Ok(record)
     }
 }

@@ -38,7 +38,11 @@ pub struct StepContext<'a> {
 
 impl StepContext<'_> {
     pub fn check_cancel(&self) -> Result<()> {
-        if self.cancel.load(Ordering::Relaxed) { Err(Error::Cancelled) } else { Ok(()) }
+        if self.cancel.load(Ordering::Relaxed) {
+            Err(Error::Cancelled)
+        } else {
+            Ok(())
+        }
     }
 
     /// Absolute position of the next generated token.
@@ -91,7 +95,10 @@ pub struct Sequence {
 
 impl Sequence {
     pub fn new(model: &Model) -> Self {
-        Self { model: model.llama.clone(), cache: model.llama.new_cache() }
+        Self {
+            model: model.llama.clone(),
+            cache: model.llama.new_cache(),
+        }
     }
 
     /// Positions fed so far.
@@ -133,7 +140,11 @@ impl Sequence {
 
 /// Feeds what the previous step chose (or the whole prompt on the first step) and returns the logits for the
 /// next position. Shared by the one-token-per-step methods.
-pub(crate) fn advance(seq: &mut Sequence, ctx: &StepContext<'_>, record: &mut StepRecord) -> Result<Vec<f32>> {
+pub(crate) fn advance(
+    seq: &mut Sequence,
+    ctx: &StepContext<'_>,
+    record: &mut StepRecord,
+) -> Result<Vec<f32>> {
     let (logits, calls) = if seq.is_empty() {
         record.prefill_tokens = ctx.prefill.len();
         seq.feed(ctx.prefill, ctx.cancel)?

@@ -13,7 +13,9 @@ pub struct Sample {
 
 impl Sample {
     pub fn new(model: &Model) -> Self {
-        Self { seq: Sequence::new(model) }
+        Self {
+            seq: Sequence::new(model),
+        }
     }
 }
 
@@ -27,10 +29,20 @@ impl DecodingMethod for Sample {
         let logits = advance(&mut self.seq, ctx, &mut record)?;
         let warped = warp(&logits, &ctx.params.sampling);
         let id = warped.sample(ctx.rng);
-        let source = if ctx.params.sampling.is_greedy() { TokenSource::Greedy } else { TokenSource::Sampled };
+        let source = if ctx.params.sampling.is_greedy() {
+            TokenSource::Greedy
+        } else {
+            TokenSource::Sampled
+        };
         let stats = PositionStats::new(&logits);
         let shown = (!ctx.params.sampling.is_greedy()).then_some(&warped);
-        record.tokens.push(stats.record(&ctx.model.tokenizer, id, ctx.next_position(), shown, source));
+        record.tokens.push(stats.record(
+            &ctx.model.tokenizer,
+            id,
+            ctx.next_position(),
+            shown,
+            source,
+        ));
         Ok(record)
     }
 }

@@ -13,7 +13,11 @@ pub fn workspace_root() -> PathBuf {
 
 pub fn model_path() -> PathBuf {
     let path = workspace_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(path.is_file(), "the default model is missing at {}: run models/fetch.sh", path.display());
+    assert!(
+        path.is_file(),
+        "the default model is missing at {}: run models/fetch.sh",
+        path.display()
+    );
     path
 }
 
@@ -25,5 +29,8 @@ pub fn model() -> &'static Model {
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }

@@ -42,6 +42,10 @@ impl CandidatesPanel {
         );
         let warped = token.top_logprobs.iter().any(|c| c.warped_prob.is_some());
         ui.label(match token.warped_kept {
+            _ if token.source == specula_core::trace::TokenSource::Forced => format!(
+                "Forced by a fork: this candidate (rank {}) replaced the model's choice; the run went on from it.",
+                token.rank
+            ),
             Some(kept) => format!(
                 "Warping kept {kept} token{} of the vocabulary; every other token had warped probability 0.",
                 if kept == 1 { "" } else { "s" }

@@ -95,21 +95,23 @@ fn runs_ui(ui: &mut egui::Ui, ctx: &ViewCtx<'_>) {
     let selected = ctx.store.selected_key();
     for (key, run) in ctx.store.runs() {
         ui.horizontal(|ui| {
-            let text = format!(
-                "{} · {} tokens · {}",
-                run.label(),
-                run.trace.generated_len(),
-                run.status.describe()
-            );
-            if ui.selectable_label(selected == Some(key), text).clicked() {
-                ctx.send(Command::SelectRun(key));
-            }
             if ui
                 .small_button("Close")
                 .on_hover_text("Close this run (a running one is cancelled)")
                 .clicked()
             {
                 ctx.send(Command::CloseRun(key));
+            }
+            let text = format!(
+                "{} · {} tokens · {}",
+                run.label(),
+                run.trace.generated_len(),
+                run.status.describe()
+            );
+            // Long labels (forks) wrap instead of widening the panel.
+            let button = egui::Button::selectable(selected == Some(key), text).wrap();
+            if ui.add(button).clicked() {
+                ctx.send(Command::SelectRun(key));
             }
         });
     }
