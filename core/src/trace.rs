@@ -341,8 +341,75 @@ pub struct StepTiming {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum StepPayload {
+    /// One draft-and-verify round of speculative decoding.
+    Speculative(Box<SpeculativeStep>),
     #[serde(other)]
     Unknown,
+}
+
+/// What a drafter proposed and what the verifier made of it, in one step. The step's `tokens` are the committed
+/// result (accepted drafts, then the corrected or bonus token); this is the story behind them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SpeculativeStep {
+    /// The drafter's name, as `--drafter` takes it ("prompt-lookup", "layer-skip", ...).
+    pub drafter: String,
+    /// "greedy" (accept while the draft is the target's argmax) or "sampling" (lossless rejection sampling).
+    pub verifier: String,
+    /// Draft length asked for this step (the adaptive policy may stop earlier).
+    pub draft_len: usize,
+    /// The draft tree in the order it was fed to the target; a chain is a tree whose nodes each have the
+    /// previous one as parent. `parent: None` hangs off the last committed token.
+    pub nodes: Vec<DraftNode>,
+    /// Indices into `nodes` of the accepted path, root first.
+    pub accepted_path: Vec<usize>,
+    /// The verifier's draw after the last accepted node: from the residual at a rejection, or the bonus token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejection: Option<Rejection>,
+    /// Per depth along the verified path: alpha = sum over tokens of min(p, q), the probability that a draft
+    /// drawn from q is accepted at that position.
+    #[serde(default)]
+    pub alpha: Vec<f32>,
+    /// Drafter-specific notes shown in the panel (the skipped layers, the matched n-gram, ...).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub note: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DraftNode {
+    pub id: u32,
+    pub token: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<usize>,
+    /// 1 for the first drafted token after the committed text.
+    pub depth: usize,
+    /// The drafter's probability of this token (1 for point-mass drafters such as n-gram lookup).
+    pub q: f32,
+    /// The target's (warped) probability of this token at this position, once verified.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p: Option<f32>,
+    pub status: DraftStatus,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DraftStatus {
+    Accepted,
+    Rejected,
+    /// Never reached: an ancestor or an earlier sibling decided the step first.
+    Unverified,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Rejection {
+    /// Depth of the position where the verifier drew its own token.
+    pub depth: usize,
+    /// True when every draft on the path was accepted and the token is the bonus from the next distribution.
+    pub bonus: bool,
+    /// The most likely tokens of the distribution the verifier drew from: norm(max(0, p - q)) after a
+    /// rejection, p for a bonus token. Probabilities in `warped_prob`.
+    pub distribution: Vec<Candidate>,
+    /// The token drawn.
+    pub token_id: u32,
 }
 
 // ------------------------------------------------------------------------------------------------------------
