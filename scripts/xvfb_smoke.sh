@@ -9,7 +9,6 @@ set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 bin="${SPECULA_BIN:-$repo/target/release/specula}"
 out="${1:-$repo/screenshots/xvfb-greedy.png}"
-display_number="${XVFB_DISPLAY:-:97}"
 timeout_s="${SMOKE_TIMEOUT:-180}"
 
 for tool in Xvfb xdotool import; do
@@ -27,10 +26,12 @@ cleanup() {
 }
 trap cleanup EXIT
 
-Xvfb "$display_number" -screen 0 1280x800x24 -nolisten tcp >"$workdir/xvfb.log" 2>&1 &
+# -displayfd picks a free display number and writes it once the server accepts connections.
+Xvfb -displayfd 3 -screen 0 1280x800x24 -nolisten tcp 3>"$workdir/display" >"$workdir/xvfb.log" 2>&1 &
 xvfb_pid=$!
-export DISPLAY="$display_number"
-for _ in $(seq 50); do xdotool getmouselocation >/dev/null 2>&1 && break; sleep 0.1; done
+for _ in $(seq 200); do [ -s "$workdir/display" ] && break; sleep 0.1; done
+[ -s "$workdir/display" ] || { echo "xvfb_smoke: Xvfb did not start; its log:" >&2; cat "$workdir/xvfb.log" >&2; exit 1; }
+export DISPLAY=":$(head -n1 "$workdir/display")"
 
 # A private runtime dir silences libwayland's warning; a private data dir keeps the user's saved layout out.
 mkdir -m 0700 "$workdir/runtime"

@@ -1,0 +1,227 @@
+//! End-to-end tests of the `specula` binary on the real default model: the `specula run` contract, clear errors
+//! on bad input, `specula bench`, and the real window under Xvfb.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn specula(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_specula"))
+        .args(args)
+        .current_dir(repo())
+        .output()
+        .expect("specula starts")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The last stdout line of `--json` runs, parsed.
+fn json_line(out: &Output) -> serde_json::Value {
+    assert!(out.status.success(), "specula failed: {}", stderr(out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.lines().last().expect("a JSON line")).expect("valid JSON")
+}
+
+#[test]
+fn run_json_keeps_its_contract_and_writes_a_trace() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("t.jsonl");
+    let out = specula(&[
+        "run",
+        "--chat",
+        "--prompt",
+        "Name a colour.",
+        "--max-tokens",
+        "12",
+        "--json",
+        "--trace",
+        trace.to_str().unwrap(),
+    ]);
+    let v = json_line(&out);
+    for key in [
+        "prompt_ids",
+        "token_ids",
+        "text",
+        "steps",
+        "target_forward_calls",
+        "wall_ms",
+        "decode_tokens_per_s",
+    ] {
+        assert!(v.get(key).is_some(), "--json lacks `{key}`: {v}");
+    }
+    let ids = v["token_ids"].as_array().unwrap();
+    assert!(!ids.is_empty() && ids.len() <= 12);
+    assert_eq!(
+        v["prompt_ids"][0], 1,
+        "chat prompts start with <|im_start|>"
+    );
+    let runs = specula_core::Trace::load(&trace).unwrap();
+    assert_eq!(
+        runs[0].token_ids().map(u64::from).collect::<Vec<_>>(),
+        ids.iter().map(|i| i.as_u64().unwrap()).collect::<Vec<_>>()
+    );
+
+    // Seeded sampling is reproducible through the CLI too, byte for byte with --deterministic.
+    let a = dir.path().join("a.jsonl");
+    let b = dir.path().join("b.jsonl");
+    for path in [&a, &b] {
+        let out = specula(&[
+            "run",
+            "--prompt",
+            "Once upon a time",
+            "--method",
+            "sample",
+            "--temperature",
+            "0.8",
+            "--top-p",
+            "0.95",
+            "--seed",
+            "11",
+            "--max-tokens",
+            "10",
+            "--deterministic",
+            "--trace",
+            path.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+}
+
+#[test]
+fn bad_input_fails_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                "run".into(),
+                "--prompt".into(),
+                "hi".into(),
+                "--method".into(),
+                "nope".into(),
+            ],
+            "unknown decoding method",
+        ),
+        (
+            vec![
+                "run".into(),
+                "--prompt".into(),
+                "hi".into(),
+                "--method".into(),
+                "sample".into(),
+                "--top-p".into(),
+                "1.5".into(),
+            ],
+            "top_p",
+        ),
+        (
+            vec![
+                "run".into(),
+                "--prompt-file".into(),
+                "/no/such/prompt.txt".into(),
+            ],
+            "cannot read the prompt file",
+        ),
+        (
+            vec!["run".into(), "--prompt".into(), "word ".repeat(9000)],
+            "context holds only 8192",
+        ),
+        (
+            vec![
+                "--model".into(),
+                "/no/such/model.gguf".into(),
+                "run".into(),
+                "--prompt".into(),
+                "hi".into(),
+            ],
+            "/no/such/model.gguf",
+        ),
+        (
+            vec![
+                "run".into(),
+                "--prompt".into(),
+                "hi".into(),
+                "--max-tokens".into(),
+                "0".into(),
+            ],
+            "max_tokens",
+        ),
+    ];
+    let junk = dir.path().join("junk.gguf");
+    std::fs::write(&junk, b"GGUF but not really").unwrap();
+    let mut cases = cases;
+    cases.push((
+        vec![
+            "--model".into(),
+            junk.to_string_lossy().into(),
+            "run".into(),
+            "--prompt".into(),
+            "hi".into(),
+        ],
+        "junk.gguf",
+    ));
+    for (args, expected) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = specula(&args);
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{args:?} should fail");
+        assert!(
+            err.contains(expected),
+            "{args:?}: stderr lacks `{expected}`:\n{err}"
+        );
+        assert!(!err.contains("panicked"), "{args:?} panicked:\n{err}");
+    }
+}
+
+#[test]
+fn bench_prints_its_figures() {
+    let v = json_line(&specula(&[
+        "bench",
+        "--json",
+        "--decode-tokens",
+        "16",
+        "--repeats",
+        "1",
+    ]));
+    for key in [
+        "prefill_tokens_per_s",
+        "decode_tokens_per_s",
+        "forward_ms",
+        "verify8_over_step",
+    ] {
+        assert!(v.get(key).is_some(), "bench --json lacks `{key}`: {v}");
+    }
+    for k in ["1", "2", "4", "8", "16"] {
+        assert!(v["forward_ms"][k].as_f64().unwrap() > 0.0);
+    }
+}
+
+/// The real window under Xvfb: loads the default model, decodes 32 greedy tokens, saves a screenshot. The test
+/// script (scripts/test.sh) and CI install Xvfb, xdotool and ImageMagick.
+#[test]
+fn real_window_under_xvfb_runs_greedy() {
+    let dir = tempfile::tempdir().unwrap();
+    let shot = dir.path().join("xvfb-greedy.png");
+    let out = Command::new("bash")
+        .arg(repo().join("scripts/xvfb_smoke.sh"))
+        .arg(&shot)
+        .env("SPECULA_BIN", env!("CARGO_BIN_EXE_specula"))
+        .output()
+        .expect("bash runs");
+    assert!(
+        out.status.success(),
+        "xvfb smoke test failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        stderr(&out)
+    );
+    assert!(
+        std::fs::metadata(&shot).unwrap().len() > 10_000,
+        "the screenshot is empty"
+    );
+}
