@@ -125,6 +125,9 @@ impl Run {
         method: Box<dyn DecodingMethod>,
     ) -> Result<Self> {
         spec.params.sampling.validate()?;
+        spec.params
+            .speculative
+            .validate(model.llama.config.n_layers)?;
         if spec.max_tokens == 0 {
             return Err(crate::error::bad_param(
                 "max_tokens",
@@ -221,6 +224,9 @@ impl Run {
     /// Changes parameters between steps; the change is recorded on the next step.
     pub fn set_params(&mut self, params: MethodParams) -> Result<()> {
         params.sampling.validate()?;
+        params
+            .speculative
+            .validate(self.model.llama.config.n_layers)?;
         let old = serde_json::to_value(&self.params).unwrap_or_default();
         let new = serde_json::to_value(&params).unwrap_or_default();
         diff_params("", &old, &new, &mut self.pending_changes);
@@ -290,6 +296,18 @@ impl Run {
         {
             record.tokens.truncate(eos + 1);
         }
+        if let Some(rollback) = &record.rollback {
+            if rollback.to_generated > self.generated.len() {
+                let message = format!(
+                    "the method rolled back to {} tokens, but only {} were generated",
+                    rollback.to_generated,
+                    self.generated.len()
+                );
+                self.finish(StopReason::Error, Some(message.clone()));
+                return Err(Error::MethodPanicked(message));
+            }
+            self.generated.truncate(rollback.to_generated);
+        }
         self.generated.extend(record.tokens.iter().map(|t| t.id));
         self.trace.steps.push(record);
         if let Some(stop) = self.stop_reason() {
@@ -350,6 +368,18 @@ fn default_label(method: &str, params: &MethodParams) -> String {
     match method {
         "greedy" => "greedy".to_owned(),
         "sample" => format!("sample {}", params.sampling.describe()),
+        "speculative" => {
+            let s = &params.speculative;
+            let len = match s.adaptive {
+                Some(h) => format!("adaptive h={h}"),
+                None => format!("k={}", s.draft_len),
+            };
+            format!(
+                "speculative {} {len} {}",
+                s.drafter,
+                params.sampling.describe()
+            )
+        }
         other => other.to_owned(),
     }
 }

@@ -141,12 +141,46 @@ pub struct ForkOrigin {
 #[serde(default)]
 pub struct MethodParams {
     pub sampling: SamplingParams,
+    /// Read by the `speculative` method only.
+    #[serde(default)]
+    pub speculative: SpeculativeParams,
 }
 
 impl Default for MethodParams {
     fn default() -> Self {
         Self {
             sampling: SamplingParams::greedy(),
+            speculative: SpeculativeParams::default(),
+        }
+    }
+}
+
+/// Settings of speculative decoding: which drafter proposes tokens and how many. Validated by
+/// `SpeculativeParams::validate` (in `methods::speculative`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SpeculativeParams {
+    /// The drafter's name, as `--drafter` takes it ("prompt-lookup", "layer-skip", "token-recycling").
+    pub drafter: String,
+    /// Longest draft (chain length, or tree depth), 1..=16.
+    pub draft_len: usize,
+    /// Adaptive draft length: stop drafting once the estimated probability that some draft token is rejected
+    /// exceeds this threshold h (SpecDec++'s threshold policy, estimated without training). `None` = fixed.
+    pub adaptive: Option<f32>,
+    /// Node budget of tree drafters (token recycling).
+    pub tree_size: usize,
+    /// Layers the layer-skip drafter skips; empty = the drafter's default (a contiguous middle block).
+    pub skip_layers: Vec<usize>,
+}
+
+impl Default for SpeculativeParams {
+    fn default() -> Self {
+        Self {
+            drafter: "prompt-lookup".to_owned(),
+            draft_len: 4,
+            adaptive: None,
+            tree_size: 16,
+            skip_layers: Vec::new(),
         }
     }
 }
@@ -427,6 +461,19 @@ pub enum StopReason {
     Error,
 }
 
+/// The output after `steps`: each step first applies its rollback (keeping `to_generated` tokens), then appends
+/// its tokens.
+pub fn output_tokens(steps: &[StepRecord]) -> Vec<&TokenRecord> {
+    let mut out: Vec<&TokenRecord> = Vec::new();
+    for step in steps {
+        if let Some(rollback) = &step.rollback {
+            out.truncate(rollback.to_generated);
+        }
+        out.extend(step.tokens.iter());
+    }
+    out
+}
+
 /// Figures of a whole run, derived from its steps (and so rebuilt on import when a file lacks them).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RunSummary {
@@ -470,10 +517,8 @@ impl RunSummary {
         error: Option<String>,
         text: String,
     ) -> Self {
-        let token_ids: Vec<u32> = steps
-            .iter()
-            .flat_map(|s| s.tokens.iter().map(|t| t.id))
-            .collect();
+        let output = output_tokens(steps);
+        let token_ids: Vec<u32> = output.iter().map(|t| t.id).collect();
         let generated_tokens = token_ids.len();
         let target_forward_calls: u64 = steps
             .iter()
@@ -491,9 +536,8 @@ impl RunSummary {
             acceptance_histogram[n] += 1;
         }
         let per_token = |f: fn(&TokenRecord) -> f32| -> f64 {
-            let (sum, n) = steps
+            let (sum, n) = output
                 .iter()
-                .flat_map(|s| &s.tokens)
                 .fold((0.0f64, 0usize), |(sum, n), t| {
                     (sum + f64::from(f(t)), n + 1)
                 });
@@ -583,13 +627,13 @@ impl Trace {
         self.tokens().map(|t| t.id)
     }
 
-    /// Generated tokens so far, in order.
+    /// The output so far, in order: every step's tokens, minus those a later rollback took back.
     pub fn tokens(&self) -> impl Iterator<Item = &TokenRecord> + '_ {
-        self.steps.iter().flat_map(|s| s.tokens.iter())
+        output_tokens(&self.steps).into_iter()
     }
 
     pub fn generated_len(&self) -> usize {
-        self.steps.iter().map(|s| s.tokens.len()).sum()
+        output_tokens(&self.steps).len()
     }
 
     /// The output text: from the summary when the run ended, else the concatenated token strings.

@@ -21,7 +21,10 @@ use specula_core::{
 fn spec(method: &str, sampling: SamplingParams, max_tokens: usize, seed: u64) -> RunSpec {
     RunSpec {
         method: method.into(),
-        params: MethodParams { sampling },
+        params: MethodParams {
+            sampling,
+            ..MethodParams::default()
+        },
         prompt: PromptSpec {
             text: "Write one sentence about the sea.".into(),
             chat: true,
@@ -115,6 +118,7 @@ fn parameter_changes_apply_at_the_next_step_and_are_recorded() {
             temperature: 0.0,
             ..sampling()
         },
+        ..MethodParams::default()
     };
     run.set_params(greedy).unwrap();
     while !run.is_finished() {
@@ -137,7 +141,8 @@ fn parameter_changes_apply_at_the_next_step_and_are_recorded() {
             sampling: SamplingParams {
                 top_p: 2.0,
                 ..sampling()
-            }
+            },
+            ..MethodParams::default()
         })
         .is_err()
     );
@@ -433,4 +438,47 @@ fn worker_streams_interleaves_pauses_and_cancels() {
     assert!(
         matches!(events.last(), Some(Event::RunFinished { summary, .. }) if summary.stop_reason == StopReason::Cancelled)
     );
+}
+
+/// Commits two tokens, then takes one back and commits another, as beam search and OPERA do. (Ids 10, 11, 9:
+/// ids 0 and 2 end generation.)
+struct RollsBack {
+    steps: usize,
+}
+
+impl DecodingMethod for RollsBack {
+    fn name(&self) -> &'static str {
+        "rolls-back"
+    }
+    fn step(&mut self, ctx: &mut StepContext<'_>) -> specula_core::Result<specula_core::trace::StepRecord> {
+        let stats = specula_core::sampling::PositionStats::new(&[0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0]);
+        let tok = |id: u32, pos: usize| stats.record(&ctx.model.tokenizer, id, pos, None, TokenSource::Search);
+        let mut record = specula_core::methods::empty_step();
+        self.steps += 1;
+        if self.steps == 1 {
+            record.tokens = vec![tok(10, 10), tok(11, 11)];
+        } else {
+            record.rollback = Some(specula_core::trace::Rollback { to_generated: 1, removed: 1, reason: "test".into() });
+            record.tokens = vec![tok(9, 11)];
+        }
+        Ok(record)
+    }
+}
+
+#[test]
+fn rollbacks_take_tokens_back_from_the_output() {
+    let mut run = Run::with_method(model(), spec("greedy", SamplingParams::greedy(), 2, 0), Box::new(RollsBack { steps: 0 })).unwrap();
+    let never = AtomicBool::new(false);
+    run.step(&never).unwrap();
+    assert!(run.is_finished(), "two tokens reach max_tokens = 2");
+    let mut run = Run::with_method(model(), spec("greedy", SamplingParams::greedy(), 3, 0), Box::new(RollsBack { steps: 0 })).unwrap();
+    run.step(&never).unwrap();
+    run.step(&never).unwrap();
+    let trace = run.trace();
+    assert_eq!(trace.token_ids().collect::<Vec<_>>(), vec![10, 9]);
+    assert_eq!(trace.generated_len(), 2);
+    run.cancel();
+    let summary = run.trace().summary.as_ref().unwrap();
+    assert_eq!(summary.token_ids, vec![10, 9]);
+    assert_eq!(summary.generated_tokens, 2);
 }

@@ -1,0 +1,110 @@
+//! How long one frame of the workbench takes with a 2,000-step trace open: the app's `ui` plus tessellation,
+//! measured headless with egui_kittest (no GPU, no display). Target: under 8 ms. Prints figures; asserts nothing.
+//!
+//! cargo bench -p specula --bench frame
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use egui_kittest::Harness;
+use specula::gui::{AppOptions, Backend, Command, FilePicker, PickFilter, SpeculaApp};
+use specula_core::trace::{ExportOptions, FileFormat, Trace, save_runs};
+use specula_core::worker::{Event, RunId};
+use specula_core::{MethodParams, RunSpec};
+
+const STEPS: usize = 2_000;
+const FRAMES: usize = 60;
+
+struct NoDialogs;
+
+impl FilePicker for NoDialogs {
+    fn open(&self, _filter: PickFilter) -> Option<PathBuf> {
+        None
+    }
+    fn save(&self, _default_name: &str) -> Option<PathBuf> {
+        None
+    }
+}
+
+/// A backend with no model: replaying a trace needs none.
+struct NoModel;
+
+impl Backend for NoModel {
+    fn load_model(&mut self, _path: PathBuf) {}
+    fn start(&mut self, _spec: RunSpec, _paused: bool) -> RunId {
+        0
+    }
+    fn pause(&mut self, _id: RunId) {}
+    fn resume(&mut self, _id: RunId) {}
+    fn step_once(&mut self, _id: RunId) {}
+    fn cancel(&mut self, _id: RunId) {}
+    fn set_params(&mut self, _id: RunId, _params: MethodParams) {}
+    fn try_event(&mut self) -> Option<Event> {
+        None
+    }
+}
+
+/// The recorded greedy example, repeated until it has `STEPS` steps.
+fn long_trace(dir: &Path) -> PathBuf {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut trace: Trace = Trace::load(&repo.join("assets/traces/greedy.jsonl")).unwrap().remove(0);
+    let prompt_len = trace.header.prompt.token_ids.len();
+    let recorded = trace.steps.clone();
+    trace.steps = (0..STEPS)
+        .map(|i| {
+            let mut step = recorded[i % recorded.len()].clone();
+            step.index = i;
+            for t in &mut step.tokens {
+                t.position = prompt_len + i;
+            }
+            step
+        })
+        .collect();
+    trace.header.max_tokens = STEPS;
+    trace.summary = None;
+    let path = dir.join("long.jsonl");
+    save_runs(&path, &[&trace], FileFormat::Jsonl, ExportOptions::default()).unwrap();
+    path
+}
+
+fn main() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = long_trace(dir.path());
+    let mut harness = Harness::builder().with_size(egui::vec2(1280.0, 800.0)).build_eframe(|cc| {
+        SpeculaApp::new(
+            cc,
+            AppOptions {
+                picker: Box::new(NoDialogs),
+                backend: Box::new(NoModel),
+                model: Err("benchmark".into()),
+                autorun: None,
+                examples: Vec::new(),
+            },
+        )
+    });
+    harness.state().send(Command::OpenTrace(Some(path)));
+    harness.run_steps(4);
+    let mut frame_ms = Vec::with_capacity(FRAMES);
+    for i in 0..FRAMES {
+        // Move the cursor every frame, as scrubbing does, so nothing is served from a still frame.
+        harness.key_press(if i % 2 == 0 { egui::Key::ArrowLeft } else { egui::Key::ArrowRight });
+        let started = Instant::now();
+        harness.step();
+        let output = harness.output();
+        let primitives = harness.ctx.tessellate(output.shapes.clone(), output.pixels_per_point);
+        std::hint::black_box(primitives);
+        frame_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    frame_ms.sort_by(f64::total_cmp);
+    let pick = |q: f64| frame_ms[((frame_ms.len() - 1) as f64 * q) as usize];
+    println!(
+        "frame with a {STEPS}-step trace (ui + tessellation, {FRAMES} frames): min {:.2} ms, median {:.2} ms, \
+         p90 {:.2} ms, max {:.2} ms; target < 8 ms (median/8 = {:.2})",
+        pick(0.0),
+        pick(0.5),
+        pick(0.9),
+        pick(1.0),
+        pick(0.5) / 8.0
+    );
+}
