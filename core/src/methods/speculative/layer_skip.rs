@@ -1,0 +1,263 @@
+//! Layer-skip self-speculation (SWIFT-style): the target itself with a block of intermediate layers skipped
+//! drafts a chain, with a real q (warped exactly like the target's p, so rejection sampling stays exact).
+//! Drafting runs on a clone of the target's cache: skipped layers add nothing to it and the clone is dropped,
+//! so the draft never pollutes the cache the target verifies with.
+
+use std::collections::BTreeSet;
+
+use super::drafter::{Draft, DraftInput, Drafter};
+use super::verifier::{DraftTree, DraftTreeNode};
+use crate::error::{Error, Result};
+use crate::model::{Capture, Logits, Mask, logits_row};
+use crate::sampling::{argmax, warp};
+
+/// Steps of the optimization phase: one candidate skip set is scored per step, then the best one drafts.
+const SEARCH_STEPS: usize = 12;
+/// Verified tokens each candidate is scored on.
+const SEARCH_WINDOW: usize = 16;
+
+/// The on-the-fly search (SWIFT's optimization phase, simplified): while the user gave no skip set, each of the
+/// first steps scores one candidate set by teacher forcing the tokens already verified through the skipped
+/// model (one forward) and counting how often its argmax is the next verified token; the best set drafts.
+/// Candidates keep the default's size, so drafting cost stays put: contiguous blocks at other offsets first,
+/// then the best set with one layer swapped (seeded, so runs repeat).
+pub struct LayerSkip {
+    best: Option<(BTreeSet<usize>, f64)>,
+    tried: usize,
+    rng: crate::sampling::RunRng,
+}
+
+impl Default for LayerSkip {
+    fn default() -> Self {
+        Self {
+            best: None,
+            tried: 0,
+            rng: crate::sampling::rng_from_seed(0x5717),
+        }
+    }
+}
+
+impl LayerSkip {
+    fn candidate(&mut self, n_layers: usize) -> BTreeSet<usize> {
+        let size = n_layers / 3;
+        let blocks = [
+            n_layers / 4,
+            n_layers / 2 - size / 2 + 2,
+            n_layers / 6,
+            n_layers / 3 - 2,
+        ];
+        if let Some(&start) = blocks.get(self.tried) {
+            return (start..(start + size).min(n_layers - 1)).collect();
+        }
+        let mut set = self
+            .best
+            .as_ref()
+            .map_or_else(|| default_skip_set(n_layers), |(s, _)| s.clone());
+        // Swap one skipped layer for one kept layer, never the first or the last layer (they matter most).
+        let skipped: Vec<usize> = set.iter().copied().collect();
+        let kept: Vec<usize> = (1..n_layers - 1).filter(|l| !set.contains(l)).collect();
+        if !skipped.is_empty() && !kept.is_empty() {
+            let out = skipped[rand::Rng::random_range(&mut self.rng, 0..skipped.len())];
+            let inn = kept[rand::Rng::random_range(&mut self.rng, 0..kept.len())];
+            set.remove(&out);
+            set.insert(inn);
+        }
+        set
+    }
+
+    /// Fraction of the last verified tokens the skipped model predicts (greedy match under teacher forcing).
+    fn score(&self, input: &DraftInput<'_>, skip: &BTreeSet<usize>) -> Result<Option<f64>> {
+        let root = input.root_position();
+        let window = SEARCH_WINDOW.min(root);
+        if window < 4 {
+            return Ok(None);
+        }
+        let from = root - window;
+        let mut cache = input.cache.clone();
+        cache.truncate(from)?;
+        let tokens = &input.context[from..=root];
+        let positions: Vec<usize> = (from..=root).collect();
+        let out = input.llama.forward(
+            &mut cache,
+            tokens,
+            &positions,
+            1,
+            &Mask::Causal,
+            Logits::All,
+            &Capture {
+                skip_layers: skip.clone(),
+                ..Capture::default()
+            },
+        )?;
+        let mut hits = 0u32;
+        for i in 0..window {
+            if argmax(&logits_row(&out.logits, 0, i)?) == tokens[i + 1] {
+                hits += 1;
+            }
+        }
+        Ok(Some(f64::from(hits) / window as f64))
+    }
+}
+
+/// The default skip set: the middle third of the layers (10..20 of 30). The first and last layers matter most
+/// for the output distribution, so a contiguous middle block is the usual training-free starting point.
+pub fn default_skip_set(n_layers: usize) -> BTreeSet<usize> {
+    (n_layers / 3..2 * n_layers / 3).collect()
+}
+
+/// "10-19" style description of a skip set.
+pub fn describe(skip: &BTreeSet<usize>) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut iter = skip.iter().copied().peekable();
+    while let Some(start) = iter.next() {
+        let mut end = start;
+        while iter.peek() == Some(&(end + 1)) {
+            end += 1;
+            iter.next();
+        }
+        parts.push(if start == end {
+            start.to_string()
+        } else {
+            format!("{start}-{end}")
+        });
+    }
+    parts.join(",")
+}
+
+/// Probability of `id` under the plain softmax of `logits` (the draft's confidence in greedy mode, where q is a
+/// point mass and says nothing).
+fn plain_prob(logits: &[f32], id: u32) -> f64 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let z: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
+    logits
+        .get(id as usize)
+        .map_or(0.0, |&l| f64::from(l - max).exp() / z)
+}
+
+impl Drafter for LayerSkip {
+    fn name(&self) -> &'static str {
+        "layer-skip"
+    }
+
+    fn draft(&mut self, input: &mut DraftInput<'_>) -> Result<Draft> {
+        let n_layers = input.llama.config.n_layers;
+        let mut calls = 0;
+        let mut search_note = String::new();
+        let skip: BTreeSet<usize> = if input.params.speculative.skip_layers.is_empty() {
+            if self.tried < SEARCH_STEPS && n_layers >= 6 {
+                if self.best.is_none()
+                    && let Some(score) = self.score(input, &default_skip_set(n_layers))?
+                {
+                    calls += 1;
+                    self.best = Some((default_skip_set(n_layers), score));
+                }
+                if self.best.is_some() {
+                    let candidate = self.candidate(n_layers);
+                    if let Some(score) = self.score(input, &candidate)? {
+                        calls += 1;
+                        self.tried += 1;
+                        if self.best.as_ref().is_none_or(|(_, b)| score > *b) {
+                            self.best = Some((candidate, score));
+                        }
+                    }
+                }
+                search_note = format!("; search {}/{SEARCH_STEPS}", self.tried);
+            }
+            match &self.best {
+                Some((set, score)) => {
+                    search_note += &format!(", best match {score:.2} on the last verified tokens");
+                    set.clone()
+                }
+                None => default_skip_set(n_layers),
+            }
+        } else {
+            input
+                .params
+                .speculative
+                .skip_layers
+                .iter()
+                .copied()
+                .collect()
+        };
+        let (nodes, chain_calls) = draft_chain(input, &skip)?;
+        calls += chain_calls;
+        Ok(Draft {
+            tree: DraftTree { nodes },
+            forward_calls: calls,
+            note: format!(
+                "skipped layers {} ({} of {n_layers}){search_note}",
+                describe(&skip),
+                skip.len()
+            ),
+        })
+    }
+}
+
+/// Drafts a chain with the target minus the layers in `skip`, on a clone of the target's cache, each token drawn
+/// from the warped q (argmax for greedy), stopping early under the adaptive threshold. Returns the nodes and the
+/// number of draft forwards. Shared by the layer-skip and early-exit drafters.
+pub(crate) fn draft_chain(
+    input: &mut DraftInput<'_>,
+    skip: &BTreeSet<usize>,
+) -> Result<(Vec<DraftTreeNode>, u32)> {
+    let capture = Capture {
+        skip_layers: skip.clone(),
+        ..Capture::default()
+    };
+    let sampling = input.params.sampling;
+    let mut cache = input.cache.clone();
+    let mut token = *input
+        .context
+        .last()
+        .ok_or_else(|| Error::InvalidInput("nothing to draft from".into()))?;
+    let mut nodes: Vec<DraftTreeNode> = Vec::new();
+    let mut calls = 0;
+    let mut confidence = 1.0f64;
+    let limit = input.max_len.min(
+        input
+            .llama
+            .config
+            .context_length
+            .saturating_sub(input.root_position() + 2),
+    );
+    for depth in 0..limit {
+        let position = input.root_position() + depth;
+        if input.cancel.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(Error::Cancelled);
+        }
+        let out = input.llama.forward(
+            &mut cache,
+            &[token],
+            &[position],
+            1,
+            &Mask::Causal,
+            Logits::Last,
+            &capture,
+        )?;
+        calls += 1;
+        let logits = logits_row(&out.logits, 0, 0)?;
+        let q = warp(&logits, &sampling);
+        let (x, conf) = if sampling.is_greedy() {
+            let x = argmax(&logits);
+            (x, plain_prob(&logits, x))
+        } else {
+            let x = q.sample(input.rng);
+            (x, f64::from(q.prob(x)))
+        };
+        nodes.push(DraftTreeNode {
+            token: x,
+            parent: depth.checked_sub(1),
+            q,
+        });
+        confidence *= conf;
+        // SpecDec++'s threshold policy with the draft's own confidence standing in for the trained
+        // acceptance head: stop once P(some draft rejected) ~ 1 - prod(conf) passes h.
+        if let Some(h) = input.params.speculative.adaptive
+            && 1.0 - confidence > f64::from(h)
+        {
+            break;
+        }
+        token = x;
+    }
+    Ok((nodes, calls))
+}
