@@ -110,6 +110,8 @@ pub struct Run {
     generated: Vec<u32>,
     trace: Trace,
     fork_tokens: Vec<TokenRecord>,
+    /// How many of a fork's tokens open `generated` (they are also the end of `prefill`).
+    forked: usize,
 }
 
 impl Run {
@@ -128,6 +130,7 @@ impl Run {
         spec.params
             .speculative
             .validate(model.llama.config.n_layers)?;
+        spec.params.search.validate(&spec.method)?;
         if spec.max_tokens == 0 {
             return Err(crate::error::bad_param(
                 "max_tokens",
@@ -197,6 +200,7 @@ impl Run {
             prefill,
             generated: Vec::new(),
             trace: Trace::new(header),
+            forked: fork_tokens.len(),
             fork_tokens,
         })
     }
@@ -227,6 +231,7 @@ impl Run {
         params
             .speculative
             .validate(self.model.llama.config.n_layers)?;
+        params.search.validate(&self.trace.header.method)?;
         let old = serde_json::to_value(&self.params).unwrap_or_default();
         let new = serde_json::to_value(&params).unwrap_or_default();
         diff_params("", &old, &new, &mut self.pending_changes);
@@ -258,6 +263,8 @@ impl Run {
                 prefill: &self.prefill,
                 generated: &self.generated,
                 params: &self.params,
+                max_tokens: self.trace.header.max_tokens,
+                forked: self.forked,
                 rng: &mut self.rng,
                 cancel,
             };
@@ -282,12 +289,13 @@ impl Run {
         let timing = record.timing.unwrap_or_default();
         record.timing = Some(StepTiming { total_ms, ..timing });
 
-        // Commit tokens up to the first end-of-generation token and within the token budget.
-        let budget = self
-            .trace
-            .header
-            .max_tokens
-            .saturating_sub(self.generated.len());
+        // Commit tokens up to the first end-of-generation token and within the token budget, which counts
+        // from where a rollback leaves the output.
+        let kept = record
+            .rollback
+            .as_ref()
+            .map_or(self.generated.len(), |r| r.to_generated);
+        let budget = self.trace.header.max_tokens.saturating_sub(kept);
         record.tokens.truncate(budget);
         if let Some(eos) = record
             .tokens
@@ -380,6 +388,25 @@ fn default_label(method: &str, params: &MethodParams) -> String {
                 params.sampling.describe()
             )
         }
+        "beam" => format!("beam B={}", params.search.beams),
+        "diverse-beam" => format!(
+            "diverse-beam B={} G={} λ={}",
+            params.search.beams, params.search.groups, params.search.diversity
+        ),
+        "contrastive" => format!(
+            "contrastive k={} α={}",
+            params.search.candidates, params.search.alpha
+        ),
+        "opera" => format!("opera B={} α={}", params.search.beams, params.search.alpha),
+        "momentum" => format!(
+            "momentum k={} α={}",
+            params.search.candidates, params.search.alpha
+        ),
+        "cad" => format!(
+            "cad α={} {}",
+            params.search.alpha,
+            params.sampling.describe()
+        ),
         other => other.to_owned(),
     }
 }

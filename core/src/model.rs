@@ -500,8 +500,17 @@ impl Llama {
     /// Final norm and LM head on residual streams of shape (..., dim): the model's output, or the logit lens
     /// when applied to an intermediate layer's hidden state.
     pub fn head(&self, hidden: &Tensor) -> Result<Tensor> {
-        let x = candle_nn::ops::rms_norm(hidden, &self.final_norm, self.config.rms_eps as f32)?;
-        Ok(self.lm_head.forward(&x)?)
+        Ok(self.lm_head.forward(&self.final_norm(hidden)?)?)
+    }
+
+    /// The final RMS norm alone: the last-layer representation Hugging Face reports as `hidden_states[-1]`
+    /// (contrastive search compares these).
+    pub fn final_norm(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(
+            hidden,
+            &self.final_norm,
+            self.config.rms_eps as f32,
+        )?)
     }
 
     #[allow(clippy::too_many_arguments)]

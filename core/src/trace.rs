@@ -144,6 +144,9 @@ pub struct MethodParams {
     /// Read by the `speculative` method only.
     #[serde(default)]
     pub speculative: SpeculativeParams,
+    /// Read by the search methods (`beam`, `diverse-beam`, `contrastive`, `cad`).
+    #[serde(default)]
+    pub search: SearchParams,
 }
 
 impl Default for MethodParams {
@@ -151,6 +154,52 @@ impl Default for MethodParams {
         Self {
             sampling: SamplingParams::greedy(),
             speculative: SpeculativeParams::default(),
+            search: SearchParams::default(),
+        }
+    }
+}
+
+/// Settings of the search methods (and momentum decoding). Each method reads the fields it needs; validated by
+/// `SearchParams::validate` (in `methods::search`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SearchParams {
+    /// Hypotheses kept in total (beam, diverse-beam), 1..=16.
+    pub beams: usize,
+    /// Diverse beam search: groups the beams are split into (`beams` must be a multiple of it).
+    pub groups: usize,
+    /// Diverse beam search: Hamming diversity strength lambda, subtracted from a token's log-probability once
+    /// per earlier group that chose the same token at the same step.
+    pub diversity: f32,
+    /// Finished hypotheses are ranked by score / length^length_penalty (Hugging Face's convention: > 0 favours
+    /// longer outputs, 0 ranks by total log-probability).
+    pub length_penalty: f32,
+    /// Stop as soon as `beams` hypotheses have finished, instead of when no live one can still beat them.
+    pub early_stopping: bool,
+    /// Contrastive search: the degeneration penalty alpha in [0, 1]. CAD: the context weight alpha >= 0.
+    /// Momentum decoding: the weight of the loop resistance.
+    pub alpha: f32,
+    /// Contrastive search and momentum decoding: candidates k scored each step, 1..=32.
+    pub candidates: usize,
+    /// OPERA: roll back once the same summary position has won this many steps (0 = never).
+    pub retrospect: usize,
+    /// CAD: the context (document) prepended to the prompt in the conditioned sequence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<String>,
+}
+
+impl Default for SearchParams {
+    fn default() -> Self {
+        Self {
+            beams: 4,
+            groups: 2,
+            diversity: 0.5,
+            length_penalty: 1.0,
+            early_stopping: false,
+            alpha: 0.5,
+            candidates: 5,
+            retrospect: 15,
+            context: None,
         }
     }
 }
@@ -377,6 +426,14 @@ pub struct StepTiming {
 pub enum StepPayload {
     /// One draft-and-verify round of speculative decoding.
     Speculative(Box<SpeculativeStep>),
+    /// One step of beam search or diverse beam search.
+    Beams(Box<BeamStep>),
+    /// One step of contrastive search: the k candidates and their scores.
+    Contrastive(Box<ContrastiveStep>),
+    /// One step of context-aware decoding: the distributions with and without the context.
+    Cad(Box<CadStep>),
+    /// One step of momentum decoding: the k candidates with the loop each would close.
+    Momentum(Box<MomentumStep>),
     #[serde(other)]
     Unknown,
 }
@@ -444,6 +501,131 @@ pub struct Rejection {
     pub distribution: Vec<Candidate>,
     /// The token drawn.
     pub token_id: u32,
+}
+
+/// One step of (diverse) beam search. The step's `tokens` follow the best live hypothesis (after a rollback when
+/// the best changed to one that diverged earlier); this is the whole search state behind them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BeamStep {
+    /// Groups of diverse beam search (1 for plain beam search).
+    pub groups: usize,
+    /// Live hypotheses after this step, best first within each group, groups in order.
+    pub live: Vec<BeamHypothesis>,
+    /// Candidates of this step that were neither kept nor finished, best first (a few per group).
+    #[serde(default)]
+    pub pruned: Vec<BeamCandidate>,
+    /// Finished hypotheses so far (ended by an end-of-generation token), best first.
+    #[serde(default)]
+    pub finished: Vec<BeamHypothesis>,
+    /// Index into `live` of the hypothesis the output follows, or `None` when the search ended on a finished one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best: Option<usize>,
+    /// Diverse beam search: distinct bigrams / all bigrams over the best live hypothesis of each group (1 = the
+    /// groups share no bigram, 1/groups = they are identical). Absent for one group or fewer than two tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distinct_2: Option<f32>,
+    /// True on the step that ended the search (the output is the final answer).
+    #[serde(default)]
+    pub done: bool,
+    /// OPERA: the output position (0 = first generated token) of the summary token the best hypothesis'
+    /// newest token over-trusts, i.e. the column with the largest attention product.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary_position: Option<usize>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BeamHypothesis {
+    /// The generated tokens of the hypothesis (the prompt is not repeated).
+    pub token_ids: Vec<u32>,
+    pub text: String,
+    /// Sum of ln p of its tokens under the model.
+    pub logprob: f32,
+    /// What the search ranks by: the log-probability plus diversity penalties, divided by
+    /// length^length_penalty for finished hypotheses.
+    pub score: f32,
+    /// Index into the previous step's `live` of the hypothesis this one extends (`None` on the first step).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<usize>,
+    #[serde(default)]
+    pub group: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BeamCandidate {
+    /// Index into the previous step's `live` (`None` on the first step).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<usize>,
+    pub token_id: u32,
+    pub token: String,
+    /// The hypothesis' log-probability if extended by this token.
+    pub logprob: f32,
+    pub score: f32,
+    #[serde(default)]
+    pub group: usize,
+    /// The penalty this token paid: the diversity penalty (diverse beam search) or the over-trust penalty
+    /// (OPERA).
+    #[serde(default)]
+    pub penalty: f32,
+}
+
+/// Contrastive search: each of the top-k tokens scored by (1 - alpha) p - alpha max-similarity.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ContrastiveStep {
+    pub alpha: f32,
+    /// The candidates, most likely first.
+    pub candidates: Vec<ContrastiveCandidate>,
+    /// Index into `candidates` of the chosen one.
+    pub chosen: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ContrastiveCandidate {
+    pub id: u32,
+    pub token: String,
+    /// The model's probability of the candidate.
+    pub prob: f32,
+    /// Largest cosine similarity between the candidate's last hidden state and those of the earlier tokens.
+    pub max_similarity: f32,
+    /// Position (absolute) of the earlier token it is most similar to.
+    pub most_similar_position: usize,
+    pub score: f32,
+}
+
+/// Momentum decoding: each of the top-k tokens scored by p(v) - alpha R(L(v)).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MomentumStep {
+    pub alpha: f32,
+    /// The candidates, most likely first.
+    pub candidates: Vec<MomentumCandidate>,
+    /// Index into `candidates` of the chosen one.
+    pub chosen: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MomentumCandidate {
+    pub id: u32,
+    pub token: String,
+    pub prob: f32,
+    /// Length of the longest n-gram that choosing this token would repeat (0 = none).
+    pub loop_len: usize,
+    /// R(loop_len); `None` stands for an infinite resistance (the candidate is barred).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resistance: Option<f32>,
+    /// p - alpha R; `None` when barred.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score: Option<f32>,
+}
+
+/// Context-aware decoding: logits = (1 + alpha) logits(context + prompt) - alpha logits(prompt).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CadStep {
+    pub alpha: f32,
+    /// Most likely tokens with the context; `logprob` under that distribution.
+    pub with_context: Vec<Candidate>,
+    /// Most likely tokens without the context.
+    pub without_context: Vec<Candidate>,
+    /// Most likely tokens of the adjusted distribution the token was chosen from.
+    pub adjusted: Vec<Candidate>,
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -536,11 +718,9 @@ impl RunSummary {
             acceptance_histogram[n] += 1;
         }
         let per_token = |f: fn(&TokenRecord) -> f32| -> f64 {
-            let (sum, n) = output
-                .iter()
-                .fold((0.0f64, 0usize), |(sum, n), t| {
-                    (sum + f64::from(f(t)), n + 1)
-                });
+            let (sum, n) = output.iter().fold((0.0f64, 0usize), |(sum, n), t| {
+                (sum + f64::from(f(t)), n + 1)
+            });
             if n == 0 { 0.0 } else { sum / n as f64 }
         };
         let timing = summarize_timing(steps);

@@ -450,15 +450,26 @@ impl DecodingMethod for RollsBack {
     fn name(&self) -> &'static str {
         "rolls-back"
     }
-    fn step(&mut self, ctx: &mut StepContext<'_>) -> specula_core::Result<specula_core::trace::StepRecord> {
-        let stats = specula_core::sampling::PositionStats::new(&[0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0]);
-        let tok = |id: u32, pos: usize| stats.record(&ctx.model.tokenizer, id, pos, None, TokenSource::Search);
+    fn step(
+        &mut self,
+        ctx: &mut StepContext<'_>,
+    ) -> specula_core::Result<specula_core::trace::StepRecord> {
+        let stats = specula_core::sampling::PositionStats::new(&[
+            0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0,
+        ]);
+        let tok = |id: u32, pos: usize| {
+            stats.record(&ctx.model.tokenizer, id, pos, None, TokenSource::Search)
+        };
         let mut record = specula_core::methods::empty_step();
         self.steps += 1;
         if self.steps == 1 {
             record.tokens = vec![tok(10, 10), tok(11, 11)];
         } else {
-            record.rollback = Some(specula_core::trace::Rollback { to_generated: 1, removed: 1, reason: "test".into() });
+            record.rollback = Some(specula_core::trace::Rollback {
+                to_generated: 1,
+                removed: 1,
+                reason: "test".into(),
+            });
             record.tokens = vec![tok(9, 11)];
         }
         Ok(record)
@@ -467,11 +478,21 @@ impl DecodingMethod for RollsBack {
 
 #[test]
 fn rollbacks_take_tokens_back_from_the_output() {
-    let mut run = Run::with_method(model(), spec("greedy", SamplingParams::greedy(), 2, 0), Box::new(RollsBack { steps: 0 })).unwrap();
+    let mut run = Run::with_method(
+        model(),
+        spec("greedy", SamplingParams::greedy(), 2, 0),
+        Box::new(RollsBack { steps: 0 }),
+    )
+    .unwrap();
     let never = AtomicBool::new(false);
     run.step(&never).unwrap();
     assert!(run.is_finished(), "two tokens reach max_tokens = 2");
-    let mut run = Run::with_method(model(), spec("greedy", SamplingParams::greedy(), 3, 0), Box::new(RollsBack { steps: 0 })).unwrap();
+    let mut run = Run::with_method(
+        model(),
+        spec("greedy", SamplingParams::greedy(), 3, 0),
+        Box::new(RollsBack { steps: 0 }),
+    )
+    .unwrap();
     run.step(&never).unwrap();
     run.step(&never).unwrap();
     let trace = run.trace();
@@ -481,4 +502,49 @@ fn rollbacks_take_tokens_back_from_the_output() {
     let summary = run.trace().summary.as_ref().unwrap();
     assert_eq!(summary.token_ids, vec![10, 9]);
     assert_eq!(summary.generated_tokens, 2);
+}
+
+#[test]
+fn a_fork_continues_at_the_right_positions() {
+    let parent = generate(model(), spec("greedy", SamplingParams::greedy(), 6, 0)).unwrap();
+    let prompt_len = parent.header.prompt.token_ids.len();
+    let mut kept: Vec<specula_core::trace::TokenRecord> =
+        parent.tokens().take(3).cloned().collect();
+    let original = parent.tokens().nth(3).unwrap().clone();
+    let alternative = original.top_logprobs[1].clone();
+    kept.push(specula_core::trace::TokenRecord {
+        id: alternative.id,
+        token: alternative.token.clone(),
+        logprob: alternative.logprob,
+        rank: 1,
+        source: TokenSource::Forced,
+        ..original
+    });
+    let fork = specula_core::Fork {
+        origin: specula_core::trace::ForkOrigin {
+            parent_label: "greedy".into(),
+            kept_tokens: 3,
+            forced_token_id: alternative.id,
+        },
+        tokens: kept,
+    };
+    let child = generate(
+        model(),
+        RunSpec {
+            fork: Some(fork),
+            ..spec("greedy", SamplingParams::greedy(), 8, 0)
+        },
+    )
+    .unwrap();
+    let ids: Vec<u32> = child.token_ids().collect();
+    assert_eq!(
+        &ids[..3],
+        &parent.token_ids().take(3).collect::<Vec<_>>()[..]
+    );
+    assert_eq!(ids[3], alternative.id);
+    for (i, t) in child.tokens().enumerate() {
+        assert_eq!(t.position, prompt_len + i, "token {i} of the fork");
+    }
+    // The continuation is greedy from the forced prefix: the token after it is the model's argmax there.
+    assert_eq!(child.tokens().nth(4).unwrap().rank, 0);
 }

@@ -91,6 +91,7 @@ pub fn bench(model_path: Option<&Path>, threads: usize, args: BenchArgs) -> Resu
         method: "greedy".into(),
         params: MethodParams {
             sampling: SamplingParams::greedy(),
+            ..MethodParams::default()
         },
         prompt: PromptSpec {
             text: BENCH_TEXT.into(),

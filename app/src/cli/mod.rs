@@ -30,7 +30,8 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Decode one prompt headless, print the text (or a JSON summary) and optionally write the trace.
-    Run(run::RunArgs),
+    // Boxed: the run flags outgrow the other commands' (clippy's large_enum_variant).
+    Run(Box<run::RunArgs>),
     /// Measure prefill and decode speed and the cost of multi-token forwards.
     Bench(bench::BenchArgs),
     /// Download the default model from the Hugging Face hub into its cache.
@@ -49,7 +50,7 @@ pub struct FetchArgs {
 
 pub fn main(cli: Cli) -> Result<()> {
     match cli.command {
-        Some(Command::Run(args)) => run::run(cli.model.as_deref(), args),
+        Some(Command::Run(args)) => run::run(cli.model.as_deref(), *args),
         Some(Command::Bench(args)) => bench::bench(cli.model.as_deref(), cli.threads, args),
         Some(Command::FetchModel(args)) => fetch_model(args),
         None => crate::gui::run(cli.model, cli.threads),

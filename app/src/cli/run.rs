@@ -6,7 +6,9 @@ use std::sync::atomic::AtomicBool;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use specula_core::trace::{ExportOptions, FileFormat, SamplingParams, save_runs};
+use specula_core::trace::{
+    ExportOptions, FileFormat, SamplingParams, SearchParams, SpeculativeParams, save_runs,
+};
 use specula_core::{MethodParams, Model, PromptSpec, Run, RunSpec};
 
 #[derive(Args, Debug)]
@@ -58,12 +60,59 @@ pub struct RunArgs {
     /// Print a JSON summary as the last line instead of streaming the text.
     #[arg(long)]
     pub json: bool,
+    /// beam, diverse-beam, opera: hypotheses kept in total (default 4). For contrastive, momentum and opera,
+    /// --top-k is the number of candidates scored per hypothesis (default 5).
+    #[arg(long)]
+    pub beams: Option<usize>,
+    /// diverse-beam: groups the beams are split into (default 2; must divide --beams).
+    #[arg(long)]
+    pub groups: Option<usize>,
+    /// diverse-beam: Hamming diversity strength lambda (default 0.5; 0 = independent groups).
+    #[arg(long)]
+    pub diversity: Option<f32>,
+    /// beam, diverse-beam: finished hypotheses rank by score / length^P (default 1).
+    #[arg(long)]
+    pub length_penalty: Option<f32>,
+    /// beam, diverse-beam: stop once --beams hypotheses have finished.
+    #[arg(long)]
+    pub early_stopping: bool,
+    /// contrastive: degeneration penalty in [0, 1]; cad: context weight; momentum: resistance weight; opera:
+    /// over-trust penalty weight (default 0.5 for all; 0 = greedy, or beam search for opera).
+    #[arg(long)]
+    pub alpha: Option<f32>,
+    /// cad: the context (document) the output should follow.
+    #[arg(long)]
+    pub context: Option<String>,
+    /// opera: roll back once the same summary token has won N steps (default 15; 0 = never).
+    #[arg(long)]
+    pub retrospect: Option<usize>,
+    /// speculative: who drafts (prompt-lookup, layer-skip, token-recycling).
+    #[arg(long, default_value = "prompt-lookup")]
+    pub drafter: String,
+    /// speculative: tokens drafted per step, 1-16 (tree depth for tree drafters).
+    #[arg(long, default_value_t = 4, conflicts_with = "adaptive")]
+    pub draft_len: usize,
+    /// speculative: adaptive draft length, up to 16: stop drafting when the estimated probability that some
+    /// draft token is rejected passes H (0 < H < 1).
+    #[arg(long)]
+    pub adaptive: Option<f32>,
+    /// speculative: node budget of tree drafters (token-recycling).
+    #[arg(long, default_value_t = 16)]
+    pub tree_size: usize,
+    /// speculative, layer-skip: layers to skip, e.g. 10,11,12 (default: the middle third).
+    #[arg(long, value_delimiter = ',')]
+    pub skip_layers: Vec<usize>,
 }
 
 impl RunArgs {
     /// The sampling parameters: the method's defaults, overridden by the flags given.
     pub fn sampling(&self) -> SamplingParams {
-        let mut s = if self.method == "greedy" {
+        // The search methods are deterministic unless asked otherwise (cad samples with --temperature).
+        let deterministic = matches!(
+            self.method.as_str(),
+            "greedy" | "beam" | "diverse-beam" | "contrastive" | "cad" | "momentum" | "opera"
+        );
+        let mut s = if deterministic {
             SamplingParams::greedy()
         } else {
             SamplingParams::default()
@@ -71,7 +120,9 @@ impl RunArgs {
         if let Some(t) = self.temperature {
             s.temperature = t;
         }
-        if let Some(k) = self.top_k {
+        if let Some(k) = self.top_k
+            && !matches!(self.method.as_str(), "contrastive" | "momentum" | "opera")
+        {
             s.top_k = k;
         }
         if let Some(p) = self.top_p {
@@ -84,6 +135,53 @@ impl RunArgs {
             s.typical_p = p;
         }
         s
+    }
+
+    /// The search parameters: defaults, overridden by the flags given.
+    pub fn search(&self) -> SearchParams {
+        let mut s = SearchParams::default();
+        if let Some(b) = self.beams {
+            s.beams = b;
+        }
+        if let Some(g) = self.groups {
+            s.groups = g;
+        }
+        if let Some(d) = self.diversity {
+            s.diversity = d;
+        }
+        if let Some(l) = self.length_penalty {
+            s.length_penalty = l;
+        }
+        s.early_stopping = self.early_stopping;
+        if let Some(a) = self.alpha {
+            s.alpha = a;
+        }
+        if matches!(self.method.as_str(), "contrastive" | "momentum" | "opera")
+            && let Some(k) = self.top_k
+        {
+            s.candidates = k;
+        }
+        s.context = self.context.clone();
+        if let Some(r) = self.retrospect {
+            s.retrospect = r;
+        }
+        s
+    }
+
+    /// The speculative-decoding parameters from the flags.
+    pub fn speculative(&self) -> SpeculativeParams {
+        SpeculativeParams {
+            drafter: self.drafter.clone(),
+            // Adaptive drafting stops on its own; the cap is the longest draft allowed.
+            draft_len: if self.adaptive.is_some() {
+                specula_core::methods::speculative::MAX_DRAFT_LEN
+            } else {
+                self.draft_len
+            },
+            adaptive: self.adaptive,
+            tree_size: self.tree_size,
+            skip_layers: self.skip_layers.clone(),
+        }
     }
 
     fn prompt_text(&self) -> Result<String> {
@@ -102,6 +200,8 @@ pub fn run(model_path: Option<&Path>, args: RunArgs) -> Result<()> {
         method: args.method.clone(),
         params: MethodParams {
             sampling: args.sampling(),
+            search: args.search(),
+            speculative: args.speculative(),
         },
         prompt: PromptSpec {
             text: args.prompt_text()?,
@@ -114,26 +214,42 @@ pub fn run(model_path: Option<&Path>, args: RunArgs) -> Result<()> {
     };
     // Check what needs no model first, so a typo fails fast.
     spec.params.sampling.validate()?;
+    spec.params.search.validate(&spec.method)?;
+    // The layer count is checked once the model is loaded.
+    spec.params.speculative.validate(usize::MAX)?;
     if !specula_core::methods::METHOD_NAMES.contains(&spec.method.as_str()) {
         bail!(specula_core::Error::UnknownMethod(spec.method.clone()));
     }
     let path = super::resolve_model(model_path)?;
     let model = Model::load(&path)?;
-    let mut run = Run::new(&model, spec)?;
+    let mut run = Run::new(&model, spec.clone())?;
     let never = AtomicBool::new(false);
     let mut stdout = std::io::stdout().lock();
     while !run.is_finished() {
-        let step = run.step(&never)?;
-        if !args.json
-            && let Some(step) = step
-        {
-            for t in &step.tokens {
+        let rolled_back = match run.step(&never)? {
+            Some(step) if !args.json => {
+                if step.rollback.is_none() {
+                    for t in &step.tokens {
+                        if !model.tokenizer.is_end_of_generation(t.id) {
+                            write!(stdout, "{}", t.token)?;
+                        }
+                    }
+                }
+                step.rollback.is_some()
+            }
+            _ => false,
+        };
+        if rolled_back {
+            // Printed text cannot be taken back: a rollback (beam search, OPERA) starts a line with the output
+            // as it now stands.
+            write!(stdout, "\n⟲ ")?;
+            for t in run.trace().tokens() {
                 if !model.tokenizer.is_end_of_generation(t.id) {
                     write!(stdout, "{}", t.token)?;
                 }
             }
-            stdout.flush()?;
         }
+        stdout.flush()?;
     }
     let trace = run.into_trace();
     if let Some(out) = &args.trace {
@@ -151,7 +267,7 @@ pub fn run(model_path: Option<&Path>, args: RunArgs) -> Result<()> {
     }
     let timing = summary.timing.unwrap_or_default();
     if args.json {
-        let json = serde_json::json!({
+        let mut json = serde_json::json!({
             "model": trace.header.model.file_name,
             "method": trace.header.method,
             "prompt_ids": trace.header.prompt.token_ids,
@@ -167,6 +283,38 @@ pub fn run(model_path: Option<&Path>, args: RunArgs) -> Result<()> {
             "prefill_ms": timing.prefill_ms,
             "decode_tokens_per_s": timing.decode_tokens_per_s,
         });
+        if let Some(search) = specula_core::methods::search::search_summary(&trace) {
+            json["search"] = search;
+        }
+        if let Some(spec_json) = specula_core::methods::speculative::speculative_summary(&trace) {
+            if let (Some(out), Some(add)) = (json.as_object_mut(), spec_json.as_object()) {
+                out.extend(add.clone());
+            }
+            // Measured speedup: plain decoding with the same settings, run right after on the same prompt.
+            let plain_method = if spec.params.sampling.is_greedy() {
+                "greedy"
+            } else {
+                "sample"
+            };
+            let plain = specula_core::generate(
+                &model,
+                RunSpec {
+                    method: plain_method.to_owned(),
+                    ..spec.clone()
+                },
+            )?;
+            let plain_wall = plain
+                .summary
+                .as_ref()
+                .and_then(|s| s.timing)
+                .map_or(0.0, |t| t.wall_ms);
+            json["plain_wall_ms"] = serde_json::json!(plain_wall);
+            json["speedup"] = serde_json::json!(if timing.wall_ms > 0.0 {
+                plain_wall / timing.wall_ms
+            } else {
+                0.0
+            });
+        }
         writeln!(stdout, "{json}")?;
     } else {
         writeln!(stdout)?;

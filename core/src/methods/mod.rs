@@ -13,14 +13,39 @@ use crate::model::{Capture, KvCache, Llama, Logits, Mask};
 use crate::sampling::RunRng;
 use crate::trace::{MethodParams, StepRecord};
 
+mod beam;
+mod cad;
+mod contrastive;
+mod diverse_beam;
 mod greedy;
+pub mod lens;
+mod momentum;
+mod opera;
 mod sample;
+pub mod search;
+pub mod speculative;
 
+pub use beam::Beam;
+pub use cad::Cad;
+pub use contrastive::Contrastive;
 pub use greedy::Greedy;
+pub use momentum::Momentum;
+pub use opera::Opera;
 pub use sample::Sample;
+pub use speculative::Speculative;
 
 /// Every method `specula run --method` accepts.
-pub const METHOD_NAMES: &[&str] = &["greedy", "sample"];
+pub const METHOD_NAMES: &[&str] = &[
+    "greedy",
+    "sample",
+    "speculative",
+    "beam",
+    "diverse-beam",
+    "contrastive",
+    "cad",
+    "momentum",
+    "opera",
+];
 
 /// What a method sees during one step.
 pub struct StepContext<'a> {
@@ -31,6 +56,10 @@ pub struct StepContext<'a> {
     pub generated: &'a [u32],
     /// Parameters in force for this step (they may change between steps).
     pub params: &'a MethodParams,
+    /// The run's token budget: search methods settle on their final answer when it is reached.
+    pub max_tokens: usize,
+    /// A fork's kept tokens: the first `forked` of `generated`, already fed as the end of `prefill`.
+    pub forked: usize,
     pub rng: &'a mut RunRng,
     /// Set by the user to stop the run; methods check it between forward passes.
     pub cancel: &'a AtomicBool,
@@ -47,7 +76,7 @@ impl StepContext<'_> {
 
     /// Absolute position of the next generated token.
     pub fn next_position(&self) -> usize {
-        self.prefill.len() + self.generated.len()
+        self.prefill.len() + self.generated.len() - self.forked.min(self.generated.len())
     }
 }
 
@@ -63,6 +92,13 @@ pub fn create(name: &str, model: &Model) -> Result<Box<dyn DecodingMethod>> {
     match name {
         "greedy" => Ok(Box::new(Greedy::new(model))),
         "sample" => Ok(Box::new(Sample::new(model))),
+        "speculative" => Ok(Box::new(Speculative::new(model))),
+        "beam" => Ok(Box::new(Beam::new(model, false))),
+        "diverse-beam" => Ok(Box::new(diverse_beam::new(model))),
+        "contrastive" => Ok(Box::new(Contrastive::new(model))),
+        "cad" => Ok(Box::new(Cad::new(model))),
+        "momentum" => Ok(Box::new(Momentum::new(model))),
+        "opera" => Ok(Box::new(Opera::new(model))),
         other => Err(Error::UnknownMethod(other.to_owned())),
     }
 }
@@ -108,6 +144,11 @@ impl Sequence {
 
     pub fn is_empty(&self) -> bool {
         self.cache.is_empty()
+    }
+
+    /// The cache, for methods that go on with batch rows (beams) after a plain prefill.
+    pub fn into_cache(self) -> KvCache {
+        self.cache
     }
 
     /// Feeds `tokens` after what was fed before and returns the last position's logits and the number of forward
