@@ -48,7 +48,9 @@ impl Backend for NoModel {
 /// The recorded greedy example, repeated until it has `STEPS` steps.
 fn long_trace(dir: &Path) -> PathBuf {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let mut trace: Trace = Trace::load(&repo.join("assets/traces/greedy.jsonl")).unwrap().remove(0);
+    let mut trace: Trace = Trace::load(&repo.join("assets/traces/greedy.jsonl"))
+        .unwrap()
+        .remove(0);
     let prompt_len = trace.header.prompt.token_ids.len();
     let recorded = trace.steps.clone();
     trace.steps = (0..STEPS)
@@ -64,35 +66,49 @@ fn long_trace(dir: &Path) -> PathBuf {
     trace.header.max_tokens = STEPS;
     trace.summary = None;
     let path = dir.join("long.jsonl");
-    save_runs(&path, &[&trace], FileFormat::Jsonl, ExportOptions::default()).unwrap();
+    save_runs(
+        &path,
+        &[&trace],
+        FileFormat::Jsonl,
+        ExportOptions::default(),
+    )
+    .unwrap();
     path
 }
 
 fn main() {
     let dir = tempfile::tempdir().unwrap();
     let path = long_trace(dir.path());
-    let mut harness = Harness::builder().with_size(egui::vec2(1280.0, 800.0)).build_eframe(|cc| {
-        SpeculaApp::new(
-            cc,
-            AppOptions {
-                picker: Box::new(NoDialogs),
-                backend: Box::new(NoModel),
-                model: Err("benchmark".into()),
-                autorun: None,
-                examples: Vec::new(),
-            },
-        )
-    });
+    let mut harness = Harness::builder()
+        .with_size(egui::vec2(1280.0, 800.0))
+        .build_eframe(|cc| {
+            SpeculaApp::new(
+                cc,
+                AppOptions {
+                    picker: Box::new(NoDialogs),
+                    backend: Box::new(NoModel),
+                    model: Err("benchmark".into()),
+                    autorun: None,
+                    examples: Vec::new(),
+                },
+            )
+        });
     harness.state().send(Command::OpenTrace(Some(path)));
     harness.run_steps(4);
     let mut frame_ms = Vec::with_capacity(FRAMES);
     for i in 0..FRAMES {
         // Move the cursor every frame, as scrubbing does, so nothing is served from a still frame.
-        harness.key_press(if i % 2 == 0 { egui::Key::ArrowLeft } else { egui::Key::ArrowRight });
+        harness.key_press(if i % 2 == 0 {
+            egui::Key::ArrowLeft
+        } else {
+            egui::Key::ArrowRight
+        });
         let started = Instant::now();
         harness.step();
         let output = harness.output();
-        let primitives = harness.ctx.tessellate(output.shapes.clone(), output.pixels_per_point);
+        let primitives = harness
+            .ctx
+            .tessellate(output.shapes.clone(), output.pixels_per_point);
         std::hint::black_box(primitives);
         frame_ms.push(started.elapsed().as_secs_f64() * 1000.0);
     }

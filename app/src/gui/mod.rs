@@ -23,6 +23,7 @@ mod handle;
 pub mod panels;
 pub mod picker;
 pub mod settings;
+pub mod spec;
 pub mod store;
 pub mod tiles;
 

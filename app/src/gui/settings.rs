@@ -1,7 +1,7 @@
 //! What the user set up in the prompt panel and the view menu; persisted across sessions by eframe.
 
 use serde::{Deserialize, Serialize};
-use specula_core::trace::SamplingParams;
+use specula_core::trace::{SamplingParams, SpeculativeParams};
 use specula_core::{MethodParams, PromptSpec, RunSpec};
 
 /// The decoding methods the GUI offers, as `specula run --method` names them.
@@ -22,11 +22,18 @@ pub struct RunSettings {
     pub typical_p: f32,
     pub seed: u64,
     pub max_tokens: usize,
+    /// Speculative decoding: the drafter (`--drafter`), the draft length and the adaptive policy.
+    pub drafter: String,
+    pub draft_len: usize,
+    pub adaptive: bool,
+    /// Stop drafting once the estimated chance that a draft is rejected exceeds this.
+    pub adaptive_threshold: f32,
 }
 
 impl Default for RunSettings {
     fn default() -> Self {
         let s = SamplingParams::default();
+        let spec = SpeculativeParams::default();
         Self {
             prompt: "Explain why the sky is blue in two sentences.".to_owned(),
             chat: true,
@@ -40,6 +47,10 @@ impl Default for RunSettings {
             typical_p: s.typical_p,
             seed: 7,
             max_tokens: 64,
+            drafter: spec.drafter,
+            draft_len: spec.draft_len,
+            adaptive: spec.adaptive.is_some(),
+            adaptive_threshold: spec.adaptive.unwrap_or(0.5),
         }
     }
 }
@@ -47,6 +58,10 @@ impl Default for RunSettings {
 impl RunSettings {
     pub fn is_greedy(&self) -> bool {
         self.method == "greedy"
+    }
+
+    pub fn is_speculative(&self) -> bool {
+        self.method == "speculative"
     }
 
     /// The parameters a run of the chosen method gets: greedy ignores the sliders.
@@ -62,7 +77,17 @@ impl RunSettings {
                 typical_p: self.typical_p,
             }
         };
-        MethodParams { sampling }
+        let speculative = SpeculativeParams {
+            drafter: self.drafter.clone(),
+            draft_len: self.draft_len,
+            adaptive: self.adaptive.then_some(self.adaptive_threshold),
+            ..SpeculativeParams::default()
+        };
+        MethodParams {
+            sampling,
+            speculative,
+            ..MethodParams::default()
+        }
     }
 
     pub fn run_spec(&self) -> RunSpec {

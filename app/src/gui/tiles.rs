@@ -4,8 +4,10 @@
 use serde::{Deserialize, Serialize};
 
 use super::panels::ViewCtx;
+use super::panels::acceptance::AcceptancePanel;
 use super::panels::candidates::CandidatesPanel;
 use super::panels::compare::ComparePanel;
+use super::panels::draft_tree::DraftTreePanel;
 use super::panels::plots::PlotsPanel;
 use super::panels::stats::StatsPanel;
 use super::panels::token_stream::TokenStreamPanel;
@@ -17,13 +19,17 @@ pub enum Pane {
     Plots,
     Stats,
     Compare,
+    DraftTree,
+    Acceptance,
 }
 
 impl Pane {
-    pub const ALL: [Pane; 5] = [
+    pub const ALL: [Pane; 7] = [
         Pane::TokenStream,
         Pane::Candidates,
+        Pane::DraftTree,
         Pane::Plots,
+        Pane::Acceptance,
         Pane::Stats,
         Pane::Compare,
     ];
@@ -35,21 +41,25 @@ impl Pane {
             Pane::Plots => "Plots",
             Pane::Stats => "Run statistics",
             Pane::Compare => "Compare",
+            Pane::DraftTree => "Draft tree",
+            Pane::Acceptance => "Acceptance",
         }
     }
 }
 
-/// Token stream on the left; the other panes as tabs on the right.
+/// Token stream on the left; the other panes as tabs on the right, wide enough that every tab title shows in a
+/// 1280-point window.
 pub fn default_tree() -> egui_tiles::Tree<Pane> {
     let mut tiles = egui_tiles::Tiles::default();
     let stream = tiles.insert_pane(Pane::TokenStream);
-    let tabs: Vec<_> = [Pane::Candidates, Pane::Plots, Pane::Stats, Pane::Compare]
-        .into_iter()
+    let tabs: Vec<_> = Pane::ALL[1..]
+        .iter()
+        .copied()
         .map(|p| tiles.insert_pane(p))
         .collect();
     let right = tiles.insert_tab_tile(tabs);
     let root = tiles.insert_new(egui_tiles::Tile::Container(egui_tiles::Container::Linear(
-        egui_tiles::Linear::new_binary(egui_tiles::LinearDir::Horizontal, [stream, right], 0.55),
+        egui_tiles::Linear::new_binary(egui_tiles::LinearDir::Horizontal, [stream, right], 0.45),
     )));
     egui_tiles::Tree::new(egui::Id::unique("specula_workbench"), root, tiles)
 }
@@ -73,6 +83,8 @@ pub struct Panels {
     pub plots: PlotsPanel,
     pub stats: StatsPanel,
     pub compare: ComparePanel,
+    pub draft_tree: DraftTreePanel,
+    pub acceptance: AcceptancePanel,
 }
 
 pub struct Behavior<'a, 'b> {
@@ -96,6 +108,8 @@ impl egui_tiles::Behavior<Pane> for Behavior<'_, '_> {
                 Pane::Plots => self.panels.plots.ui(ui, self.ctx),
                 Pane::Stats => self.panels.stats.ui(ui, self.ctx),
                 Pane::Compare => self.panels.compare.ui(ui, self.ctx),
+                Pane::DraftTree => self.panels.draft_tree.ui(ui, self.ctx),
+                Pane::Acceptance => self.panels.acceptance.ui(ui, self.ctx),
             });
         egui_tiles::UiResponse::None
     }

@@ -142,7 +142,7 @@ impl CandidatesPanel {
 /// The probability axis must reach far enough right that every bar's label fits after its bar. A label of `n`
 /// monospace characters takes about `0.6 n` font sizes; with the plot `w` points wide and the axis ending at
 /// `x_max`, a bar ending at `x` leaves `(1 - x / x_max) w` points, so `x_max >= x / (1 - label / w)`.
-fn x_range_fitting_labels(ui: &egui::Ui, labels: &[(f64, f64, String)]) -> f64 {
+pub fn x_range_fitting_labels(ui: &egui::Ui, labels: &[(f64, f64, String)]) -> f64 {
     let font = egui::TextStyle::Monospace.resolve(ui.style()).size;
     let width = f64::from(ui.available_width() - 40.0).max(100.0);
     labels

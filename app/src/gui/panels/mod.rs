@@ -8,11 +8,16 @@ use super::cursor::TimeCursor;
 use super::download::Download;
 use super::store::{RunEntry, RunKey, RunStore, TokenAt, tokens_through_step, tokens_with_steps};
 
+pub mod acceptance;
 pub mod candidates;
+pub mod colouring;
 pub mod compare;
+pub mod draft_detail;
+pub mod draft_tree;
 pub mod model_panel;
 pub mod plots;
 pub mod prompt;
+pub mod spec_stats;
 pub mod stats;
 pub mod timeline;
 pub mod token_stream;

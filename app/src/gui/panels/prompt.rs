@@ -49,6 +49,9 @@ impl PromptPanel {
             ui.label(RichText::new("Greedy always takes the most likely token; pick “sample” in the top bar to use these.").weak());
         }
         let before = settings.params();
+        if settings.is_speculative() {
+            speculative_ui(ui, settings);
+        }
         ui.add_enabled_ui(sample, |ui| {
             ui.add(egui::Slider::new(&mut settings.temperature, 0.0..=2.0).text("Temperature"))
                 .on_hover_text(
@@ -84,6 +87,48 @@ impl PromptPanel {
                 .labelled_by(label.id);
         });
     }
+}
+
+/// The drafter and how much it drafts. Temperature 0 below verifies greedily; above 0 the verifier uses
+/// lossless rejection sampling.
+fn speculative_ui(ui: &mut egui::Ui, settings: &mut RunSettings) {
+    use specula_core::methods::speculative::{DRAFTER_NAMES, MAX_DRAFT_LEN};
+    ui.horizontal(|ui| {
+        egui::ComboBox::from_label("Drafter")
+            .selected_text(&settings.drafter)
+            .show_ui(ui, |ui| {
+                for d in DRAFTER_NAMES {
+                    ui.selectable_value(&mut settings.drafter, (*d).to_owned(), *d);
+                }
+            })
+            .response
+            .on_hover_text(
+                "prompt-lookup copies what followed the last words earlier in the text; layer-skip runs the \
+                 model with some layers skipped; token-recycling reuses candidates from earlier steps as a tree",
+            );
+    });
+    ui.add(egui::Slider::new(&mut settings.draft_len, 1..=MAX_DRAFT_LEN).text("Draft length"))
+        .on_hover_text(
+            "Most tokens drafted per step; the target checks them all in one forward pass",
+        );
+    ui.checkbox(&mut settings.adaptive, "Adaptive draft length")
+        .on_hover_text("Stop drafting early when a rejection becomes likely");
+    ui.add_enabled_ui(settings.adaptive, |ui| {
+        ui.add(
+            egui::Slider::new(&mut settings.adaptive_threshold, 0.05..=0.95).text("Stop threshold"),
+        )
+        .on_hover_text(
+            "Stop drafting once the estimated chance that a draft is rejected exceeds this",
+        );
+    });
+    ui.label(
+        RichText::new(
+            "Temperature 0 verifies greedily (keep drafts while they are the target's top token); above 0 the \
+             verifier samples, and the output follows the target's distribution exactly.",
+        )
+        .weak(),
+    );
+    ui.add_space(4.0);
 }
 
 /// Every run, newest last; click to select, ✕ to close.

@@ -4,7 +4,9 @@ use egui::RichText;
 use specula_core::trace::{RunSummary, StopReason};
 
 use super::model_panel::megabytes;
+use super::spec_stats::spec_stats_ui;
 use super::{ViewCtx, empty_state};
+use crate::gui::spec::is_speculative;
 use crate::gui::store::describe_stop;
 
 #[derive(Default)]
@@ -37,6 +39,16 @@ impl StatsPanel {
                     );
                     row("Method", h.method.clone());
                     row("Parameters", h.params.sampling.describe());
+                    if h.method == "speculative" {
+                        let sp = &h.params.speculative;
+                        let adaptive = sp
+                            .adaptive
+                            .map_or(String::new(), |t| format!(", adaptive (stop at {t:.2})"));
+                        row(
+                            "Drafter",
+                            format!("{}, draft length {}{adaptive}", sp.drafter, sp.draft_len),
+                        );
+                    }
                     row("Seed", h.seed.to_string());
                     row("Max tokens", h.max_tokens.to_string());
                     row("Prompt tokens", h.prompt.token_ids.len().to_string());
@@ -57,6 +69,11 @@ impl StatsPanel {
                     row("Status", run.status.describe());
                 });
                 ui.add_space(8.0);
+                // For a speculative run the acceptance figures are the point: they come first.
+                if is_speculative(&run.trace) {
+                    spec_stats_ui(ui, key, &run.trace.steps);
+                    ui.add_space(8.0);
+                }
                 let (summary, final_figures) = match &run.trace.summary {
                     Some(s) => (s.clone(), true),
                     // A live run has no summary yet; the same figures over the steps so far are still worth seeing.
@@ -126,7 +143,7 @@ impl StatsPanel {
 }
 
 /// A two-column table; the closure adds rows through `row(name, value)`.
-fn table(
+pub(super) fn table(
     ui: &mut egui::Ui,
     id: impl std::hash::Hash + std::fmt::Debug,
     rows: impl FnOnce(&mut dyn FnMut(&str, String)),

@@ -1,15 +1,20 @@
-//! The timeline of the selected run: one mark per step (coloured by how many tokens it committed, the stop
-//! marked), the cursor, and the play controls. Click or drag on the strip to move the cursor.
+//! The timeline of the selected run: one mark per step (coloured by how many tokens it committed: one is a plain
+//! step, more is a speculative gain, the darker the more; a rejection ticked under the mark; the stop marked),
+//! the cursor, and the play controls. Click or drag on the strip to move the cursor.
 
 use egui::{Color32, Rect, RichText, Sense, Stroke, pos2, vec2};
 use specula_core::trace::StopReason;
 
 use super::ViewCtx;
+use super::colouring::CORRECTED;
 use crate::gui::command::Command;
 use crate::gui::cursor::{CursorMove, PlayMode};
+use crate::gui::spec::payload;
 
 const ONE_TOKEN: Color32 = Color32::from_rgb(69, 117, 180);
-const SEVERAL_TOKENS: Color32 = Color32::from_rgb(26, 152, 80);
+/// Two tokens in a step; more get darker, up to [`MANY_TOKENS`] for the run's largest step.
+const SEVERAL_TOKENS: Color32 = Color32::from_rgb(116, 196, 118);
+const MANY_TOKENS: Color32 = Color32::from_rgb(0, 90, 50);
 const NO_TOKEN: Color32 = Color32::from_rgb(150, 150, 150);
 const STOP: Color32 = Color32::from_rgb(215, 48, 39);
 
@@ -84,6 +89,13 @@ impl TimelinePanel {
             .summary
             .as_ref()
             .is_some_and(|s| s.stop_reason == StopReason::Eos);
+        let most = run
+            .trace
+            .steps
+            .iter()
+            .map(|s| s.tokens.len())
+            .max()
+            .unwrap_or(1);
         for (i, step) in run.trace.steps.iter().enumerate() {
             let color = if stopped_at_eos && i + 1 == len {
                 STOP
@@ -91,9 +103,21 @@ impl TimelinePanel {
                 match step.tokens.len() {
                     0 => NO_TOKEN,
                     1 => ONE_TOKEN,
-                    _ => SEVERAL_TOKENS,
+                    n => {
+                        let t = if most > 2 {
+                            (n - 2) as f32 / (most - 2) as f32
+                        } else {
+                            0.0
+                        };
+                        SEVERAL_TOKENS.lerp_to_gamma(MANY_TOKENS, t)
+                    }
                 }
             };
+            // A step whose drafter proposed nothing rejected nothing either.
+            let rejected = payload(step)
+                .filter(|p| !p.nodes.is_empty())
+                .and_then(|p| p.rejection.as_ref())
+                .is_some_and(|r| !r.bonus);
             let x = rect.left() + i as f32 * width;
             // A hairline gap between marks keeps them countable when they are wide enough.
             let gap = if width > 3.0 { 1.0 } else { 0.0 };
@@ -102,6 +126,13 @@ impl TimelinePanel {
                 pos2(x + width - gap, rect.bottom() - 4.0),
             );
             painter.rect_filled(mark, 0.0, color);
+            if rejected {
+                let tick = Rect::from_min_max(
+                    pos2(mark.left(), rect.bottom() - 4.0),
+                    pos2(mark.right(), rect.bottom()),
+                );
+                painter.rect_filled(tick, 0.0, CORRECTED);
+            }
         }
         let x = rect.left() + (ctx.cursor.step as f32 + 0.5) * width;
         let stroke = Stroke::new(2.0, ui.visuals().strong_text_color());
@@ -113,8 +144,9 @@ impl TimelinePanel {
             ctx.send(Command::MoveCursor(CursorMove::To(step.min(len - 1))));
         }
         response.on_hover_text(
-            "One mark per step. Blue: one token; green: several tokens (a fork's kept tokens); grey: none; red: \
-             the end-of-text stop. Click or drag to move the cursor.",
+            "One mark per step. Blue: one token; green: several tokens (speculative gain, darker = more; or a \
+             fork's kept tokens); an orange tick below: the verifier rejected a draft; grey: none; red: the \
+             end-of-text stop. Click or drag to move the cursor.",
         );
     }
 }

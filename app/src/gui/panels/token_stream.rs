@@ -1,16 +1,22 @@
-//! The generated text, token by token: each token a chip coloured by its probability; hovering shows its
-//! candidates, clicking focuses it (and moves the cursor to its step) so it can be forked.
+//! The generated text, token by token: each token a chip coloured by its probability, its entropy or its source
+//! (accepted draft, corrected, bonus); hovering shows its candidates, clicking focuses it (and moves the cursor
+//! to its step) so it can be forked.
 
 use egui::{RichText, Sense};
 
+use super::colouring::{ColourBy, chip, legend};
 use super::model_panel;
-use super::tokens::{candidates_table, display_text, legend, newlines, token_chip};
+use super::tokens::{candidates_table, display_text, newlines};
 use super::{ViewCtx, empty_state};
 use crate::gui::command::Command;
+use crate::gui::spec::is_speculative;
 use crate::gui::store::{ModelState, tokens_with_steps};
 
 #[derive(Default)]
-pub struct TokenStreamPanel;
+pub struct TokenStreamPanel {
+    /// The scale the user picked; `None` = automatic (source for speculative runs, probability otherwise).
+    pub colour_by: Option<ColourBy>,
+}
 
 impl TokenStreamPanel {
     pub fn ui(&mut self, ui: &mut egui::Ui, ctx: &ViewCtx<'_>) {
@@ -18,7 +24,23 @@ impl TokenStreamPanel {
             self.empty_ui(ui, ctx);
             return;
         };
-        legend(ui);
+        let by = self.colour_by.unwrap_or(if is_speculative(&run.trace) {
+            ColourBy::Source
+        } else {
+            ColourBy::Probability
+        });
+        ui.horizontal(|ui| {
+            egui::ComboBox::from_label("Colour by")
+                .selected_text(by.name())
+                .show_ui(ui, |ui| {
+                    for option in ColourBy::ALL {
+                        if ui.selectable_label(by == option, option.name()).clicked() {
+                            self.colour_by = Some(option);
+                        }
+                    }
+                });
+        });
+        legend(ui, by);
         ui.separator();
         let shown = ctx.tokens_shown();
         let focused = ctx.focused_token().map(|t| t.index);
@@ -35,7 +57,7 @@ impl TokenStreamPanel {
                 ui.horizontal_wrapped(|ui| {
                     for t in tokens_with_steps(&run.trace) {
                         let mut text = if t.index < shown {
-                            token_chip(t.token)
+                            chip(t.token, by)
                         } else {
                             // Tokens after the cursor are the run's future: plain and faded, still clickable.
                             RichText::new(display_text(&t.token.token))

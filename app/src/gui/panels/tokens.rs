@@ -104,22 +104,6 @@ pub fn warped_percent(p: f32) -> String {
     }
 }
 
-/// The legend of the colour scale.
-pub fn legend(ui: &mut egui::Ui) {
-    ui.horizontal_wrapped(|ui| {
-        ui.label("Colour = probability the model gave the token:");
-        for (_, name, bg, fg) in PROB_BINS {
-            let chip = RichText::new(format!(" {name} "))
-                .monospace()
-                .background_color(*bg)
-                .color(*fg);
-            ui.add(egui::Label::new(chip).wrap_mode(egui::TextWrapMode::Extend));
-        }
-        ui.label(RichText::new("↵").monospace());
-        ui.label("= newline; underlined = forced by a fork.");
-    });
-}
-
 /// A token's summary line and its candidates (the hover tooltip).
 pub fn candidates_table(
     ui: &mut egui::Ui,

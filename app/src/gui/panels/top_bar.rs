@@ -78,7 +78,8 @@ impl TopBar {
                 })
                 .response
                 .on_hover_text(
-                    "greedy takes the most likely token; sample draws from the warped distribution",
+                    "greedy takes the most likely token; sample draws from the warped distribution; speculative \
+                     lets a drafter guess several tokens that the model checks in one pass",
                 );
             let live = ctx
                 .selected()

@@ -1,0 +1,283 @@
+//! The speculative-decoding views driven headless: a small synthetic speculative trace (spec_trace/mod.rs, header
+//! copied from assets/traces/greedy.jsonl) and the example recorded with the real model
+//! (assets/traces/speculative.jsonl), opened through the app as files would be.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod spec_trace;
+
+use std::path::{Path, PathBuf};
+
+use egui_kittest::Harness;
+use egui_kittest::kittest::Queryable;
+use spec_trace::speculative_trace;
+use specula::gui::{
+    AppOptions, Backend, Command, CursorMove, FilePicker, Pane, PickFilter, SpeculaApp,
+};
+use specula_core::trace::{DraftStatus, ExportOptions, StepPayload, Trace};
+use specula_core::worker::{Event, RunId};
+use specula_core::{MethodParams, RunSpec};
+
+fn trace_path(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../assets/traces")
+        .join(name)
+}
+
+struct NoPicker;
+
+impl FilePicker for NoPicker {
+    fn open(&self, _filter: PickFilter) -> Option<PathBuf> {
+        None
+    }
+
+    fn save(&self, _default_name: &str) -> Option<PathBuf> {
+        None
+    }
+}
+
+struct NoBackend;
+
+impl Backend for NoBackend {
+    fn load_model(&mut self, _path: PathBuf) {}
+    fn start(&mut self, _spec: RunSpec, _paused: bool) -> RunId {
+        0
+    }
+    fn pause(&mut self, _id: RunId) {}
+    fn resume(&mut self, _id: RunId) {}
+    fn step_once(&mut self, _id: RunId) {}
+    fn cancel(&mut self, _id: RunId) {}
+    fn set_params(&mut self, _id: RunId, _params: MethodParams) {}
+    fn try_event(&mut self) -> Option<Event> {
+        None
+    }
+}
+
+fn harness_with(
+    trace: &Trace,
+    size: egui::Vec2,
+) -> (Harness<'static, SpeculaApp>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("speculative.jsonl");
+    let mut file = std::fs::File::create(&path).unwrap();
+    trace
+        .write_jsonl(&mut file, ExportOptions::default())
+        .unwrap();
+    let mut harness = Harness::builder().with_size(size).build_eframe(|cc| {
+        SpeculaApp::new(
+            cc,
+            AppOptions {
+                picker: Box::new(NoPicker),
+                backend: Box::new(NoBackend),
+                model: Err("No model found (test).".into()),
+                autorun: None,
+                examples: Vec::new(),
+            },
+        )
+    });
+    harness.run();
+    harness.state().send(Command::OpenTrace(Some(path)));
+    harness.run();
+    // Snapshots must not show the temporary path of the "Opened … from" notice.
+    harness.state().send(Command::DismissNotice);
+    harness.run();
+    (harness, dir)
+}
+
+fn at_step(harness: &mut Harness<'_, SpeculaApp>, step: usize, pane: Pane) {
+    harness
+        .state()
+        .send(Command::MoveCursor(CursorMove::To(step)));
+    harness.state_mut().show_pane(pane);
+    harness.run();
+}
+
+const SIZE: egui::Vec2 = egui::vec2(1280.0, 800.0);
+
+#[test]
+fn the_draft_tree_shows_every_node_and_the_residual_of_a_rejection() {
+    let (mut harness, _dir) = harness_with(&speculative_trace(), SIZE);
+    at_step(&mut harness, 0, Pane::DraftTree);
+    harness.get_by_label_contains(
+        "the layer-skip drafter proposed 4 tokens (draft length 4); sampling verification",
+    );
+    harness.get_by_label("Drafter note: skipped layers 8–23 of 30");
+    harness.get_by_label("' The' at depth 1: accepted");
+    harness.get_by_label("' sky' at depth 2: rejected");
+    harness.get_by_label("' air' at depth 2: rejected");
+    harness.get_by_label("' blue' at depth 3: never checked");
+    harness.get_by_label("' color' at depth 2: corrected");
+    harness.get_by_label_contains("Click a draft to see why");
+    assert!(
+        harness.query_by_label("' light'").is_none(),
+        "no distribution before a click"
+    );
+
+    harness
+        .get_by_label("' sky' at depth 2: rejected")
+        .click_accesskit();
+    harness.run();
+    harness.get_by_label(
+        "The target gave ' sky' p = 0.31, the drafter q = 0.62: accepted with probability p/q = 0.50 — rejected; \
+         the replacement ' color' was drawn from what the target wanted more than the drafter.",
+    );
+    harness.get_by_label_contains("The residual norm(max(0, p − q)) at depth 2");
+    harness.get_by_label("' light'");
+    harness.get_by_label("30.0%");
+
+    // An accepted node explains itself but shows no distribution.
+    harness
+        .get_by_label("' The' at depth 1: accepted")
+        .click_accesskit();
+    harness.run();
+    harness.get_by_label_contains("p ≥ q, so it is always accepted — accepted.");
+    assert!(harness.query_by_label("' light'").is_none());
+}
+
+#[test]
+fn the_bonus_token_shows_the_target_distribution() {
+    let (mut harness, _dir) = harness_with(&speculative_trace(), SIZE);
+    at_step(&mut harness, 1, Pane::DraftTree);
+    harness.get_by_label("' sky' at depth 3: accepted");
+    harness
+        .get_by_label("' is' at depth 5: bonus")
+        .click_accesskit();
+    harness.run();
+    harness.get_by_label_contains("Every draft was accepted");
+    harness.get_by_label_contains("The target's distribution p at depth 5");
+    harness.get_by_label("' so'");
+}
+
+#[test]
+fn tokens_are_coloured_by_source_and_the_scale_can_be_changed() {
+    let (mut harness, _dir) = harness_with(&speculative_trace(), SIZE);
+    harness.get_by_label("Colour = where the token came from:");
+    harness.get_by_label(" accepted draft ");
+    harness.get_by_label(" corrected (after a rejection) ");
+    harness.get_by_label(" bonus (all drafts accepted) ");
+    harness.get_by_label("Colour by").click();
+    harness.run();
+    harness.get_by_label("entropy").click();
+    harness.run();
+    harness.get_by_label("Colour = entropy of the model's distribution (nats):");
+}
+
+#[test]
+fn statistics_and_acceptance_plots_show_the_figures() {
+    let trace = speculative_trace();
+    let drafted: usize = trace.steps.iter().map(|s| s.draft_n).sum();
+    let accepted: usize = trace.steps.iter().map(|s| s.draft_n_accepted).sum();
+    let (mut harness, _dir) = harness_with(&trace, SIZE);
+    at_step(&mut harness, 3, Pane::Stats);
+    harness.get_by_label("Acceptance rate");
+    harness.get_by_label(&format!("{:.1}%", accepted as f64 * 100.0 / drafted as f64));
+    harness.get_by_label("Mean accepted tokens per target forward (MAT)");
+    harness.get_by_label("Tokens committed per step (acceptance histogram)");
+    harness.state_mut().show_pane(Pane::Acceptance);
+    harness.run();
+    harness.get_by_label("Alpha per step (mean over depths): the chance a draft is accepted");
+}
+
+#[test]
+fn a_plain_run_gets_an_empty_state_that_says_what_to_do() {
+    let plain = Trace::load(&trace_path("greedy.jsonl")).unwrap().remove(0);
+    let (mut harness, _dir) = harness_with(&plain, SIZE);
+    harness.state_mut().show_pane(Pane::DraftTree);
+    harness.run();
+    harness.get_by_label("No draft tree");
+    harness.get_by_label_contains("Pick “speculative” as the method");
+    harness.get_by_label("Colour = probability the model gave the token:");
+}
+
+#[test]
+fn snapshot_draft_tree() {
+    let (mut harness, _dir) = harness_with(&speculative_trace(), egui::vec2(1600.0, 900.0));
+    at_step(&mut harness, 0, Pane::DraftTree);
+    harness
+        .get_by_label("' sky' at depth 2: rejected")
+        .click_accesskit();
+    harness.run();
+    harness.remove_cursor();
+    harness.run();
+    harness.snapshot("draft_tree");
+}
+
+/// The example trace recorded with the real model (see `record_speculative_example_trace`).
+fn recorded() -> Trace {
+    Trace::load(&trace_path("speculative.jsonl"))
+        .unwrap()
+        .remove(0)
+}
+
+#[test]
+fn the_recorded_example_opens_and_explains_its_steps() {
+    let trace = recorded();
+    let (mut harness, _dir) = harness_with(&trace, SIZE);
+    // Find a step with an accepted draft followed by a rejection, and check its tree and its residual.
+    let (index, spec) = trace
+        .steps
+        .iter()
+        .enumerate()
+        .find_map(|(i, s)| match &s.payload {
+            Some(StepPayload::Speculative(p))
+                if !p.accepted_path.is_empty()
+                    && p.rejection.as_ref().is_some_and(|r| !r.bonus) =>
+            {
+                Some((i, p.clone()))
+            }
+            _ => None,
+        })
+        .unwrap();
+    at_step(&mut harness, index, Pane::DraftTree);
+    let rejected = spec
+        .nodes
+        .iter()
+        .find(|n| n.status == DraftStatus::Rejected)
+        .unwrap();
+    let label = format!("'{}' at depth {}: rejected", rejected.token, rejected.depth);
+    harness.get_by_label(&label).click_accesskit();
+    harness.run();
+    harness.get_by_label_contains("The residual norm(max(0, p − q))");
+    let runner_up = &spec.rejection.as_ref().unwrap().distribution[1];
+    harness.get_by_label(&format!("'{}'", runner_up.token));
+}
+
+#[test]
+fn snapshot_acceptance() {
+    let (mut harness, _dir) = harness_with(&recorded(), egui::vec2(1600.0, 900.0));
+    at_step(&mut harness, 20, Pane::Acceptance);
+    harness.remove_cursor();
+    harness.run();
+    harness.snapshot("acceptance");
+}
+
+#[test]
+fn snapshot_speculative_statistics() {
+    let (mut harness, _dir) = harness_with(&speculative_trace(), egui::vec2(1280.0, 800.0));
+    at_step(&mut harness, 11, Pane::Stats);
+    harness.remove_cursor();
+    harness.run();
+    harness.snapshot("speculative_statistics");
+}
+
+#[test]
+fn the_speculative_method_shows_its_parameters() {
+    let (mut harness, _dir) = harness_with(&speculative_trace(), SIZE);
+    assert!(
+        harness.query_by_label("Drafter").is_none(),
+        "greedy has no drafter"
+    );
+    harness.state_mut().settings_mut().run.method = "speculative".into();
+    harness.run();
+    harness.get_by_label("Drafter");
+    assert!(harness.query_all_by_label("Draft length").next().is_some());
+    harness.get_by_label("Adaptive draft length").click();
+    harness.run();
+    let settings = &mut harness.state_mut().settings_mut().run;
+    settings.drafter = "layer-skip".into();
+    settings.draft_len = 6;
+    let spec = settings.run_spec();
+    assert_eq!(spec.method, "speculative");
+    assert_eq!(spec.params.speculative.drafter, "layer-skip");
+    assert_eq!(spec.params.speculative.draft_len, 6);
+    assert_eq!(spec.params.speculative.adaptive, Some(0.5));
+}
