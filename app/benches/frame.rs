@@ -8,42 +8,16 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use egui_kittest::Harness;
-use specula::gui::{AppOptions, Backend, Command, FilePicker, PickFilter, SpeculaApp};
+use specula::gui::{AppOptions, Command, SpeculaApp};
 use specula_core::trace::{ExportOptions, FileFormat, Trace, save_runs};
-use specula_core::worker::{Event, RunId};
-use specula_core::{MethodParams, RunSpec};
 
 const STEPS: usize = 2_000;
 const FRAMES: usize = 60;
 
-struct NoDialogs;
+#[path = "../tests/support/mod.rs"]
+mod support;
 
-impl FilePicker for NoDialogs {
-    fn open(&self, _filter: PickFilter) -> Option<PathBuf> {
-        None
-    }
-    fn save(&self, _default_name: &str) -> Option<PathBuf> {
-        None
-    }
-}
-
-/// A backend with no model: replaying a trace needs none.
-struct NoModel;
-
-impl Backend for NoModel {
-    fn load_model(&mut self, _path: PathBuf) {}
-    fn start(&mut self, _spec: RunSpec, _paused: bool) -> RunId {
-        0
-    }
-    fn pause(&mut self, _id: RunId) {}
-    fn resume(&mut self, _id: RunId) {}
-    fn step_once(&mut self, _id: RunId) {}
-    fn cancel(&mut self, _id: RunId) {}
-    fn set_params(&mut self, _id: RunId, _params: MethodParams) {}
-    fn try_event(&mut self) -> Option<Event> {
-        None
-    }
-}
+use support::{NoBackend, NoPicker};
 
 /// The recorded greedy example, repeated until it has `STEPS` steps.
 fn long_trace(dir: &Path) -> PathBuf {
@@ -85,8 +59,8 @@ fn main() {
             SpeculaApp::new(
                 cc,
                 AppOptions {
-                    picker: Box::new(NoDialogs),
-                    backend: Box::new(NoModel),
+                    picker: Box::new(NoPicker),
+                    backend: Box::new(NoBackend),
                     model: Err("benchmark".into()),
                     autorun: None,
                     examples: Vec::new(),

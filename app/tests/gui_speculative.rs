@@ -4,52 +4,22 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod spec_trace;
+mod support;
+
+use support::{NoBackend, NoPicker};
 
 use std::path::{Path, PathBuf};
 
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
 use spec_trace::speculative_trace;
-use specula::gui::{
-    AppOptions, Backend, Command, CursorMove, FilePicker, Pane, PickFilter, SpeculaApp,
-};
+use specula::gui::{AppOptions, Command, CursorMove, Pane, SpeculaApp};
 use specula_core::trace::{DraftStatus, ExportOptions, StepPayload, Trace};
-use specula_core::worker::{Event, RunId};
-use specula_core::{MethodParams, RunSpec};
 
 fn trace_path(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../assets/traces")
         .join(name)
-}
-
-struct NoPicker;
-
-impl FilePicker for NoPicker {
-    fn open(&self, _filter: PickFilter) -> Option<PathBuf> {
-        None
-    }
-
-    fn save(&self, _default_name: &str) -> Option<PathBuf> {
-        None
-    }
-}
-
-struct NoBackend;
-
-impl Backend for NoBackend {
-    fn load_model(&mut self, _path: PathBuf) {}
-    fn start(&mut self, _spec: RunSpec, _paused: bool) -> RunId {
-        0
-    }
-    fn pause(&mut self, _id: RunId) {}
-    fn resume(&mut self, _id: RunId) {}
-    fn step_once(&mut self, _id: RunId) {}
-    fn cancel(&mut self, _id: RunId) {}
-    fn set_params(&mut self, _id: RunId, _params: MethodParams) {}
-    fn try_event(&mut self) -> Option<Event> {
-        None
-    }
 }
 
 fn harness_with(
