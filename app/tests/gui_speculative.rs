@@ -251,3 +251,26 @@ fn the_speculative_method_shows_its_parameters() {
     assert_eq!(spec.params.speculative.draft_len, 6);
     assert_eq!(spec.params.speculative.adaptive, Some(0.5));
 }
+
+#[test]
+fn search_methods_show_their_parameters_and_cad_its_context() {
+    let trace = speculative_trace();
+    let (mut harness, _dir) = harness_with(&trace, egui::vec2(1280.0, 900.0));
+    harness.state_mut().settings_mut().run.method = "cad".into();
+    harness.run();
+    let shown = |h: &Harness<'static, SpeculaApp>, label: &str| {
+        h.query_all_by_label(label).next().is_some()
+    };
+    assert!(shown(&harness, "Context for CAD"));
+    assert!(!shown(&harness, "Beams"));
+    harness.state_mut().settings_mut().run.search.context = Some("The sea is purple.".into());
+    let spec = harness.state_mut().settings_mut().run.run_spec();
+    assert_eq!(
+        spec.params.search.context.as_deref(),
+        Some("The sea is purple.")
+    );
+    harness.state_mut().settings_mut().run.method = "diverse-beam".into();
+    harness.run();
+    assert!(shown(&harness, "Beams") && shown(&harness, "Groups"));
+    assert!(!shown(&harness, "Context for CAD"));
+}

@@ -1,7 +1,7 @@
 //! What the user set up in the prompt panel and the view menu; persisted across sessions by eframe.
 
 use serde::{Deserialize, Serialize};
-use specula_core::trace::{SamplingParams, SpeculativeParams};
+use specula_core::trace::{SamplingParams, SearchParams, SpeculativeParams};
 use specula_core::{MethodParams, PromptSpec, RunSpec};
 
 /// The decoding methods the GUI offers, as `specula run --method` names them.
@@ -28,6 +28,8 @@ pub struct RunSettings {
     pub adaptive: bool,
     /// Stop drafting once the estimated chance that a draft is rejected exceeds this.
     pub adaptive_threshold: f32,
+    /// Beam, diverse beam, contrastive, momentum, OPERA and CAD parameters (the CAD context among them).
+    pub search: SearchParams,
 }
 
 impl Default for RunSettings {
@@ -51,6 +53,7 @@ impl Default for RunSettings {
             draft_len: spec.draft_len,
             adaptive: spec.adaptive.is_some(),
             adaptive_threshold: spec.adaptive.unwrap_or(0.5),
+            search: SearchParams::default(),
         }
     }
 }
@@ -62,6 +65,14 @@ impl RunSettings {
 
     pub fn is_speculative(&self) -> bool {
         self.method == "speculative"
+    }
+
+    /// The search and contrast methods, whose parameters live in `search`.
+    pub fn is_search(&self) -> bool {
+        matches!(
+            self.method.as_str(),
+            "beam" | "diverse-beam" | "contrastive" | "momentum" | "opera" | "cad"
+        )
     }
 
     /// The parameters a run of the chosen method gets: greedy ignores the sliders.
@@ -83,10 +94,12 @@ impl RunSettings {
             adaptive: self.adaptive.then_some(self.adaptive_threshold),
             ..SpeculativeParams::default()
         };
+        let mut search = self.search.clone();
+        search.context = search.context.filter(|c| !c.trim().is_empty());
         MethodParams {
             sampling,
             speculative,
-            ..MethodParams::default()
+            search,
         }
     }
 

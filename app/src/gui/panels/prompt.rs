@@ -52,6 +52,9 @@ impl PromptPanel {
         if settings.is_speculative() {
             speculative_ui(ui, settings);
         }
+        if settings.is_search() {
+            search_ui(ui, settings);
+        }
         ui.add_enabled_ui(sample, |ui| {
             ui.add(egui::Slider::new(&mut settings.temperature, 0.0..=2.0).text("Temperature"))
                 .on_hover_text(
@@ -128,6 +131,71 @@ fn speculative_ui(ui: &mut egui::Ui, settings: &mut RunSettings) {
         )
         .weak(),
     );
+    ui.add_space(4.0);
+}
+
+/// The parameters the chosen search or contrast method reads (the others keep their values for later).
+fn search_ui(ui: &mut egui::Ui, settings: &mut RunSettings) {
+    let method = settings.method.clone();
+    let p = &mut settings.search;
+    let uses = |names: &[&str]| names.contains(&method.as_str());
+    if uses(&["beam", "diverse-beam", "opera"]) {
+        ui.add(egui::Slider::new(&mut p.beams, 1..=16).text("Beams"))
+            .on_hover_text("Hypotheses kept at every step");
+    }
+    if uses(&["beam", "diverse-beam"]) {
+        ui.add(egui::Slider::new(&mut p.length_penalty, -2.0..=2.0).text("Length penalty"))
+            .on_hover_text(
+                "Finished hypotheses rank by score / length^penalty; above 0 favours longer ones",
+            );
+        ui.checkbox(&mut p.early_stopping, "Early stopping")
+            .on_hover_text("Stop as soon as as many hypotheses as beams have finished");
+    }
+    if uses(&["diverse-beam"]) {
+        ui.add(egui::Slider::new(&mut p.groups, 1..=8).text("Groups"))
+            .on_hover_text(
+                "The beams are split into this many groups (beams must be a multiple of it)",
+            );
+        ui.add(egui::Slider::new(&mut p.diversity, 0.0..=5.0).text("Diversity"))
+            .on_hover_text("Penalty for choosing a token an earlier group chose at the same step");
+    }
+    if uses(&["contrastive", "momentum", "opera", "cad"]) {
+        let range = if method == "cad" {
+            0.0..=5.0
+        } else {
+            0.0..=1.0
+        };
+        ui.add(egui::Slider::new(&mut p.alpha, range).text("Alpha"))
+            .on_hover_text(match method.as_str() {
+                "contrastive" => {
+                    "Weight of the degeneration penalty (similarity to earlier tokens)"
+                }
+                "momentum" => "Weight of the resistance against closing a repeated loop",
+                "opera" => "Weight of the over-trust penalty",
+                _ => "How much the context's evidence is amplified against the prompt alone",
+            });
+    }
+    if uses(&["contrastive", "momentum", "opera"]) {
+        ui.add(egui::Slider::new(&mut p.candidates, 1..=32).text("Candidates"))
+            .on_hover_text("Top tokens scored at every step");
+    }
+    if uses(&["opera"]) {
+        ui.add(egui::Slider::new(&mut p.retrospect, 0..=30).text("Retrospection"))
+            .on_hover_text(
+                "Roll back once the same summary token has won this many steps (0 = never)",
+            );
+    }
+    if uses(&["cad"]) {
+        let label = ui.label("Context for CAD");
+        let mut context = p.context.clone().unwrap_or_default();
+        ui.add(
+            egui::TextEdit::multiline(&mut context)
+                .desired_rows(3)
+                .hint_text("A document the answer should follow"),
+        )
+        .labelled_by(label.id);
+        p.context = Some(context);
+    }
     ui.add_space(4.0);
 }
 
