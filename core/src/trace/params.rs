@@ -1,0 +1,168 @@
+//! The parameters of a run, for every method: recorded in the trace header and changed live between steps.
+
+use serde::{Deserialize, Serialize};
+
+/// Every parameter of a run. One struct for all methods: each method reads the fields it needs, and new
+/// methods add fields with defaults so old traces still parse.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MethodParams {
+    pub sampling: SamplingParams,
+    /// Read by the `speculative` method only.
+    #[serde(default)]
+    pub speculative: SpeculativeParams,
+    /// Read by the search methods (`beam`, `diverse-beam`, `contrastive`, `cad`).
+    #[serde(default)]
+    pub search: SearchParams,
+}
+
+impl Default for MethodParams {
+    fn default() -> Self {
+        Self {
+            sampling: SamplingParams::greedy(),
+            speculative: SpeculativeParams::default(),
+            search: SearchParams::default(),
+        }
+    }
+}
+
+/// Settings of the search methods (and momentum decoding). Each method reads the fields it needs; validated by
+/// `SearchParams::validate` (in `methods::search`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SearchParams {
+    /// Hypotheses kept in total (beam, diverse-beam), 1..=16.
+    pub beams: usize,
+    /// Diverse beam search: groups the beams are split into (`beams` must be a multiple of it).
+    pub groups: usize,
+    /// Diverse beam search: Hamming diversity strength lambda, subtracted from a token's log-probability once
+    /// per earlier group that chose the same token at the same step.
+    pub diversity: f32,
+    /// Finished hypotheses are ranked by score / length^length_penalty (Hugging Face's convention: > 0 favours
+    /// longer outputs, 0 ranks by total log-probability).
+    pub length_penalty: f32,
+    /// Stop as soon as `beams` hypotheses have finished, instead of when no live one can still beat them.
+    pub early_stopping: bool,
+    /// Contrastive search: the degeneration penalty alpha in [0, 1]. CAD: the context weight alpha >= 0.
+    /// Momentum decoding: the weight of the loop resistance.
+    pub alpha: f32,
+    /// Contrastive search and momentum decoding: candidates k scored each step, 1..=32.
+    pub candidates: usize,
+    /// OPERA: roll back once the same summary position has won this many steps (0 = never).
+    pub retrospect: usize,
+    /// CAD: the context (document) prepended to the prompt in the conditioned sequence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<String>,
+}
+
+impl Default for SearchParams {
+    fn default() -> Self {
+        Self {
+            beams: 4,
+            groups: 2,
+            diversity: 0.5,
+            length_penalty: 1.0,
+            early_stopping: false,
+            alpha: 0.5,
+            candidates: 5,
+            retrospect: 15,
+            context: None,
+        }
+    }
+}
+
+/// Settings of speculative decoding: which drafter proposes tokens and how many. Validated by
+/// `SpeculativeParams::validate` (in `methods::speculative`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SpeculativeParams {
+    /// The drafter's name, as `--drafter` takes it ("prompt-lookup", "layer-skip", "token-recycling").
+    pub drafter: String,
+    /// Longest draft (chain length, or tree depth), 1..=16.
+    pub draft_len: usize,
+    /// Adaptive draft length: stop drafting once the estimated probability that some draft token is rejected
+    /// exceeds this threshold h (SpecDec++'s threshold policy, estimated without training). `None` = fixed.
+    pub adaptive: Option<f32>,
+    /// Node budget of tree drafters (token recycling).
+    pub tree_size: usize,
+    /// Layers the layer-skip drafter skips; empty = the drafter's default (a contiguous middle block).
+    pub skip_layers: Vec<usize>,
+}
+
+impl Default for SpeculativeParams {
+    fn default() -> Self {
+        Self {
+            drafter: "prompt-lookup".to_owned(),
+            draft_len: 4,
+            adaptive: None,
+            tree_size: 16,
+            skip_layers: Vec::new(),
+        }
+    }
+}
+
+/// The warping applied to the model's distribution before a token is chosen. Applied in this order:
+/// temperature, top-k, typical, top-p, min-p (temperature first, as Hugging Face does, so that top-p and min-p
+/// act on the distribution actually sampled). Temperature 0 means greedy (argmax).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SamplingParams {
+    pub temperature: f32,
+    /// 0 = off.
+    pub top_k: usize,
+    /// 1 = off.
+    pub top_p: f32,
+    /// 0 = off.
+    pub min_p: f32,
+    /// Locally typical sampling mass; 1 = off.
+    pub typical_p: f32,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 0.8,
+            top_k: 0,
+            top_p: 0.95,
+            min_p: 0.0,
+            typical_p: 1.0,
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn greedy() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            typical_p: 1.0,
+        }
+    }
+
+    pub fn is_greedy(&self) -> bool {
+        self.temperature <= 0.0
+    }
+
+    /// A short description for labels: "greedy" or "T=0.8 top-p=0.95".
+    pub fn describe(&self) -> String {
+        if self.is_greedy() {
+            return "greedy".to_owned();
+        }
+        let mut s = format!("T={}", self.temperature);
+        if self.top_k > 0 {
+            s += &format!(" top-k={}", self.top_k);
+        }
+        if self.typical_p < 1.0 {
+            s += &format!(" typical={}", self.typical_p);
+        }
+        if self.top_p < 1.0 {
+            s += &format!(" top-p={}", self.top_p);
+        }
+        if self.min_p > 0.0 {
+            s += &format!(" min-p={}", self.min_p);
+        }
+        s
+    }
+}

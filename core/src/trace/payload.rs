@@ -1,0 +1,195 @@
+//! Method-specific step data: the story behind a step's committed tokens (draft trees, beams, candidates).
+
+use serde::{Deserialize, Serialize};
+
+use super::Candidate;
+
+/// What a drafter proposed and what the verifier made of it, in one step. The step's `tokens` are the committed
+/// result (accepted drafts, then the corrected or bonus token); this is the story behind them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SpeculativeStep {
+    /// The drafter's name, as `--drafter` takes it ("prompt-lookup", "layer-skip", ...).
+    pub drafter: String,
+    /// "greedy" (accept while the draft is the target's argmax) or "sampling" (lossless rejection sampling).
+    pub verifier: String,
+    /// Draft length asked for this step (the adaptive policy may stop earlier).
+    pub draft_len: usize,
+    /// The draft tree in the order it was fed to the target; a chain is a tree whose nodes each have the
+    /// previous one as parent. `parent: None` hangs off the last committed token.
+    pub nodes: Vec<DraftNode>,
+    /// Indices into `nodes` of the accepted path, root first.
+    pub accepted_path: Vec<usize>,
+    /// The verifier's draw after the last accepted node: from the residual at a rejection, or the bonus token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejection: Option<Rejection>,
+    /// Per depth along the verified path: alpha = sum over tokens of min(p, q), the probability that a draft
+    /// drawn from q is accepted at that position.
+    #[serde(default)]
+    pub alpha: Vec<f32>,
+    /// Drafter-specific notes shown in the panel (the skipped layers, the matched n-gram, ...).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub note: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DraftNode {
+    pub id: u32,
+    pub token: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<usize>,
+    /// 1 for the first drafted token after the committed text.
+    pub depth: usize,
+    /// The drafter's probability of this token (1 for point-mass drafters such as n-gram lookup).
+    pub q: f32,
+    /// The target's (warped) probability of this token at this position, once verified.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p: Option<f32>,
+    pub status: DraftStatus,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DraftStatus {
+    Accepted,
+    Rejected,
+    /// Never reached: an ancestor or an earlier sibling decided the step first.
+    Unverified,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Rejection {
+    /// Depth of the position where the verifier drew its own token.
+    pub depth: usize,
+    /// True when every draft on the path was accepted and the token is the bonus from the next distribution.
+    pub bonus: bool,
+    /// The most likely tokens of the distribution the verifier drew from: norm(max(0, p - q)) after a
+    /// rejection, p for a bonus token. Probabilities in `warped_prob`.
+    pub distribution: Vec<Candidate>,
+    /// The token drawn.
+    pub token_id: u32,
+}
+
+/// One step of (diverse) beam search. The step's `tokens` follow the best live hypothesis (after a rollback when
+/// the best changed to one that diverged earlier); this is the whole search state behind them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BeamStep {
+    /// Groups of diverse beam search (1 for plain beam search).
+    pub groups: usize,
+    /// Live hypotheses after this step, best first within each group, groups in order.
+    pub live: Vec<BeamHypothesis>,
+    /// Candidates of this step that were neither kept nor finished, best first (a few per group).
+    #[serde(default)]
+    pub pruned: Vec<BeamCandidate>,
+    /// Finished hypotheses so far (ended by an end-of-generation token), best first.
+    #[serde(default)]
+    pub finished: Vec<BeamHypothesis>,
+    /// Index into `live` of the hypothesis the output follows, or `None` when the search ended on a finished one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best: Option<usize>,
+    /// Diverse beam search: distinct bigrams / all bigrams over the best live hypothesis of each group (1 = the
+    /// groups share no bigram, 1/groups = they are identical). Absent for one group or fewer than two tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distinct_2: Option<f32>,
+    /// True on the step that ended the search (the output is the final answer).
+    #[serde(default)]
+    pub done: bool,
+    /// OPERA: the output position (0 = first generated token) of the summary token the best hypothesis'
+    /// newest token over-trusts, i.e. the column with the largest attention product.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary_position: Option<usize>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BeamHypothesis {
+    /// The generated tokens of the hypothesis (the prompt is not repeated).
+    pub token_ids: Vec<u32>,
+    pub text: String,
+    /// Sum of ln p of its tokens under the model.
+    pub logprob: f32,
+    /// What the search ranks by: the log-probability plus diversity penalties, divided by
+    /// length^length_penalty for finished hypotheses.
+    pub score: f32,
+    /// Index into the previous step's `live` of the hypothesis this one extends (`None` on the first step).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<usize>,
+    #[serde(default)]
+    pub group: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BeamCandidate {
+    /// Index into the previous step's `live` (`None` on the first step).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<usize>,
+    pub token_id: u32,
+    pub token: String,
+    /// The hypothesis' log-probability if extended by this token.
+    pub logprob: f32,
+    pub score: f32,
+    #[serde(default)]
+    pub group: usize,
+    /// The penalty this token paid: the diversity penalty (diverse beam search) or the over-trust penalty
+    /// (OPERA).
+    #[serde(default)]
+    pub penalty: f32,
+}
+
+/// Contrastive search: each of the top-k tokens scored by (1 - alpha) p - alpha max-similarity.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ContrastiveStep {
+    pub alpha: f32,
+    /// The candidates, most likely first.
+    pub candidates: Vec<ContrastiveCandidate>,
+    /// Index into `candidates` of the chosen one.
+    pub chosen: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ContrastiveCandidate {
+    pub id: u32,
+    pub token: String,
+    /// The model's probability of the candidate.
+    pub prob: f32,
+    /// Largest cosine similarity between the candidate's last hidden state and those of the earlier tokens.
+    pub max_similarity: f32,
+    /// Position (absolute) of the earlier token it is most similar to.
+    pub most_similar_position: usize,
+    pub score: f32,
+}
+
+/// Momentum decoding: each of the top-k tokens scored by p(v) - alpha R(L(v)).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MomentumStep {
+    pub alpha: f32,
+    /// The candidates, most likely first.
+    pub candidates: Vec<MomentumCandidate>,
+    /// Index into `candidates` of the chosen one.
+    pub chosen: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MomentumCandidate {
+    pub id: u32,
+    pub token: String,
+    pub prob: f32,
+    /// Length of the longest n-gram that choosing this token would repeat (0 = none).
+    pub loop_len: usize,
+    /// R(loop_len); `None` stands for an infinite resistance (the candidate is barred).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resistance: Option<f32>,
+    /// p - alpha R; `None` when barred.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score: Option<f32>,
+}
+
+/// Context-aware decoding: logits = (1 + alpha) logits(context + prompt) - alpha logits(prompt).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CadStep {
+    pub alpha: f32,
+    /// Most likely tokens with the context; `logprob` under that distribution.
+    pub with_context: Vec<Candidate>,
+    /// Most likely tokens without the context.
+    pub without_context: Vec<Candidate>,
+    /// Most likely tokens of the adjusted distribution the token was chosen from.
+    pub adjusted: Vec<Candidate>,
+}
