@@ -67,11 +67,27 @@ impl TokenStreamPanel {
                         if focused == Some(t.index) {
                             text = text.strong();
                         }
-                        let chip = egui::Label::new(text)
+                        // A token is never split across lines; the row wraps between tokens.
+                        let galley = egui::WidgetText::from(text).into_galley(
+                            ui,
+                            Some(egui::TextWrapMode::Extend),
+                            f32::INFINITY,
+                            egui::TextStyle::Body,
+                        );
+                        // A chip far from the visible area only reserves its space: building, hit-testing and
+                        // painting two thousand labels every frame would blow the frame budget.
+                        let slot = egui::Rect::from_min_size(ui.cursor().min, galley.size());
+                        if !ui.clip_rect().expand(48.0).intersects(slot) {
+                            ui.allocate_space(galley.size());
+                            for _ in 0..newlines(&t.token.token) {
+                                ui.end_row();
+                            }
+                            continue;
+                        }
+                        let chip = egui::Label::new(galley)
                             .selectable(false)
                             .sense(Sense::click());
-                        // A token is never split across lines; the row wraps between tokens.
-                        let response = ui.add(chip.wrap_mode(egui::TextWrapMode::Extend));
+                        let response = ui.add(chip);
                         if focused == Some(t.index) {
                             let stroke = egui::Stroke::new(2.0, ui.visuals().strong_text_color());
                             ui.painter().rect_stroke(
