@@ -465,17 +465,7 @@ fn lookup_draft(o: &mut Oracle, done: &[u32], _rng: &mut RunRng) -> DraftTree {
     let mut ctx = o.prompt.clone();
     ctx.extend_from_slice(done);
     let (tokens, _) = prompt_lookup::lookup(&ctx, 3);
-    DraftTree {
-        nodes: tokens
-            .iter()
-            .enumerate()
-            .map(|(i, &t)| DraftTreeNode {
-                token: t,
-                parent: i.checked_sub(1),
-                q: Warped::point(t),
-            })
-            .collect(),
-    }
+    DraftTree::point_chain(&tokens)
 }
 
 /// A tree of point masses like token recycling's: the draft model's top 3 as deterministic siblings.

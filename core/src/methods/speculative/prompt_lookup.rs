@@ -2,9 +2,8 @@
 //! n tokens (n = 3, 2, 1) in prompt + output and propose the tokens that followed it. No model, point masses.
 
 use super::drafter::{Draft, DraftInput, Drafter};
-use super::verifier::{DraftTree, DraftTreeNode};
+use super::verifier::DraftTree;
 use crate::error::Result;
-use crate::sampling::Warped;
 
 /// Longest n-gram tried first: longer matches predict better, shorter ones match more often.
 const MAX_NGRAM: usize = 3;
@@ -49,21 +48,12 @@ impl Drafter for PromptLookup {
     fn draft(&mut self, input: &mut DraftInput<'_>) -> Result<Draft> {
         let k = input.point_mass_budget();
         let (tokens, n) = lookup(input.context, k);
-        let nodes = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, &t)| DraftTreeNode {
-                token: t,
-                parent: i.checked_sub(1),
-                q: Warped::point(t),
-            })
-            .collect();
         let note = match n {
             Some(n) => format!("matched the last {n} token(s); proposed {}", tokens.len()),
             None => "no earlier match of the last 1-3 tokens".to_owned(),
         };
         Ok(Draft {
-            tree: DraftTree { nodes },
+            tree: DraftTree::point_chain(&tokens),
             forward_calls: 0,
             note,
         })

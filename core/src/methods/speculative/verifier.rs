@@ -33,6 +33,20 @@ pub struct DraftTree {
 }
 
 impl DraftTree {
+    /// A chain of point masses: what deterministic drafters (n-gram lookup) propose.
+    pub fn point_chain(tokens: &[u32]) -> Self {
+        let nodes = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| DraftTreeNode {
+                token: t,
+                parent: i.checked_sub(1),
+                q: Warped::point(t),
+            })
+            .collect();
+        Self { nodes }
+    }
+
     /// Children of `parent` (`None` = the root), in order.
     pub fn children(&self, parent: Option<usize>) -> Vec<usize> {
         (0..self.nodes.len())
