@@ -14,7 +14,7 @@
 use std::sync::Arc;
 
 use super::search::follow;
-use super::{DecodingMethod, Sequence, StepContext, empty_step};
+use super::{DecodingMethod, StepContext, empty_step, prefill_cache};
 use crate::engine::Model;
 use crate::error::{Error, Result};
 use crate::model::{Capture, KvCache, Logits, Mask, logits_row};
@@ -93,11 +93,7 @@ impl DecodingMethod for Beam {
         let state = match &mut self.state {
             Some(s) => s,
             None => {
-                let mut seq = Sequence::new(ctx.model);
-                let (logits, calls) = seq.feed(ctx.prefill, ctx.cancel)?;
-                record.prefill_tokens = ctx.prefill.len();
-                record.target_forward_calls += calls;
-                let mut cache = seq.into_cache();
+                let (mut cache, logits) = prefill_cache(ctx, &mut record)?;
                 let groups = if self.diverse { p.groups.max(1) } else { 1 };
                 // Every group starts from the prompt alone: one hypothesis each, not n copies of it.
                 cache.select_batch(&vec![0; groups])?;

@@ -179,6 +179,19 @@ impl Sequence {
     }
 }
 
+/// Prefills a fresh sequence with the prompt, counting the work in `record`, and returns its cache and the last
+/// position's logits: the first step of methods that go on with batch rows (beams).
+pub(crate) fn prefill_cache(
+    ctx: &StepContext<'_>,
+    record: &mut StepRecord,
+) -> Result<(KvCache, Vec<f32>)> {
+    let mut seq = Sequence::new(ctx.model);
+    let (logits, calls) = seq.feed(ctx.prefill, ctx.cancel)?;
+    record.prefill_tokens = ctx.prefill.len();
+    record.target_forward_calls += calls;
+    Ok((seq.into_cache(), logits))
+}
+
 /// Feeds what the previous step chose (or the whole prompt on the first step) and returns the logits for the
 /// next position. Shared by the one-token-per-step methods.
 pub(crate) fn advance(

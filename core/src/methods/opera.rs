@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::search::follow;
-use super::{DecodingMethod, Sequence, StepContext, empty_step};
+use super::{DecodingMethod, StepContext, empty_step, prefill_cache};
 use crate::engine::Model;
 use crate::error::{Error, Result};
 use crate::model::{Capture, KvCache, Logits, Mask, logits_row};
@@ -104,12 +104,9 @@ impl DecodingMethod for Opera {
         let state = match &mut self.state {
             Some(s) => s,
             None => {
-                let mut seq = Sequence::new(ctx.model);
-                let (logits, calls) = seq.feed(ctx.prefill, ctx.cancel)?;
-                record.prefill_tokens = prompt_len;
-                record.target_forward_calls += calls;
+                let (cache, logits) = prefill_cache(ctx, &mut record)?;
                 self.state.insert(State {
-                    cache: seq.into_cache(),
+                    cache,
                     live: vec![Beam {
                         tokens: Vec::new(),
                         scores: Vec::new(),
