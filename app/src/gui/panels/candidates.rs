@@ -94,32 +94,25 @@ impl CandidatesPanel {
             .collect();
         let plot_height = (ui.available_height() * 0.6).max(200.0);
         let x_max = x_range_fitting_labels(ui, &labels);
-        Plot::new(("candidates_plot", t.index))
-            .height(plot_height)
-            .allow_drag(false)
-            .allow_zoom(false)
-            .allow_scroll(false)
-            .allow_boxed_zoom(false)
-            .show_axes([true, false])
-            .show_grid([true, false])
-            .include_x(0.0)
-            .include_x(x_max)
-            .include_y(0.6)
-            .include_y(row_y(shown.len().saturating_sub(1)) - 0.6)
-            .x_axis_label("probability")
-            .show(ui, |plot_ui| {
-                plot_ui.bar_chart(BarChart::new("model probability", plain_bars).color(PLAIN));
-                if warped {
-                    plot_ui.bar_chart(BarChart::new("after warping", warped_bars).color(WARPED));
-                }
-                for (x, y, text) in labels {
-                    let label = RichText::new(text).monospace();
-                    plot_ui.text(
-                        Text::new("token", PlotPoint::new(x + 0.01, y), label)
-                            .anchor(Align2::LEFT_CENTER),
-                    );
-                }
-            });
+        probability_bars_plot(
+            ("candidates_plot", t.index),
+            plot_height,
+            x_max,
+            shown.len(),
+        )
+        .show(ui, |plot_ui| {
+            plot_ui.bar_chart(BarChart::new("model probability", plain_bars).color(PLAIN));
+            if warped {
+                plot_ui.bar_chart(BarChart::new("after warping", warped_bars).color(WARPED));
+            }
+            for (x, y, text) in labels {
+                let label = RichText::new(text).monospace();
+                plot_ui.text(
+                    Text::new("token", PlotPoint::new(x + 0.01, y), label)
+                        .anchor(Align2::LEFT_CENTER),
+                );
+            }
+        });
         ui.horizontal_wrapped(|ui| {
             ui.label(RichText::new("■").monospace().color(CHOSEN));
             ui.label("chosen token");
@@ -137,6 +130,30 @@ impl CandidatesPanel {
                 candidates_grid(ui, token, ("panel", t.index));
             });
     }
+}
+
+/// A still chart of horizontal probability bars, one row per token, best at the top: the frame shared by the
+/// candidates panel and the verifier's distribution in the draft tree.
+pub fn probability_bars_plot(
+    id: impl egui::AsIdSalt,
+    height: f32,
+    x_max: f64,
+    rows: usize,
+) -> Plot<'static> {
+    Plot::new(id)
+        .height(height)
+        .allow_drag(false)
+        .allow_zoom(false)
+        .allow_scroll(false)
+        .allow_boxed_zoom(false)
+        .show_axes([true, false])
+        .show_grid([true, false])
+        .include_x(0.0)
+        .include_x(x_max)
+        .include_y(0.6)
+        // Row i sits at y = -i.
+        .include_y(-(rows.saturating_sub(1) as f64) - 0.6)
+        .x_axis_label("probability")
 }
 
 /// The probability axis must reach far enough right that every bar's label fits after its bar. A label of `n`

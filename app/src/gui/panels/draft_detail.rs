@@ -2,10 +2,10 @@
 //! verifier drew its own token from (the residual after a rejection, the target's p for a bonus) as bars.
 
 use egui::{Align2, Color32, RichText};
-use egui_plot::{Bar, BarChart, Plot, PlotPoint, Text};
+use egui_plot::{Bar, BarChart, PlotPoint, Text};
 use specula_core::trace::{SpeculativeStep, StepRecord};
 
-use super::candidates::x_range_fitting_labels;
+use super::candidates::{probability_bars_plot, x_range_fitting_labels};
 use super::colouring::{BONUS, CORRECTED};
 use super::tokens::percent;
 use crate::gui::spec::{TreePick, explain, quote, shows_distribution};
@@ -98,32 +98,25 @@ pub fn detail_ui(
         .collect();
     let x_max = x_range_fitting_labels(ui, &labels);
     let height = (shown.len() as f32 * 24.0 + 44.0).min(ui.available_height().max(160.0));
-    Plot::new(("verifier_distribution", step.index))
-        .height(height)
-        .allow_drag(false)
-        .allow_zoom(false)
-        .allow_scroll(false)
-        .allow_boxed_zoom(false)
-        .show_axes([true, false])
-        .show_grid([true, false])
-        .include_x(0.0)
-        .include_x(x_max)
-        .include_y(0.6)
-        .include_y(row_y(shown.len().saturating_sub(1)) - 0.6)
-        .x_axis_label("probability")
-        .show(ui, |plot_ui| {
-            plot_ui.bar_chart(BarChart::new("verifier distribution", bars).color(OTHER));
-            for (x, y, text) in labels {
-                plot_ui.text(
-                    Text::new(
-                        "token",
-                        PlotPoint::new(x + 0.01, y),
-                        RichText::new(text).monospace(),
-                    )
-                    .anchor(Align2::LEFT_CENTER),
-                );
-            }
-        });
+    probability_bars_plot(
+        ("verifier_distribution", step.index),
+        height,
+        x_max,
+        shown.len(),
+    )
+    .show(ui, |plot_ui| {
+        plot_ui.bar_chart(BarChart::new("verifier distribution", bars).color(OTHER));
+        for (x, y, text) in labels {
+            plot_ui.text(
+                Text::new(
+                    "token",
+                    PlotPoint::new(x + 0.01, y),
+                    RichText::new(text).monospace(),
+                )
+                .anchor(Align2::LEFT_CENTER),
+            );
+        }
+    });
     // The same numbers as a table: readable by screen readers and tests.
     egui::Grid::new(("verifier_distribution_table", step.index))
         .striped(true)
