@@ -5,7 +5,8 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use specula_core::Model;
+use specula_core::trace::SpeculativeParams;
+use specula_core::{MethodParams, Model, PromptSpec, RunSpec, SamplingParams};
 
 pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -33,4 +34,39 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .zip(b)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
+}
+
+/// A chat run of `method` on `prompt`.
+pub fn spec(
+    method: &str,
+    prompt: &str,
+    params: MethodParams,
+    max_tokens: usize,
+    seed: u64,
+) -> RunSpec {
+    RunSpec {
+        method: method.into(),
+        params,
+        prompt: PromptSpec {
+            text: prompt.into(),
+            chat: true,
+            system: None,
+        },
+        seed,
+        max_tokens,
+        ..RunSpec::default()
+    }
+}
+
+/// Speculative parameters with `drafter` and a draft length of 4.
+pub fn speculative_params(drafter: &str, sampling: SamplingParams) -> MethodParams {
+    MethodParams {
+        sampling,
+        speculative: SpeculativeParams {
+            drafter: drafter.into(),
+            draft_len: 4,
+            ..SpeculativeParams::default()
+        },
+        ..MethodParams::default()
+    }
 }
