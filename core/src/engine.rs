@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::methods::{self, DecodingMethod, StepContext};
-use crate::model::{Llama, read_gguf_header};
+use crate::model::{Kernels, Llama, read_gguf_header};
 use crate::sampling::{RunRng, rng_from_seed};
 use crate::tokenizer::Tokenizer;
 use crate::trace::{
@@ -28,6 +28,11 @@ pub struct Model {
 impl Model {
     /// Loads a Llama GGUF. A corrupt, truncated or foreign file gives an error that names it, never a panic.
     pub fn load(path: &Path) -> Result<Self> {
+        Self::load_with(path, Kernels::default())
+    }
+
+    /// Loads with a choice of matmul kernels (tests compare ours with candle's).
+    pub fn load_with(path: &Path, kernels: Kernels) -> Result<Self> {
         let sha256 = crate::store::sha256_file(path).map_err(|e| Error::ModelFile {
             path: path.to_owned(),
             message: e.to_string(),
@@ -36,7 +41,7 @@ impl Model {
         // worker, so a panic here becomes an ordinary error.
         let loaded = catch_unwind(AssertUnwindSafe(|| -> Result<Self> {
             let (mut file, content) = read_gguf_header(path)?;
-            let llama = Llama::load(path, &mut file, &content, sha256)?;
+            let llama = Llama::load(path, &mut file, &content, sha256, kernels)?;
             let tokenizer = Tokenizer::from_gguf(&content, path)?;
             Ok(Self {
                 llama: Arc::new(llama),

@@ -10,6 +10,7 @@
 
 pub mod engine;
 pub mod error;
+pub mod kernels;
 pub mod methods;
 pub mod model;
 pub mod sampling;
@@ -22,18 +23,19 @@ pub use engine::{Fork, Model, PromptSpec, Run, RunSpec, generate};
 pub use error::{Error, Result};
 pub use trace::{MethodParams, SamplingParams, Trace};
 
-/// Sets how many threads candle's matmuls use. Must run before the first tensor operation (candle reads the
-/// variables once), which is why the binary calls it first thing in `main`.
+/// Sets how many threads the model's matmuls use (the calling thread included). Must run before the first forward,
+/// which is why the binary calls it first thing in `main`.
 ///
-/// One thread is the default: candle's barrier thread pool collapses when another thread (the GUI's software
-/// renderer) competes for the same two cores (65 -> 1.8 tokens/s measured), while one thread holds its speed.
+/// Our own quantized matmuls ([`kernels`]) split across these threads without ever waiting for a helper to start,
+/// so a busy core slows them down gracefully. candle's remaining operations (attention, norms) stay on one thread:
+/// its barrier pool collapses when another thread competes for the same two cores (65 -> 1.8 tokens/s measured).
 pub fn set_compute_threads(threads: usize) {
-    let n = threads.max(1).to_string();
+    kernels::set_threads(threads);
     // SAFETY-free: std::env::set_var is unsafe in Rust 2024 only because other threads may read the environment;
     // callers run this before spawning any thread.
     #[allow(unsafe_code)]
     unsafe {
-        std::env::set_var("CANDLE_NUM_THREADS", &n);
-        std::env::set_var("RAYON_NUM_THREADS", &n);
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+        std::env::set_var("RAYON_NUM_THREADS", "1");
     }
 }

@@ -16,6 +16,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::quantized::{QMatMul, QTensor, gguf_file};
+
+use crate::kernels::QuantMatrix;
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::error::{Error, Result};
@@ -36,15 +38,155 @@ pub struct Config {
 }
 
 struct Layer {
-    attn_norm: Tensor,
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
-    wo: QMatMul,
-    ffn_norm: Tensor,
-    w_gate: QMatMul,
-    w_up: QMatMul,
-    w_down: QMatMul,
+    attn_norm: Vec<f32>,
+    /// Query, key and value projections of the normed input, computed together.
+    qkv: Projections,
+    wo: Projections,
+    ffn_norm: Vec<f32>,
+    /// Gate and up projections, computed together.
+    gate_up: Projections,
+    down: Projections,
+}
+
+/// Which matmul kernels the forward uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Kernels {
+    /// Ours ([`crate::kernels`]): llama.cpp's arithmetic, several tokens per read of the weights, our thread pool.
+    /// Formats they do not cover fall back to candle's.
+    #[default]
+    Specula,
+    /// candle's `QMatMul` everywhere: bit-identical to candle-transformers' `quantized_llama`, which is how the
+    /// parity test checks the rest of the forward.
+    Candle,
+}
+
+/// One or more weight matrices applied to the same input (`y = x Wᵀ` each), returned separately.
+struct Projections {
+    kernel: ProjectionKernel,
+    /// Output width of each matrix, in order.
+    widths: Vec<usize>,
+}
+
+enum ProjectionKernel {
+    Candle(Vec<QMatMul>),
+    /// The matrices stacked into one, so the input is quantized once and read in one pass.
+    Specula(Arc<QuantMatrix>),
+}
+
+impl Projections {
+    fn load(tensors: Vec<Arc<QTensor>>, kernels: Kernels) -> Result<Self> {
+        let widths = tensors
+            .iter()
+            .map(|t| t.shape().dims().first().copied().unwrap_or(0))
+            .collect();
+        if kernels == Kernels::Specula {
+            let own: Option<Vec<QuantMatrix>> = tensors
+                .iter()
+                .map(|t| QuantMatrix::from_qtensor(t))
+                .collect::<candle_core::Result<_>>()?;
+            let stacked = own.and_then(|m| QuantMatrix::stack(&m.iter().collect::<Vec<_>>()));
+            if let Some(matrix) = stacked {
+                return Ok(Self {
+                    kernel: ProjectionKernel::Specula(Arc::new(matrix)),
+                    widths,
+                });
+            }
+        }
+        let candle = tensors
+            .into_iter()
+            .map(QMatMul::from_arc)
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Self {
+            kernel: ProjectionKernel::Candle(candle),
+            widths,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        match &self.kernel {
+            ProjectionKernel::Candle(matmuls) => Ok(matmuls
+                .iter()
+                .map(|m| m.forward(x))
+                .collect::<candle_core::Result<_>>()?),
+            ProjectionKernel::Specula(matrix) => {
+                let mut dims = x.dims().to_vec();
+                let cols = dims.pop().unwrap_or(0);
+                if cols != matrix.cols {
+                    return Err(Error::InvalidInput(format!(
+                        "matmul: input width {cols}, weights expect {}",
+                        matrix.cols
+                    )));
+                }
+                let t = x.elem_count() / cols.max(1);
+                let input = x.flatten_all()?.to_vec1::<f32>()?;
+                let output = matrix.matmul(&input, t);
+                let mut parts = vec![Vec::with_capacity(t * matrix.rows); self.widths.len()];
+                for row in output.chunks_exact(matrix.rows) {
+                    let mut rest = row;
+                    for (part, &w) in parts.iter_mut().zip(&self.widths) {
+                        let (mine, tail) = rest.split_at(w.min(rest.len()));
+                        part.extend_from_slice(mine);
+                        rest = tail;
+                    }
+                }
+                parts
+                    .into_iter()
+                    .zip(&self.widths)
+                    .map(|(part, &w)| {
+                        let mut shape = dims.clone();
+                        shape.push(w);
+                        Ok(Tensor::from_vec(part, shape, x.device())?)
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// `x` holds `t` rows of the input width; returns each matrix's `t` output rows.
+    fn forward_rows(&self, x: &[f32], t: usize) -> Result<Vec<Vec<f32>>> {
+        match &self.kernel {
+            ProjectionKernel::Specula(matrix) => {
+                if x.len() != t * matrix.cols {
+                    return Err(Error::InvalidInput(format!(
+                        "matmul: {} values are not {t} rows of {}",
+                        x.len(),
+                        matrix.cols
+                    )));
+                }
+                let output = matrix.matmul(x, t);
+                let mut parts: Vec<Vec<f32>> = self
+                    .widths
+                    .iter()
+                    .map(|w| Vec::with_capacity(t * w))
+                    .collect();
+                for row in output.chunks_exact(matrix.rows) {
+                    let mut rest = row;
+                    for (part, &w) in parts.iter_mut().zip(&self.widths) {
+                        let (mine, tail) = rest.split_at(w.min(rest.len()));
+                        part.extend_from_slice(mine);
+                        rest = tail;
+                    }
+                }
+                Ok(parts)
+            }
+            ProjectionKernel::Candle(_) => {
+                let cols = x.len() / t.max(1);
+                let input = Tensor::from_slice(x, (t, cols), &Device::Cpu)?;
+                self.forward(&input)?
+                    .into_iter()
+                    .map(|y| Ok(y.flatten_all()?.to_vec1::<f32>()?))
+                    .collect()
+            }
+        }
+    }
+
+    /// The single output of a one-matrix projection, on rows.
+    fn forward_one_rows(&self, x: &[f32], t: usize) -> Result<Vec<f32>> {
+        self.forward_rows(x, t)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::InvalidInput("projection without weights".into()))
+    }
 }
 
 /// The weights. Loaded once and shared (`Arc<Llama>`) by every run; all per-run state lives in [`KvCache`].
@@ -53,11 +195,11 @@ pub struct Llama {
     pub info: ModelInfo,
     embeddings: Arc<QTensor>,
     layers: Vec<Layer>,
-    final_norm: Tensor,
-    lm_head: QMatMul,
-    /// RoPE tables, one row per position up to the context length: (context, d/2).
-    cos: Tensor,
-    sin: Tensor,
+    final_norm: Vec<f32>,
+    lm_head: Projections,
+    /// RoPE tables, one row of d/2 values per position up to the context length.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
     device: Device,
 }
 
@@ -102,34 +244,56 @@ pub struct ForwardOutput {
     pub hidden_states: Vec<Tensor>,
 }
 
-/// Per-layer keys and values, shape (b, kv, len, d). Cloning is cheap (candle tensors are reference counted and
-/// never mutated in place), which is what makes forking runs and beams cheap.
+/// Per-layer keys and values. Each batch row holds its positions in order, each position `kv × d` values, so a
+/// step appends at the end instead of copying the cache.
+///
+/// Cloning is cheap: rows are reference counted and copied only when a clone appends to, truncates or compacts a
+/// row it shares (forked runs, beams that share a parent).
 #[derive(Clone, Debug)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<LayerCache>,
+}
+
+#[derive(Clone, Debug, Default)]
+struct LayerCache {
+    /// Positions held (the same for every batch row).
+    len: usize,
+    keys: Vec<Arc<Vec<f32>>>,
+    values: Vec<Arc<Vec<f32>>>,
+}
+
+/// Positions reserved beyond the current length when a row grows: few reallocations, little slack memory.
+const CACHE_GROWTH: usize = 256;
+
+impl LayerCache {
+    fn width(&self) -> usize {
+        self.keys
+            .first()
+            .map_or(0, |row| row.len() / self.len.max(1))
+    }
+
+    fn map_rows(&mut self, f: impl Fn(&[f32]) -> Vec<f32>) {
+        for row in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            *row = Arc::new(f(row));
+        }
+    }
 }
 
 impl KvCache {
     pub fn new(n_layers: usize) -> Self {
         Self {
-            layers: vec![None; n_layers],
+            layers: vec![LayerCache::default(); n_layers],
         }
     }
 
     /// Cached positions in a layer. Layers differ only on a draft copy that skipped some layers.
     pub fn layer_len(&self, layer: usize) -> usize {
-        match self.layers.get(layer) {
-            Some(Some((k, _))) => k.dims().get(2).copied().unwrap_or(0),
-            _ => 0,
-        }
+        self.layers.get(layer).map_or(0, |l| l.len)
     }
 
     /// Cached positions of the full model (the longest layer).
     pub fn len(&self) -> usize {
-        (0..self.layers.len())
-            .map(|i| self.layer_len(i))
-            .max()
-            .unwrap_or(0)
+        self.layers.iter().map(|l| l.len).max().unwrap_or(0)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -140,19 +304,32 @@ impl KvCache {
     pub fn batch(&self) -> usize {
         self.layers
             .iter()
-            .flatten()
-            .next()
-            .map(|(k, _)| k.dims()[0])
+            .map(|l| l.keys.len())
+            .find(|&n| n > 0)
             .unwrap_or(1)
+    }
+
+    /// Bytes of keys and values held (shared rows counted once per cache that holds them).
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flat_map(|l| l.keys.iter().chain(&l.values))
+            .map(|row| row.capacity() * size_of::<f32>())
+            .sum()
     }
 
     /// Forgets every position from `len` on (rolling back rejected drafts).
     pub fn truncate(&mut self, len: usize) -> Result<()> {
-        for (k, v) in self.layers.iter_mut().flatten() {
-            let cur = k.dim(2)?;
-            if len < cur {
-                *k = k.narrow(2, 0, len)?;
-                *v = v.narrow(2, 0, len)?;
+        for layer in &mut self.layers {
+            if len < layer.len {
+                let keep = len * layer.width();
+                for row in layer.keys.iter_mut().chain(layer.values.iter_mut()) {
+                    match Arc::get_mut(row) {
+                        Some(unique) => unique.truncate(keep),
+                        None => *row = Arc::new(row.get(..keep).unwrap_or_default().to_vec()),
+                    }
+                }
+                layer.len = len;
             }
         }
         Ok(())
@@ -160,47 +337,90 @@ impl KvCache {
 
     /// Keeps only the given positions, in the given order (the accepted path of a verified draft tree).
     pub fn keep(&mut self, positions: &[usize]) -> Result<()> {
-        for (k, v) in self.layers.iter_mut().flatten() {
-            let len = k.dim(2)?;
-            if let Some(bad) = positions.iter().find(|&&p| p >= len) {
+        for layer in &mut self.layers {
+            if layer.keys.is_empty() {
+                continue;
+            }
+            if let Some(bad) = positions.iter().find(|&&p| p >= layer.len) {
                 return Err(Error::InvalidInput(format!(
-                    "cannot keep position {bad} of a cache holding {len}"
+                    "cannot keep position {bad} of a cache holding {}",
+                    layer.len
                 )));
             }
-            let idx = Tensor::from_iter(positions.iter().map(|&p| p as u32), k.device())?;
-            *k = k.index_select(&idx, 2)?;
-            *v = v.index_select(&idx, 2)?;
+            let width = layer.width();
+            layer.map_rows(|row| {
+                positions
+                    .iter()
+                    .flat_map(|&p| row.get(p * width..(p + 1) * width).unwrap_or_default())
+                    .copied()
+                    .collect()
+            });
+            layer.len = positions.len();
         }
         Ok(())
     }
 
     /// Rebuilds the batch from the given rows, repeating or reordering them (beam search).
     pub fn select_batch(&mut self, rows: &[usize]) -> Result<()> {
-        for (k, v) in self.layers.iter_mut().flatten() {
-            let b = k.dim(0)?;
+        for layer in &mut self.layers {
+            let b = layer.keys.len();
+            if b == 0 {
+                continue;
+            }
             if let Some(bad) = rows.iter().find(|&&r| r >= b) {
                 return Err(Error::InvalidInput(format!(
                     "cannot select batch row {bad} of a cache holding {b}"
                 )));
             }
-            let idx = Tensor::from_iter(rows.iter().map(|&r| r as u32), k.device())?;
-            *k = k.index_select(&idx, 0)?;
-            *v = v.index_select(&idx, 0)?;
+            layer.keys = rows
+                .iter()
+                .filter_map(|&r| layer.keys.get(r).cloned())
+                .collect();
+            layer.values = rows
+                .iter()
+                .filter_map(|&r| layer.values.get(r).cloned())
+                .collect();
         }
         Ok(())
     }
 
-    fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+    /// Appends `t` positions for each of `b` batch rows: `keys` and `values` hold (b × t) rows of `width` values.
+    fn append(
+        &mut self,
+        layer: usize,
+        b: usize,
+        t: usize,
+        keys: &[f32],
+        values: &[f32],
+    ) -> Result<()> {
         let slot = self
             .layers
             .get_mut(layer)
-            .ok_or_else(|| candle_core::Error::Msg(format!("no cache slot for layer {layer}")))?;
-        let kv = match slot.take() {
-            None => (k, v),
-            Some((ck, cv)) => (Tensor::cat(&[&ck, &k], 2)?, Tensor::cat(&[&cv, &v], 2)?),
-        };
-        *slot = Some(kv.clone());
-        Ok(kv)
+            .ok_or_else(|| Error::InvalidInput(format!("no cache slot for layer {layer}")))?;
+        if slot.keys.is_empty() {
+            slot.keys = (0..b).map(|_| Arc::default()).collect();
+            slot.values = (0..b).map(|_| Arc::default()).collect();
+        }
+        if slot.keys.len() != b {
+            return Err(Error::InvalidInput(format!(
+                "forward of {b} batch rows on a cache holding {}",
+                slot.keys.len()
+            )));
+        }
+        let per_row = keys.len() / b.max(1);
+        let width = per_row / t.max(1);
+        for (rows, new) in [(&mut slot.keys, keys), (&mut slot.values, values)] {
+            for (row, fresh) in rows.iter_mut().zip(new.chunks_exact(per_row)) {
+                let row = Arc::make_mut(row);
+                let needed = row.len() + fresh.len();
+                if row.capacity() < needed {
+                    row.reserve_exact(fresh.len() + CACHE_GROWTH * width);
+                }
+                row.extend_from_slice(fresh);
+            }
+        }
+        slot.len += t;
+        Ok(())
     }
 }
 
@@ -316,6 +536,7 @@ impl Llama {
         file: &mut File,
         ct: &gguf_file::Content,
         sha256: String,
+        kernels: Kernels,
     ) -> Result<Self> {
         let device = Device::Cpu;
         let config = Config::from_gguf(ct, path)?;
@@ -333,37 +554,41 @@ impl Llama {
             })
         };
         let embeddings = Arc::new(tensor("token_embd.weight")?);
-        let final_norm = tensor("output_norm.weight")?.dequantize(&device)?;
+        let final_norm = vector(tensor("output_norm.weight")?, &device)?;
         // Tied embeddings: files without `output.weight` (SmolLM2) reuse the embedding matrix as the LM head.
         let lm_head = if ct.tensor_infos.contains_key("output.weight") {
-            QMatMul::from_qtensor(tensor("output.weight")?)?
+            Arc::new(tensor("output.weight")?)
         } else {
-            QMatMul::from_arc(embeddings.clone())?
+            embeddings.clone()
         };
+        let lm_head = Projections::load(vec![lm_head], kernels)?;
         let mut layers = Vec::with_capacity(config.n_layers);
         let mut weight_format = None;
         for i in 0..config.n_layers {
             let p = format!("blk.{i}");
             let wq = tensor(&format!("{p}.attn_q.weight"))?;
             weight_format.get_or_insert_with(|| format!("{:?}", wq.dtype()));
+            let mut load = |name: &str| tensor(&format!("{p}.{name}.weight")).map(Arc::new);
+            let qkv = vec![Arc::new(wq), load("attn_k")?, load("attn_v")?];
+            let wo = vec![load("attn_output")?];
+            let gate_up = vec![load("ffn_gate")?, load("ffn_up")?];
+            let down = vec![load("ffn_down")?];
+            let (qkv, wo) = (
+                Projections::load(qkv, kernels)?,
+                Projections::load(wo, kernels)?,
+            );
+            let gate_up = Projections::load(gate_up, kernels)?;
+            let down = Projections::load(down, kernels)?;
             layers.push(Layer {
-                attn_norm: tensor(&format!("{p}.attn_norm.weight"))?.dequantize(&device)?,
-                wq: QMatMul::from_qtensor(wq)?,
-                wk: QMatMul::from_qtensor(tensor(&format!("{p}.attn_k.weight"))?)?,
-                wv: QMatMul::from_qtensor(tensor(&format!("{p}.attn_v.weight"))?)?,
-                wo: QMatMul::from_qtensor(tensor(&format!("{p}.attn_output.weight"))?)?,
-                ffn_norm: tensor(&format!("{p}.ffn_norm.weight"))?.dequantize(&device)?,
-                w_gate: QMatMul::from_qtensor(tensor(&format!("{p}.ffn_gate.weight"))?)?,
-                w_up: QMatMul::from_qtensor(tensor(&format!("{p}.ffn_up.weight"))?)?,
-                w_down: QMatMul::from_qtensor(tensor(&format!("{p}.ffn_down.weight"))?)?,
+                attn_norm: vector(tensor(&format!("{p}.attn_norm.weight"))?, &device)?,
+                qkv,
+                wo,
+                ffn_norm: vector(tensor(&format!("{p}.ffn_norm.weight"))?, &device)?,
+                gate_up,
+                down,
             });
         }
-        let (cos, sin) = rope_tables(
-            config.head_dim,
-            config.rope_base,
-            config.context_length,
-            &device,
-        )?;
+        let (cos, sin) = rope_tables(config.head_dim, config.rope_base, config.context_length);
         let info = ModelInfo {
             name: ct
                 .metadata
@@ -450,12 +675,16 @@ impl Llama {
             )));
         }
         let dev = &self.device;
-        let ids = Tensor::from_slice(tokens, (b, t), dev)?;
-        let mut x = self.embeddings.embedding(&ids)?;
-        let pos = Tensor::from_iter(positions.iter().map(|&p| p as u32), dev)?;
-        let half = cfg.head_dim / 2;
-        let cos = self.cos.index_select(&pos, 0)?.reshape((b, t, half))?;
-        let sin = self.sin.index_select(&pos, 0)?.reshape((b, t, half))?;
+        let (dim, rows) = (cfg.dim, b * t);
+        let eps = cfg.rms_eps as f32;
+        let ids = Tensor::from_slice(tokens, rows, dev)?;
+        let mut x = self
+            .embeddings
+            .embedding(&ids)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let as_tensor = |v: &[f32]| Tensor::from_slice(v, (b, t, dim), dev);
+        let visible = visibility(mask, t);
 
         let mut out = ForwardOutput {
             logits: Tensor::zeros(1, DType::F32, dev)?,
@@ -463,131 +692,247 @@ impl Llama {
             hidden_states: vec![],
         };
         if capture.hidden_states {
-            out.hidden_states.push(x.clone());
+            out.hidden_states.push(as_tensor(&x)?);
         }
         for (i, layer) in self.layers.iter().enumerate() {
             if capture.skip_layers.contains(&i) {
                 if capture.hidden_states {
-                    out.hidden_states.push(x.clone());
+                    out.hidden_states.push(as_tensor(&x)?);
                 }
                 continue;
             }
             let past = cache.layer_len(i);
-            let mask = attention_mask(mask, t, past, dev)?;
-            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, cfg.rms_eps as f32)?;
-            let (attn, probs) =
-                self.attention(layer, i, cache, &h, &cos, &sin, mask.as_ref(), b, t)?;
-            if capture.attention_layers.contains(&i) {
-                out.attention.push((i, probs));
+            let h = rms_norm(&x, &layer.attn_norm, eps);
+            let qkv = layer.qkv.forward_rows(&h, rows)?;
+            let [q, k, v] = qkv.as_slice() else {
+                return Err(Error::InvalidInput("q/k/v projection shape".into()));
+            };
+            let (mut q, mut k) = (q.clone(), k.clone());
+            self.rope(&mut q, positions);
+            self.rope(&mut k, positions);
+            cache.append(i, b, t, &k, v)?;
+            let keep_probs = capture.attention_layers.contains(&i);
+            let layer_cache = cache
+                .layers
+                .get(i)
+                .ok_or_else(|| Error::InvalidInput(format!("no cache slot for layer {i}")))?;
+            let (y, probs) = self.attend(layer_cache, &q, &visible, b, t, past, keep_probs);
+            if let Some(probs) = probs {
+                let s = past + t;
+                out.attention
+                    .push((i, Tensor::from_vec(probs, (b, cfg.n_heads, t, s), dev)?));
             }
-            x = (attn + &x)?;
-            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, cfg.rms_eps as f32)?;
-            let gate = candle_nn::ops::silu(&layer.w_gate.forward(&h)?)?;
-            let mlp = layer.w_down.forward(&(gate * layer.w_up.forward(&h)?)?)?;
-            x = (mlp + &x)?;
+            add_in_place(&mut x, &layer.wo.forward_one_rows(&y, rows)?);
+            let h = rms_norm(&x, &layer.ffn_norm, eps);
+            let gate_up = layer.gate_up.forward_rows(&h, rows)?;
+            let [gate, up] = gate_up.as_slice() else {
+                return Err(Error::InvalidInput("gate/up projection shape".into()));
+            };
+            let act: Vec<f32> = gate.iter().zip(up).map(|(&g, &u)| silu(g) * u).collect();
+            add_in_place(&mut x, &layer.down.forward_one_rows(&act, rows)?);
             if capture.hidden_states {
-                out.hidden_states.push(x.clone());
+                out.hidden_states.push(as_tensor(&x)?);
             }
         }
-        let x = match logits {
-            Logits::Last => x.narrow(1, t - 1, 1)?,
-            Logits::All => x,
+        let (x, n) = match logits {
+            Logits::Last => (
+                x.chunks_exact(t * dim)
+                    .flat_map(|row| row.get((t - 1) * dim..).unwrap_or_default())
+                    .copied()
+                    .collect(),
+                1,
+            ),
+            Logits::All => (x, t),
         };
-        out.logits = self.head(&x)?;
+        let normed = rms_norm(&x, &self.final_norm, eps);
+        let logits = self.lm_head.forward_one_rows(&normed, b * n)?;
+        out.logits = Tensor::from_vec(logits, (b, n, cfg.vocab_size), dev)?;
         Ok(out)
     }
 
     /// Final norm and LM head on residual streams of shape (..., dim): the model's output, or the logit lens
     /// when applied to an intermediate layer's hidden state.
     pub fn head(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(self.lm_head.forward(&self.final_norm(hidden)?)?)
+        let normed = self.final_norm(hidden)?;
+        let mut dims = normed.dims().to_vec();
+        let rows = normed.elem_count() / self.config.dim.max(1);
+        let logits = self
+            .lm_head
+            .forward_one_rows(&normed.flatten_all()?.to_vec1::<f32>()?, rows)?;
+        dims.pop();
+        dims.push(self.config.vocab_size);
+        Ok(Tensor::from_vec(logits, dims, &self.device)?)
     }
 
     /// The final RMS norm alone: the last-layer representation Hugging Face reports as `hidden_states[-1]`
     /// (contrastive search compares these).
     pub fn final_norm(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::rms_norm(
-            hidden,
-            &self.final_norm,
-            self.config.rms_eps as f32,
-        )?)
+        let x = hidden.flatten_all()?.to_vec1::<f32>()?;
+        let normed = rms_norm(&x, &self.final_norm, self.config.rms_eps as f32);
+        Ok(Tensor::from_vec(normed, hidden.dims(), &self.device)?)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn attention(
-        &self,
-        layer: &Layer,
-        index: usize,
-        cache: &mut KvCache,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: Option<&Tensor>,
-        b: usize,
-        t: usize,
-    ) -> Result<(Tensor, Tensor)> {
-        let cfg = &self.config;
-        let (h, kv, d) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
-        let q = layer
-            .wq
-            .forward(x)?
-            .reshape((b, t, h, d))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let k = layer
-            .wk
-            .forward(x)?
-            .reshape((b, t, kv, d))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let v = layer
-            .wv
-            .forward(x)?
-            .reshape((b, t, kv, d))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let q = candle_nn::rotary_emb::rope_i(&q, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope_i(&k, cos, sin)?;
-        let (k, v) = cache.append(index, k, v)?;
-        let s = k.dim(2)?;
-        // Grouped-query attention: each kv head serves h/kv query heads. Repeating K/V (as candle's stock
-        // quantized_llama does) costs a small copy; multiplying grouped queries against the shared heads instead
-        // changes the gemm's blocking, and through the 8-bit activation quantization downstream that rounding
-        // grows to ~0.6 in the logits. Bit-parity with the reference is worth the copy.
-        let rep = h / kv;
-        let k = Tensor::cat(&vec![&k; rep], 2)?.reshape((b, h, s, d))?;
-        let v = Tensor::cat(&vec![&v; rep], 2)?.reshape((b, h, s, d))?;
-        let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?;
-        let scores = match mask {
-            Some(m) => scores.broadcast_add(m)?,
-            None => scores,
-        };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let y = probs.matmul(&v.contiguous()?)?;
-        let y = y.transpose(1, 2)?.reshape((b, t, h * d))?;
-        Ok((layer.wo.forward(&y)?, probs))
-    }
-}
-
-/// Additive mask (0 = visible, -inf = hidden) of shape (t, past + t), or `None` when nothing is hidden.
-fn attention_mask(mask: &Mask, t: usize, past: usize, dev: &Device) -> Result<Option<Tensor>> {
-    if t == 1 {
-        return Ok(None);
-    }
-    let s = past + t;
-    let mut data = vec![0f32; t * s];
-    for i in 0..t {
-        for j in 0..t {
-            let visible = match mask {
-                Mask::Causal => j <= i,
-                Mask::Tree(parents) => is_ancestor_or_self(parents, j, i),
+    /// Rotates each head's pairs of values by its token's position (interleaved RoPE, as `rope_i`).
+    fn rope(&self, x: &mut [f32], positions: &[usize]) {
+        let half = self.config.head_dim / 2;
+        let width = x.len() / positions.len().max(1);
+        for (row, &pos) in x.chunks_exact_mut(width.max(1)).zip(positions) {
+            let (Some(cos), Some(sin)) = (
+                self.cos.get(pos * half..(pos + 1) * half),
+                self.sin.get(pos * half..(pos + 1) * half),
+            ) else {
+                continue;
             };
-            if !visible {
-                data[i * s + past + j] = f32::NEG_INFINITY;
+            for head in row.chunks_exact_mut(2 * half) {
+                for ((pair, &c), &s) in head.chunks_exact_mut(2).zip(cos).zip(sin) {
+                    let (x0, x1) = (pair[0], pair[1]);
+                    pair[0] = x0 * c - x1 * s;
+                    pair[1] = x0 * s + x1 * c;
+                }
             }
         }
     }
-    Ok(Some(Tensor::from_vec(data, (t, s), dev)?))
+
+    /// Softmax attention of the `t` fed tokens of each of `b` rows over the layer's cache (which already holds
+    /// them). Returns the (b·t) × (h·d) outputs and, when asked, the probabilities as (b, h, t, s).
+    ///
+    /// Grouped-query attention reads each key and value once for the h/kv query heads that share it.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        cache: &LayerCache,
+        q: &[f32],
+        visible: &[bool],
+        b: usize,
+        t: usize,
+        past: usize,
+        keep_probs: bool,
+    ) -> (Vec<f32>, Option<Vec<f32>>) {
+        let cfg = &self.config;
+        let (heads, kv, d) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
+        let group = heads / kv.max(1);
+        let (s, width) = (past + t, kv * d);
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut y = vec![0f32; b * t * heads * d];
+        let mut probs = keep_probs.then(|| vec![0f32; b * heads * t * s]);
+        let mut scores = vec![0f32; group * s];
+        for (row, (keys, values)) in cache.keys.iter().zip(&cache.values).enumerate().take(b) {
+            for i in 0..t {
+                let token = row * t + i;
+                let sees = |p: usize| {
+                    p < past || visible.get(i * t + (p - past)).copied().unwrap_or(false)
+                };
+                for g in 0..kv {
+                    let queries = q.get(
+                        (token * heads + g * group) * d..(token * heads + (g + 1) * group) * d,
+                    );
+                    let Some(queries) = queries else { continue };
+                    for (p, key) in keys.chunks_exact(width).take(s).enumerate() {
+                        let key = key.get(g * d..(g + 1) * d).unwrap_or_default();
+                        for (j, query) in queries.chunks_exact(d).enumerate() {
+                            scores[j * s + p] = if sees(p) {
+                                dot(query, key) * scale
+                            } else {
+                                f32::NEG_INFINITY
+                            };
+                        }
+                    }
+                    for j in 0..group {
+                        let head = g * group + j;
+                        let weights = &mut scores[j * s..(j + 1) * s];
+                        softmax_in_place(weights);
+                        let out =
+                            &mut y[(token * heads + head) * d..(token * heads + head + 1) * d];
+                        for (value, &w) in values.chunks_exact(width).take(s).zip(weights.iter()) {
+                            if w != 0.0 {
+                                axpy(out, w, value.get(g * d..(g + 1) * d).unwrap_or_default());
+                            }
+                        }
+                        if let Some(probs) = probs.as_mut() {
+                            let at = ((row * heads + head) * t + i) * s;
+                            probs[at..at + s].copy_from_slice(weights);
+                        }
+                    }
+                }
+            }
+        }
+        (y, probs)
+    }
+}
+
+/// `visible[i * t + j]`: whether fed token i sees fed token j (every token sees the whole past).
+fn visibility(mask: &Mask, t: usize) -> Vec<bool> {
+    let mut visible = vec![false; t * t];
+    for i in 0..t {
+        for j in 0..t {
+            visible[i * t + j] = match mask {
+                Mask::Causal => j <= i,
+                Mask::Tree(parents) => is_ancestor_or_self(parents, j, i),
+            };
+        }
+    }
+    visible
+}
+
+/// RMS norm of each row times the weight, as ggml computes it (sum of squares in f64).
+fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
+    let dim = weight.len().max(1);
+    let mut out = Vec::with_capacity(x.len());
+    for row in x.chunks_exact(dim) {
+        let sum: f64 = row.iter().map(|&v| f64::from(v * v)).sum();
+        let mean = (sum / dim as f64) as f32;
+        let scale = 1.0 / (mean + eps).sqrt();
+        out.extend(row.iter().zip(weight).map(|(&v, &w)| (v * scale) * w));
+    }
+    out
+}
+
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+fn add_in_place(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+/// Dot product with eight independent partial sums, so the compiler can keep them in one vector register.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a8
+        .remainder()
+        .iter()
+        .zip(b8.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in a8.zip(b8) {
+        for l in 0..8 {
+            lanes[l] = x[l].mul_add(y[l], lanes[l]);
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// `out += w * v`.
+fn axpy(out: &mut [f32], w: f32, v: &[f32]) {
+    for (o, &x) in out.iter_mut().zip(v) {
+        *o = w.mul_add(x, *o);
+    }
+}
+
+fn softmax_in_place(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inverse = 1.0 / sum;
+    for v in x.iter_mut() {
+        *v *= inverse;
+    }
 }
 
 fn is_ancestor_or_self(parents: &[Option<usize>], ancestor: usize, node: usize) -> bool {
@@ -626,23 +971,21 @@ impl Seek for ReadSeek<'_> {
     }
 }
 
-fn rope_tables(
-    head_dim: usize,
-    base: f32,
-    context: usize,
-    dev: &Device,
-) -> Result<(Tensor, Tensor)> {
-    // Same arithmetic as candle-transformers' quantized_llama, so the logits match it bit for bit.
+fn rope_tables(head_dim: usize, base: f32, context: usize) -> (Vec<f32>, Vec<f32>) {
     let theta: Vec<f32> = (0..head_dim)
         .step_by(2)
         .map(|i| 1f32 / base.powf(i as f32 / head_dim as f32))
         .collect();
-    let theta = Tensor::new(theta.as_slice(), dev)?;
-    let idx = Tensor::arange(0, context as u32, dev)?
-        .to_dtype(DType::F32)?
-        .reshape((context, 1))?;
-    let freqs = idx.matmul(&theta.reshape((1, theta.elem_count()))?)?;
-    Ok((freqs.cos()?, freqs.sin()?))
+    let angles = (0..context).flat_map(|p| theta.iter().map(move |&f| p as f32 * f));
+    (
+        angles.clone().map(f32::cos).collect(),
+        angles.map(f32::sin).collect(),
+    )
+}
+
+/// A 1-D tensor (norm weights) as a vector.
+fn vector(tensor: QTensor, device: &Device) -> candle_core::Result<Vec<f32>> {
+    tensor.dequantize(device)?.flatten_all()?.to_vec1::<f32>()
 }
 
 fn file_name(path: &Path) -> String {

@@ -1,0 +1,311 @@
+//! Quantized matrix multiplication for the model's weights: the file's own GGUF blocks against activations
+//! quantized once per row, in llama.cpp's order of operations, several rows per pass over the weights, split
+//! across threads.
+//!
+//! candle 0.11's Q4_1 kernel is scalar, reads each weight block once per activation row (so verifying k draft
+//! tokens costs k weight reads) and threads through a barrier pool that stalls under contention. This module
+//! replaces it for the formats the default model uses (Q4_1 blocks, Q8_0 embeddings as the tied LM head); other
+//! formats keep candle's `QMatMul`.
+//!
+//! - [`blocks`]: block layouts and activation quantization.
+//! - [`dot`]: scalar reference dot products and their AVX2 versions (bit-identical).
+//! - [`pool`]: the thread split.
+
+pub mod blocks;
+pub mod dot;
+pub mod pool;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+
+use candle_core::quantized::{GgmlDType, QTensor};
+
+use blocks::{ActivationBlock, BLOCK, BlockQ4_1, BlockQ8_0};
+use pool::{ComputePool, Job};
+
+/// Weight rows of one matrix in a supported GGUF block format.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Blocks {
+    Q4_1(Vec<BlockQ4_1>),
+    Q8_0(Vec<BlockQ8_0>),
+}
+
+/// A `(rows, cols)` weight matrix, `y = x Wᵀ`, stored as the file's quantized blocks (row-major).
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuantMatrix {
+    pub rows: usize,
+    pub cols: usize,
+    blocks: Blocks,
+}
+
+impl QuantMatrix {
+    /// Takes a 2-D tensor's blocks, or `None` for a format these kernels do not cover.
+    pub fn from_qtensor(tensor: &QTensor) -> candle_core::Result<Option<Self>> {
+        let (rows, cols) = match tensor.shape().dims() {
+            &[rows, cols] if cols % BLOCK == 0 => (rows, cols),
+            _ => return Ok(None),
+        };
+        let data = tensor.data()?;
+        let blocks = match tensor.dtype() {
+            GgmlDType::Q4_1 => Blocks::Q4_1(
+                data.chunks_exact(BlockQ4_1::BYTES)
+                    .filter_map(|c| c.try_into().ok().map(BlockQ4_1::from_bytes))
+                    .collect(),
+            ),
+            GgmlDType::Q8_0 => Blocks::Q8_0(
+                data.chunks_exact(BlockQ8_0::BYTES)
+                    .filter_map(|c| c.try_into().ok().map(BlockQ8_0::from_bytes))
+                    .collect(),
+            ),
+            _ => return Ok(None),
+        };
+        let matrix = Self { rows, cols, blocks };
+        if matrix.block_count() != rows * cols / BLOCK {
+            candle_core::bail!(
+                "quantized tensor holds {} blocks, expected {}",
+                matrix.block_count(),
+                rows * cols / BLOCK
+            );
+        }
+        Ok(Some(matrix))
+    }
+
+    /// Stacks matrices with the same format and width into one (fusing the q/k/v or gate/up projections into a
+    /// single pass over their shared input). `None` if they differ.
+    pub fn stack(parts: &[&QuantMatrix]) -> Option<Self> {
+        let first = parts.first()?;
+        let mut blocks = first.blocks.clone();
+        for part in parts.iter().skip(1) {
+            if part.cols != first.cols {
+                return None;
+            }
+            match (&mut blocks, &part.blocks) {
+                (Blocks::Q4_1(all), Blocks::Q4_1(more)) => all.extend_from_slice(more),
+                (Blocks::Q8_0(all), Blocks::Q8_0(more)) => all.extend_from_slice(more),
+                _ => return None,
+            }
+        }
+        Some(Self {
+            rows: parts.iter().map(|p| p.rows).sum(),
+            cols: first.cols,
+            blocks,
+        })
+    }
+
+    fn block_count(&self) -> usize {
+        match &self.blocks {
+            Blocks::Q4_1(b) => b.len(),
+            Blocks::Q8_0(b) => b.len(),
+        }
+    }
+
+    /// Dequantized rows (tests and reference computations).
+    pub fn dequantize(&self) -> Vec<f32> {
+        match &self.blocks {
+            Blocks::Q4_1(b) => b.iter().flat_map(|b| b.dequantize()).collect(),
+            Blocks::Q8_0(b) => b.iter().flat_map(|b| b.dequantize()).collect(),
+        }
+    }
+
+    /// `x` holds `t` rows of `cols` values; returns `t` rows of `rows` values.
+    pub fn matmul(self: &Arc<Self>, x: &[f32], t: usize) -> Vec<f32> {
+        self.matmul_on(compute_pool(), x, t)
+    }
+
+    /// [`Self::matmul`] on a given pool (tests run several pool sizes in one process).
+    pub fn matmul_on(self: &Arc<Self>, pool: &ComputePool, x: &[f32], t: usize) -> Vec<f32> {
+        let mut activations = Vec::with_capacity(t * self.cols / BLOCK);
+        for row in x.chunks_exact(self.cols).take(t) {
+            blocks::quantize_activations(row, &mut activations);
+        }
+        let threads = pool.threads();
+        // Enough chunks that a helper stalled by the scheduler leaves little behind, few enough to stay cheap.
+        let chunk_rows = if threads == 1 {
+            self.rows
+        } else {
+            (self.rows / (8 * threads)).clamp(16, 256)
+        };
+        let job = Arc::new(MatmulJob {
+            matrix: self.clone(),
+            activations,
+            t,
+            chunk_rows,
+            results: (0..self.rows.div_ceil(chunk_rows))
+                .map(|_| Mutex::new(Vec::new()))
+                .collect(),
+        });
+        pool.run(job.clone());
+        // Chunks hold (rows of the chunk) × t values; the output is t × rows.
+        let mut out = vec![0f32; t * self.rows];
+        for (c, chunk) in job.results.iter().enumerate() {
+            let chunk = chunk.lock().unwrap_or_else(PoisonError::into_inner);
+            for (i, values) in chunk.chunks_exact(t).enumerate() {
+                let row = c * chunk_rows + i;
+                for (r, &v) in values.iter().enumerate() {
+                    if let Some(slot) = out.get_mut(r * self.rows + row) {
+                        *slot = v;
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+struct MatmulJob {
+    matrix: Arc<QuantMatrix>,
+    activations: Vec<ActivationBlock>,
+    t: usize,
+    chunk_rows: usize,
+    results: Vec<Mutex<Vec<f32>>>,
+}
+
+impl Job for MatmulJob {
+    fn chunks(&self) -> usize {
+        self.results.len()
+    }
+
+    fn run_chunk(&self, index: usize) {
+        let m = &self.matrix;
+        let per_row = m.cols / BLOCK;
+        let first = index * self.chunk_rows;
+        let last = (first + self.chunk_rows).min(m.rows);
+        let act_rows: Vec<&[ActivationBlock]> = self.activations.chunks_exact(per_row).collect();
+        let mut values = vec![0f32; (last - first) * self.t];
+        for (row, out) in (first..last).zip(values.chunks_exact_mut(self.t)) {
+            let range = row * per_row..(row + 1) * per_row;
+            match &m.blocks {
+                Blocks::Q4_1(b) => dot::q4_1_rows(b.get(range).unwrap_or(&[]), &act_rows, out),
+                Blocks::Q8_0(b) => dot::q8_0_rows(b.get(range).unwrap_or(&[]), &act_rows, out),
+            }
+        }
+        if let Some(slot) = self.results.get(index) {
+            *slot.lock().unwrap_or_else(PoisonError::into_inner) = values;
+        }
+    }
+}
+
+static THREADS: AtomicUsize = AtomicUsize::new(0);
+static POOL: OnceLock<ComputePool> = OnceLock::new();
+
+/// Sets the compute threads (the caller included). Takes effect if called before the first matmul.
+pub fn set_threads(threads: usize) {
+    THREADS.store(threads.max(1), Ordering::SeqCst);
+}
+
+fn compute_pool() -> &'static ComputePool {
+    POOL.get_or_init(|| {
+        let configured = THREADS.load(Ordering::SeqCst);
+        let threads = if configured > 0 {
+            configured
+        } else {
+            std::env::var("SPECULA_THREADS")
+                .ok()
+                .or_else(|| std::env::var("CANDLE_NUM_THREADS").ok())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1)
+        };
+        ComputePool::new(threads)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use half::f16;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    use super::*;
+
+    fn matrix(rng: &mut ChaCha8Rng, rows: usize, cols: usize, q8: bool) -> QuantMatrix {
+        let n = rows * cols / BLOCK;
+        let blocks = if q8 {
+            Blocks::Q8_0(
+                (0..n)
+                    .map(|_| BlockQ8_0 {
+                        d: f16::from_f32(rng.random_range(0.0..0.01)),
+                        qs: std::array::from_fn(|_| rng.random_range(-127..=127)),
+                    })
+                    .collect(),
+            )
+        } else {
+            Blocks::Q4_1(
+                (0..n)
+                    .map(|_| BlockQ4_1 {
+                        d: f16::from_f32(rng.random_range(0.0..0.05)),
+                        m: f16::from_f32(rng.random_range(-0.4..0.0)),
+                        qs: std::array::from_fn(|_| rng.random()),
+                    })
+                    .collect(),
+            )
+        };
+        QuantMatrix { rows, cols, blocks }
+    }
+
+    /// Row by row with the scalar reference: what every thread split and row count must reproduce bit for bit.
+    fn reference(m: &QuantMatrix, x: &[f32], t: usize) -> Vec<f32> {
+        let per_row = m.cols / BLOCK;
+        let mut out = vec![0f32; t * m.rows];
+        for (r, input) in x.chunks_exact(m.cols).enumerate() {
+            let mut acts = Vec::new();
+            blocks::quantize_activations(input, &mut acts);
+            for row in 0..m.rows {
+                let range = row * per_row..(row + 1) * per_row;
+                out[r * m.rows + row] = match &m.blocks {
+                    Blocks::Q4_1(b) => dot::q4_1_reference(&b[range], &acts),
+                    Blocks::Q8_0(b) => dot::q8_0_reference(&b[range], &acts),
+                };
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matmul_equals_the_row_by_row_reference_for_any_rows_and_threads() {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let pools: Vec<ComputePool> = (1..=3).map(ComputePool::new).collect();
+        for case in 0..24 {
+            // Row counts that do and do not divide into chunks; both block formats.
+            let rows = [1, 7, 64, 300, 577][case % 5];
+            let cols = 32 * (1 + case % 4);
+            let m = Arc::new(matrix(&mut rng, rows, cols, case % 2 == 1));
+            for t in 1..=6 {
+                let x: Vec<f32> = (0..t * cols).map(|_| rng.random_range(-2.0..2.0)).collect();
+                let want = reference(&m, &x, t);
+                for pool in &pools {
+                    let got = m.matmul_on(pool, &x, t);
+                    assert_eq!(
+                        got,
+                        want,
+                        "rows {rows} cols {cols} t {t} threads {}",
+                        pool.threads()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn stacking_concatenates_rows() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let a = matrix(&mut rng, 5, 64, false);
+        let b = matrix(&mut rng, 3, 64, false);
+        let stacked = QuantMatrix::stack(&[&a, &b]).unwrap();
+        assert_eq!((stacked.rows, stacked.cols), (8, 64));
+        assert_eq!(
+            stacked.dequantize(),
+            [a.dequantize(), b.dequantize()].concat()
+        );
+        let q8 = matrix(&mut rng, 2, 64, true);
+        assert!(
+            QuantMatrix::stack(&[&a, &q8]).is_none(),
+            "formats must match"
+        );
+        let narrow = matrix(&mut rng, 2, 32, false);
+        assert!(
+            QuantMatrix::stack(&[&a, &narrow]).is_none(),
+            "widths must match"
+        );
+    }
+}
