@@ -37,6 +37,8 @@ pub struct BenchArgs {
     /// Skip the peak-memory figure (four 2,000-token runs; about a minute).
     #[arg(long)]
     pub no_memory: bool,
+    #[command(flatten)]
+    pub spec: super::spec_bench::SpecBenchArgs,
 }
 
 const PREFILL_TOKENS: usize = 64;
@@ -92,6 +94,9 @@ impl Samples {
 }
 
 pub fn bench(model_path: Option<&Path>, threads: usize, args: BenchArgs) -> Result<()> {
+    if let Some(n) = args.spec.spec_bench {
+        return super::spec_bench::spec_bench(model_path, n, &args.spec);
+    }
     let path = super::resolve_model(model_path)?;
     let load_started = Instant::now();
     let model = Model::load(&path)?;

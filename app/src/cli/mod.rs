@@ -8,6 +8,7 @@ use specula_core::store::{ModelSource, ModelStore};
 
 mod bench;
 mod run;
+mod spec_bench;
 
 #[derive(Parser, Debug)]
 #[command(

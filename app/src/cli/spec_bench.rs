@@ -1,0 +1,238 @@
+//! `specula bench --spec-bench N`: Spec-Bench's table on this machine. For each category, the first N prompts
+//! (first turn, in the chat template) are decoded greedily by plain decoding and by each drafter; the table gives
+//! mean accepted tokens per target forward (MAT, hardware-independent) and wall-clock speedup over plain decoding
+//! (total time over total time, as Spec-Bench reports it), and counts outputs that are not token-identical to
+//! plain greedy (there should be none: verification is lossless and our forwards are row-independent).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use serde::Deserialize;
+use serde_json::json;
+use specula_core::trace::{SamplingParams, SpeculativeParams, Trace};
+use specula_core::{MethodParams, Model, PromptSpec, RunSpec};
+
+#[derive(Args, Debug, Clone)]
+pub struct SpecBenchArgs {
+    /// Run Spec-Bench with this many prompts per category (the first N of each).
+    #[arg(long, value_name = "N")]
+    pub spec_bench: Option<usize>,
+    /// Only this category (translation, summarization, qa, math_reasoning, rag, writing, ...).
+    #[arg(long, requires = "spec_bench")]
+    pub category: Option<String>,
+    /// Drafters to compare, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "prompt-lookup,token-recycling,layer-skip,early-exit"
+    )]
+    pub drafters: Vec<String>,
+    /// Tokens generated per prompt.
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: usize,
+    /// Draft length (tree depth for token-recycling).
+    #[arg(long, default_value_t = 4)]
+    pub draft_len: usize,
+    /// Spec-Bench's question.jsonl.
+    #[arg(long, default_value = "assets/spec-bench/question.jsonl")]
+    pub questions: PathBuf,
+}
+
+#[derive(Deserialize)]
+struct Question {
+    question_id: u64,
+    category: String,
+    turns: Vec<String>,
+}
+
+/// Sums over the prompts of one (drafter, category) cell.
+#[derive(Default, Clone, Copy)]
+struct Cell {
+    prompts: usize,
+    generated: u64,
+    target_forwards: u64,
+    wall_ms: f64,
+    plain_wall_ms: f64,
+    not_identical: usize,
+}
+
+impl Cell {
+    fn add(&mut self, other: &Cell) {
+        self.prompts += other.prompts;
+        self.generated += other.generated;
+        self.target_forwards += other.target_forwards;
+        self.wall_ms += other.wall_ms;
+        self.plain_wall_ms += other.plain_wall_ms;
+        self.not_identical += other.not_identical;
+    }
+
+    fn mat(&self) -> f64 {
+        self.generated as f64 / self.target_forwards.max(1) as f64
+    }
+
+    fn speedup(&self) -> f64 {
+        if self.wall_ms > 0.0 {
+            self.plain_wall_ms / self.wall_ms
+        } else {
+            f64::NAN
+        }
+    }
+}
+
+pub fn spec_bench(model_path: Option<&Path>, n: usize, args: &SpecBenchArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&args.questions)
+        .with_context(|| format!("cannot read {}", args.questions.display()))?;
+    let mut by_category: BTreeMap<String, Vec<Question>> = BTreeMap::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let q: Question = serde_json::from_str(line)
+            .with_context(|| format!("{} line {}", args.questions.display(), i + 1))?;
+        if args.category.as_ref().is_none_or(|c| *c == q.category) {
+            by_category.entry(q.category.clone()).or_default().push(q);
+        }
+    }
+    if by_category.is_empty() {
+        bail!("no Spec-Bench prompts in category {:?}", args.category);
+    }
+    let path = super::resolve_model(model_path)?;
+    let model = Model::load(&path)?;
+
+    // cells[drafter][category]
+    let mut cells: BTreeMap<String, BTreeMap<String, Cell>> = BTreeMap::new();
+    for (category, questions) in &by_category {
+        for q in questions.iter().take(n.max(1)) {
+            let Some(prompt) = q.turns.first() else {
+                continue;
+            };
+            let plain = decode(&model, prompt, "greedy", None, args)?;
+            let plain_wall = wall_ms(&plain);
+            let plain_ids = plain
+                .summary
+                .as_ref()
+                .map(|s| s.token_ids.clone())
+                .unwrap_or_default();
+            for drafter in &args.drafters {
+                let run = decode(&model, prompt, "speculative", Some(drafter), args)?;
+                let summary = run
+                    .summary
+                    .as_ref()
+                    .context("a run ended without a summary")?;
+                let identical = summary.token_ids == plain_ids;
+                if !identical {
+                    eprintln!(
+                        "question {} ({category}), {drafter}: output differs from plain greedy",
+                        q.question_id
+                    );
+                }
+                let cell = Cell {
+                    prompts: 1,
+                    generated: summary.generated_tokens as u64,
+                    target_forwards: summary.target_forward_calls,
+                    wall_ms: wall_ms(&run),
+                    plain_wall_ms: plain_wall,
+                    not_identical: usize::from(!identical),
+                };
+                cells
+                    .entry(drafter.clone())
+                    .or_default()
+                    .entry(category.clone())
+                    .or_default()
+                    .add(&cell);
+            }
+            eprintln!("question {} ({category}) done", q.question_id);
+        }
+    }
+    print_table(&cells, by_category.keys());
+    Ok(())
+}
+
+fn decode(
+    model: &Model,
+    prompt: &str,
+    method: &str,
+    drafter: Option<&str>,
+    args: &SpecBenchArgs,
+) -> Result<Trace> {
+    let spec = RunSpec {
+        method: method.into(),
+        params: MethodParams {
+            sampling: SamplingParams::greedy(),
+            speculative: SpeculativeParams {
+                drafter: drafter.unwrap_or("prompt-lookup").into(),
+                draft_len: args.draft_len,
+                ..SpeculativeParams::default()
+            },
+            ..MethodParams::default()
+        },
+        prompt: PromptSpec {
+            text: prompt.into(),
+            chat: true,
+            system: None,
+        },
+        max_tokens: args.max_tokens,
+        ..RunSpec::default()
+    };
+    let trace = specula_core::generate(model, spec)?;
+    if let Some(error) = trace.summary.as_ref().and_then(|s| s.error.as_ref()) {
+        bail!("{method} {drafter:?} failed: {error}");
+    }
+    Ok(trace)
+}
+
+fn wall_ms(trace: &Trace) -> f64 {
+    trace
+        .summary
+        .as_ref()
+        .and_then(|s| s.timing)
+        .map_or(0.0, |t| t.wall_ms)
+}
+
+fn print_table<'a>(
+    cells: &BTreeMap<String, BTreeMap<String, Cell>>,
+    categories: impl Iterator<Item = &'a String> + Clone,
+) {
+    let mut header = format!("| {:<16} |", "drafter (MAT / speedup)");
+    for c in categories.clone() {
+        header.push_str(&format!(" {c} |"));
+    }
+    header.push_str(" overall | not identical |");
+    println!("{header}");
+    println!("|{}", "---|".repeat(categories.clone().count() + 3));
+    let mut json_rows = serde_json::Map::new();
+    for (drafter, row) in cells {
+        let mut line = format!("| {drafter:<16} |");
+        let mut overall = Cell::default();
+        let mut json_row = serde_json::Map::new();
+        for c in categories.clone() {
+            let cell = row.get(c).copied().unwrap_or_default();
+            overall.add(&cell);
+            line.push_str(&format!(" {:.2} / {:.2}x |", cell.mat(), cell.speedup()));
+            json_row.insert(c.clone(), cell_json(&cell));
+        }
+        line.push_str(&format!(
+            " {:.2} / {:.2}x | {} of {} |",
+            overall.mat(),
+            overall.speedup(),
+            overall.not_identical,
+            overall.prompts
+        ));
+        json_row.insert("overall".into(), cell_json(&overall));
+        json_rows.insert(drafter.clone(), serde_json::Value::Object(json_row));
+        println!("{line}");
+    }
+    println!("{}", serde_json::Value::Object(json_rows));
+}
+
+fn cell_json(cell: &Cell) -> serde_json::Value {
+    json!({
+        "prompts": cell.prompts,
+        "mean_accepted_tokens": (cell.mat() * 1000.0).round() / 1000.0,
+        "speedup": (cell.speedup() * 1000.0).round() / 1000.0,
+        "not_identical_to_greedy": cell.not_identical,
+    })
+}
