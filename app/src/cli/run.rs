@@ -86,7 +86,7 @@ pub struct RunArgs {
     /// opera: roll back once the same summary token has won N steps (default 15; 0 = never).
     #[arg(long)]
     pub retrospect: Option<usize>,
-    /// speculative: who drafts (prompt-lookup, layer-skip, token-recycling).
+    /// speculative: who drafts (prompt-lookup, layer-skip, token-recycling, early-exit, model).
     #[arg(long, default_value = "prompt-lookup")]
     pub drafter: String,
     /// speculative: tokens drafted per step, 1-16 (tree depth for tree drafters).
@@ -102,6 +102,9 @@ pub struct RunArgs {
     /// speculative, layer-skip: layers to skip, e.g. 10,11,12 (default: the middle third).
     #[arg(long, value_delimiter = ',')]
     pub skip_layers: Vec<usize>,
+    /// speculative, model: the draft model's GGUF (it must share the target's tokenizer).
+    #[arg(long)]
+    pub draft_model: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -181,6 +184,7 @@ impl RunArgs {
             adaptive: self.adaptive,
             tree_size: self.tree_size,
             skip_layers: self.skip_layers.clone(),
+            draft_model: self.draft_model.clone(),
         }
     }
 

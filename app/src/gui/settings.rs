@@ -28,6 +28,9 @@ pub struct RunSettings {
     pub adaptive: bool,
     /// Stop drafting once the estimated chance that a draft is rejected exceeds this.
     pub adaptive_threshold: f32,
+    /// The `model` drafter's GGUF path (empty: none chosen).
+    #[serde(default)]
+    pub draft_model: String,
     /// Beam, diverse beam, contrastive, momentum, OPERA and CAD parameters (the CAD context among them).
     pub search: SearchParams,
 }
@@ -53,6 +56,7 @@ impl Default for RunSettings {
             draft_len: spec.draft_len,
             adaptive: spec.adaptive.is_some(),
             adaptive_threshold: spec.adaptive.unwrap_or(0.5),
+            draft_model: String::new(),
             search: SearchParams::default(),
         }
     }
@@ -92,6 +96,9 @@ impl RunSettings {
             drafter: self.drafter.clone(),
             draft_len: self.draft_len,
             adaptive: self.adaptive.then_some(self.adaptive_threshold),
+            draft_model: Some(self.draft_model.trim())
+                .filter(|p| !p.is_empty())
+                .map(Into::into),
             ..SpeculativeParams::default()
         };
         let mut search = self.search.clone();

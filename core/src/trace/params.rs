@@ -87,6 +87,9 @@ pub struct SpeculativeParams {
     pub tree_size: usize,
     /// Layers the layer-skip drafter skips; empty = the drafter's default (a contiguous middle block).
     pub skip_layers: Vec<usize>,
+    /// The `model` drafter's GGUF (same vocabulary as the target).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draft_model: Option<std::path::PathBuf>,
 }
 
 impl Default for SpeculativeParams {
@@ -97,6 +100,7 @@ impl Default for SpeculativeParams {
             adaptive: None,
             tree_size: 16,
             skip_layers: Vec::new(),
+            draft_model: None,
         }
     }
 }

@@ -65,6 +65,8 @@ pub fn speculative_params(drafter: &str, sampling: SamplingParams) -> MethodPara
         speculative: SpeculativeParams {
             drafter: drafter.into(),
             draft_len: 4,
+            // The only GGUF here: the target drafting for itself.
+            draft_model: (drafter == "model").then(model_path),
             ..SpeculativeParams::default()
         },
         ..MethodParams::default()

@@ -107,9 +107,20 @@ fn speculative_ui(ui: &mut egui::Ui, settings: &mut RunSettings) {
             .response
             .on_hover_text(
                 "prompt-lookup copies what followed the last words earlier in the text; layer-skip runs the \
-                 model with some layers skipped; token-recycling reuses candidates from earlier steps as a tree",
+                 model with some layers skipped; token-recycling reuses candidates from earlier steps as a tree; \
+                 early-exit drafts with the first layers only; model drafts with a second, smaller GGUF",
             );
     });
+    if settings.drafter == "model" {
+        ui.horizontal(|ui| {
+            let label = ui.label("Draft model");
+            ui.add(
+                egui::TextEdit::singleline(&mut settings.draft_model)
+                    .hint_text("path to a GGUF with the same tokenizer"),
+            )
+            .labelled_by(label.id);
+        });
+    }
     ui.add(egui::Slider::new(&mut settings.draft_len, 1..=MAX_DRAFT_LEN).text("Draft length"))
         .on_hover_text(
             "Most tokens drafted per step; the target checks them all in one forward pass",

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use super::drafter::{Draft, DraftInput, Drafter};
 use super::verifier::{DraftTree, DraftTreeNode};
 use crate::error::{Error, Result};
-use crate::model::{Capture, Logits, Mask, logits_row};
+use crate::model::{Capture, KvCache, Llama, Logits, Mask, logits_row};
 use crate::sampling::{argmax, warp};
 
 /// Steps of the optimization phase: one candidate skip set is scored per step, then the best one drafts.
@@ -193,9 +193,8 @@ impl Drafter for LayerSkip {
     }
 }
 
-/// Drafts a chain with the target minus the layers in `skip`, on a clone of the target's cache, each token drawn
-/// from the warped q (argmax for greedy), stopping early under the adaptive threshold. Returns the nodes and the
-/// number of draft forwards. Shared by the layer-skip and early-exit drafters.
+/// Drafts a chain with the target minus the layers in `skip`, on a clone of the target's cache. Shared by the
+/// layer-skip and early-exit drafters.
 pub(crate) fn draft_chain(
     input: &mut DraftInput<'_>,
     skip: &BTreeSet<usize>,
@@ -204,8 +203,21 @@ pub(crate) fn draft_chain(
         skip_layers: skip.clone(),
         ..Capture::default()
     };
-    let sampling = input.params.sampling;
+    let llama = input.llama.clone();
     let mut cache = input.cache.clone();
+    draft_chain_on(input, &llama, &mut cache, &capture)
+}
+
+/// Drafts a chain from the root with `llama` on `cache` (which holds the context before the root), each token
+/// drawn from the warped q (argmax for greedy), stopping early under the adaptive threshold. Returns the nodes and
+/// the number of draft forwards; `cache` is left holding the root and the drafts.
+pub(crate) fn draft_chain_on(
+    input: &mut DraftInput<'_>,
+    llama: &Llama,
+    cache: &mut KvCache,
+    capture: &Capture,
+) -> Result<(Vec<DraftTreeNode>, u32)> {
+    let sampling = input.params.sampling;
     let mut token = *input
         .context
         .last()
@@ -214,8 +226,7 @@ pub(crate) fn draft_chain(
     let mut calls = 0;
     let mut confidence = 1.0f64;
     let limit = input.max_len.min(
-        input
-            .llama
+        llama
             .config
             .context_length
             .saturating_sub(input.root_position() + 2),
@@ -225,14 +236,14 @@ pub(crate) fn draft_chain(
         if input.cancel.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(Error::Cancelled);
         }
-        let out = input.llama.forward(
-            &mut cache,
+        let out = llama.forward(
+            cache,
             &[token],
             &[position],
             1,
             &Mask::Causal,
             Logits::Last,
-            &capture,
+            capture,
         )?;
         calls += 1;
         let logits = logits_row(&out.logits, 0, 0)?;

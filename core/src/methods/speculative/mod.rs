@@ -15,11 +15,13 @@ use crate::error::{Error, Result, bad_param};
 use crate::methods::{DecodingMethod, PREFILL_CHUNK, StepContext, empty_step};
 use crate::model::{Capture, KvCache, Llama, Logits, Mask, logits_row};
 use crate::sampling::{PositionStats, warp};
+use crate::tokenizer::Tokenizer;
 use crate::trace::{
     Candidate, DraftNode, DraftStatus, Rejection, SpeculativeParams, SpeculativeStep, StepPayload,
     StepRecord, StepTiming, TOP_CANDIDATES, TokenSource,
 };
 
+pub mod draft_model;
 pub mod drafter;
 pub mod early_exit;
 pub mod layer_skip;
@@ -35,6 +37,7 @@ pub const DRAFTER_NAMES: &[&str] = &[
     "layer-skip",
     "token-recycling",
     "early-exit",
+    "model",
 ];
 
 /// Longest draft a step may ask for: a 16-token verification already costs ~10 single steps on CPU.
@@ -53,6 +56,13 @@ impl SpeculativeParams {
                     "unknown drafter; known drafters: {}",
                     DRAFTER_NAMES.join(", ")
                 ),
+            ));
+        }
+        if self.drafter == "model" && self.draft_model.is_none() {
+            return Err(bad_param(
+                "draft_model",
+                "(none)",
+                "the model drafter needs a draft model: a GGUF with the target's vocabulary",
             ));
         }
         if !(1..=MAX_DRAFT_LEN).contains(&self.draft_len) {
@@ -96,9 +106,25 @@ impl SpeculativeParams {
     }
 }
 
-/// Builds the drafter `name`.
-pub fn create_drafter(name: &str, llama: &Llama) -> Result<Box<dyn Drafter>> {
-    match name {
+/// Builds the drafter `params` name (the target's tokenizer vets a draft model's vocabulary).
+pub fn create_drafter(
+    params: &SpeculativeParams,
+    llama: &Llama,
+    tokenizer: &Tokenizer,
+) -> Result<Box<dyn Drafter>> {
+    match params.drafter.as_str() {
+        "model" => {
+            let path = params.draft_model.as_ref().ok_or_else(|| {
+                bad_param(
+                    "draft_model",
+                    "(none)",
+                    "the model drafter needs --draft-model PATH",
+                )
+            })?;
+            Ok(Box::new(draft_model::DraftModel::load(
+                path, llama, tokenizer,
+            )?))
+        }
         "token-recycling" => Ok(Box::new(token_recycling::TokenRecycling::new(
             llama.config.vocab_size,
         ))),
@@ -118,6 +144,7 @@ pub fn create_drafter(name: &str, llama: &Llama) -> Result<Box<dyn Drafter>> {
 
 pub struct Speculative {
     llama: Arc<Llama>,
+    tokenizer: Arc<Tokenizer>,
     /// Holds every committed token but the last (the next tree's root).
     cache: KvCache,
     drafter: Option<Box<dyn Drafter>>,
@@ -129,6 +156,7 @@ impl Speculative {
     pub fn new(model: &Model) -> Self {
         Self {
             llama: model.llama.clone(),
+            tokenizer: model.tokenizer.clone(),
             cache: model.llama.new_cache(),
             drafter: None,
             acceptance: 0.5,
@@ -150,7 +178,11 @@ impl DecodingMethod for Speculative {
             .as_ref()
             .is_none_or(|d| d.name() != params.speculative.drafter)
         {
-            self.drafter = Some(create_drafter(&params.speculative.drafter, &self.llama)?);
+            self.drafter = Some(create_drafter(
+                &params.speculative,
+                &self.llama,
+                &self.tokenizer,
+            )?);
         }
         let mut record = empty_step();
         let context: Vec<u32> = ctx.prefill.iter().chain(ctx.generated).copied().collect();
