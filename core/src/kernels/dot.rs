@@ -52,39 +52,86 @@ pub fn q8_0_reference(weights: &[BlockQ8_0], activations: &[ActivationBlock]) ->
     hsum8(lanes)
 }
 
-/// Whether the AVX2 kernels can run on this CPU (checked at run time, so a build without AVX2 flags still uses
-/// them where present, and a CPU without them falls back to the references).
-pub fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+/// The instruction sets the kernels have versions for. All return the reference's bits: VNNI's `vpdpbusd` sums
+/// four byte products in one instruction where AVX2 takes two (`vpmaddubsw` then `vpmaddwd`), with the same
+/// integer result, so the float order is untouched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    Scalar,
+    Avx2,
+    /// AVX-512 VNNI on 256-bit registers (with AVX-512 VL).
+    Avx512Vnni,
+}
+
+impl Isa {
+    /// The fastest one this CPU has, detected once at run time (a build without AVX flags still uses them where
+    /// present; a CPU without them falls back to the references).
+    pub fn best() -> Self {
+        static BEST: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| {
+            [Isa::Avx512Vnni, Isa::Avx2]
+                .into_iter()
+                .find(|isa| isa.available())
+                .unwrap_or(Isa::Scalar)
+        })
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
+
+    pub fn available(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            let avx2 = has!("avx2") && has!("fma");
+            match self {
+                Isa::Scalar => true,
+                Isa::Avx2 => avx2,
+                Isa::Avx512Vnni => avx2 && has!("avx512vnni") && has!("avx512vl"),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Isa::Scalar
+        }
     }
 }
 
-/// `out[r] = dot(weights, acts[r])` for up to [`ACTIVATION_ROWS`] activation rows in one pass over the weight row,
-/// so k tokens cost one read of the weights.
+/// `out[r] = dot(weights, acts[r])` for every activation row, in passes of up to [`ACTIVATION_ROWS`] rows over the
+/// weight row, so k tokens cost one read of the weights.
 ///
 /// One weight row at a time is deliberate: decoding streams the weights from memory, and rows read in order form
 /// one sequential stream the hardware prefetcher follows; interleaving several rows measured slower here.
 pub fn q4_1_rows(weights: &[BlockQ4_1], acts: &[&[ActivationBlock]], out: &mut [f32]) {
+    q4_1_rows_on(Isa::best(), weights, acts, out);
+}
+
+/// [`q4_1_rows`] for Q8_0 weights.
+pub fn q8_0_rows(weights: &[BlockQ8_0], acts: &[&[ActivationBlock]], out: &mut [f32]) {
+    q8_0_rows_on(Isa::best(), weights, acts, out);
+}
+
+/// [`q4_1_rows`] with a chosen instruction set; one this CPU lacks runs the reference.
+pub fn q4_1_rows_on(isa: Isa, weights: &[BlockQ4_1], acts: &[&[ActivationBlock]], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        return avx2::q4_1_rows(weights, acts, out);
+    if isa.available() {
+        match isa {
+            Isa::Avx512Vnni => return simd::vnni::q4_1_rows(weights, acts, out),
+            Isa::Avx2 => return simd::avx2::q4_1_rows(weights, acts, out),
+            Isa::Scalar => {}
+        }
     }
     for (o, a) in out.iter_mut().zip(acts) {
         *o = q4_1_reference(weights, a);
     }
 }
 
-/// [`q4_1_rows`] for Q8_0 weights.
-pub fn q8_0_rows(weights: &[BlockQ8_0], acts: &[&[ActivationBlock]], out: &mut [f32]) {
+/// [`q8_0_rows`] with a chosen instruction set; one this CPU lacks runs the reference.
+pub fn q8_0_rows_on(isa: Isa, weights: &[BlockQ8_0], acts: &[&[ActivationBlock]], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        return avx2::q8_0_rows(weights, acts, out);
+    if isa.available() {
+        match isa {
+            Isa::Avx512Vnni => return simd::vnni::q8_0_rows(weights, acts, out),
+            Isa::Avx2 => return simd::avx2::q8_0_rows(weights, acts, out),
+            Isa::Scalar => {}
+        }
     }
     for (o, a) in out.iter_mut().zip(acts) {
         *o = q8_0_reference(weights, a);
@@ -96,36 +143,12 @@ pub const ACTIVATION_ROWS: usize = 4;
 
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
-mod avx2 {
-    //! The only unsafe code in Specula: SIMD intrinsics. Every entry point is called only after `has_avx2()`, and
-    //! every load reads a fixed-size array through a pointer to it.
+mod simd {
+    //! The only unsafe code in Specula: SIMD intrinsics. Every entry point is called only after
+    //! `Isa::available()`, and every load reads a fixed-size array through a pointer to it.
     use std::arch::x86_64::*;
 
-    use super::{ActivationBlock, BlockQ4_1, BlockQ8_0};
-
-    macro_rules! dispatch {
-        ($kernel:ident, $weights:expr, $acts:expr, $out:expr) => {
-            // SAFETY: the caller checked AVX2 and FMA at run time.
-            unsafe {
-                for (acts, out) in $acts.chunks(4).zip($out.chunks_mut(4)) {
-                    match acts.len() {
-                        4 => $kernel::<4>($weights, acts, out),
-                        3 => $kernel::<3>($weights, acts, out),
-                        2 => $kernel::<2>($weights, acts, out),
-                        _ => $kernel::<1>($weights, acts, out),
-                    }
-                }
-            }
-        };
-    }
-
-    pub fn q4_1_rows(weights: &[BlockQ4_1], acts: &[&[ActivationBlock]], out: &mut [f32]) {
-        dispatch!(q4_1, weights, acts, out)
-    }
-
-    pub fn q8_0_rows(weights: &[BlockQ8_0], acts: &[&[ActivationBlock]], out: &mut [f32]) {
-        dispatch!(q8_0, weights, acts, out)
-    }
+    use super::{ACTIVATION_ROWS, ActivationBlock, BlockQ4_1, BlockQ8_0};
 
     #[target_feature(enable = "avx2,fma")]
     fn hsum(x: __m256) -> f32 {
@@ -153,56 +176,123 @@ mod avx2 {
         (blocks, rows)
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    fn q4_1<const R: usize>(weights: &[BlockQ4_1], acts: &[&[ActivationBlock]], out: &mut [f32]) {
-        let (blocks, a) = common::<_, R>(weights, acts);
-        let low_nibbles = _mm256_set1_epi8(0x0F);
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = [_mm256_setzero_ps(); R];
-        let mut min_term = [0f32; R];
-        for (b, w) in weights.iter().enumerate().take(blocks) {
-            // SAFETY: reads exactly the 16 bytes of `qs`.
-            let packed = unsafe { _mm_loadu_si128(w.qs.as_ptr().cast()) };
-            let qw = _mm256_and_si256(
-                low_nibbles,
-                _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed),
-            );
-            let (d, m) = (w.d.to_f32(), w.m.to_f32());
-            for r in 0..R {
-                let ab = &a[r][b];
-                min_term[r] = m.mul_add(ab.s, min_term[r]);
-                let scale = _mm256_set1_ps(d * ab.d);
-                let products = _mm256_maddubs_epi16(qw, load32(&ab.qs));
-                let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(ones, products));
-                acc[r] = _mm256_fmadd_ps(scale, sums, acc[r]);
+    /// The kernels, written once and compiled for each instruction set with its own `idot`: eight lane sums of
+    /// four u8 × i8 products each.
+    macro_rules! kernels {
+        ($features:literal) => {
+            pub fn q4_1_rows(weights: &[BlockQ4_1], acts: &[&[ActivationBlock]], out: &mut [f32]) {
+                // SAFETY: the caller checked the instruction set at run time.
+                unsafe {
+                    for (acts, out) in acts
+                        .chunks(ACTIVATION_ROWS)
+                        .zip(out.chunks_mut(ACTIVATION_ROWS))
+                    {
+                        match acts.len() {
+                            4 => q4_1::<4>(weights, acts, out),
+                            3 => q4_1::<3>(weights, acts, out),
+                            2 => q4_1::<2>(weights, acts, out),
+                            _ => q4_1::<1>(weights, acts, out),
+                        }
+                    }
+                }
             }
-        }
-        for (r, o) in out.iter_mut().enumerate().take(R) {
-            *o = hsum(acc[r]) + min_term[r];
-        }
+
+            pub fn q8_0_rows(weights: &[BlockQ8_0], acts: &[&[ActivationBlock]], out: &mut [f32]) {
+                // SAFETY: the caller checked the instruction set at run time.
+                unsafe {
+                    for (acts, out) in acts
+                        .chunks(ACTIVATION_ROWS)
+                        .zip(out.chunks_mut(ACTIVATION_ROWS))
+                    {
+                        match acts.len() {
+                            4 => q8_0::<4>(weights, acts, out),
+                            3 => q8_0::<3>(weights, acts, out),
+                            2 => q8_0::<2>(weights, acts, out),
+                            _ => q8_0::<1>(weights, acts, out),
+                        }
+                    }
+                }
+            }
+
+            #[target_feature(enable = $features)]
+            fn q4_1<const R: usize>(
+                weights: &[BlockQ4_1],
+                acts: &[&[ActivationBlock]],
+                out: &mut [f32],
+            ) {
+                let (blocks, a) = common::<_, R>(weights, acts);
+                let low_nibbles = _mm256_set1_epi8(0x0F);
+                let mut acc = [_mm256_setzero_ps(); R];
+                let mut min_term = [0f32; R];
+                for (b, w) in weights.iter().enumerate().take(blocks) {
+                    // SAFETY: reads exactly the 16 bytes of `qs`.
+                    let packed = unsafe { _mm_loadu_si128(w.qs.as_ptr().cast()) };
+                    let qw = _mm256_and_si256(
+                        low_nibbles,
+                        _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed),
+                    );
+                    let (d, m) = (w.d.to_f32(), w.m.to_f32());
+                    for r in 0..R {
+                        let ab = &a[r][b];
+                        min_term[r] = m.mul_add(ab.s, min_term[r]);
+                        let scale = _mm256_set1_ps(d * ab.d);
+                        let sums = _mm256_cvtepi32_ps(idot(qw, load32(&ab.qs)));
+                        acc[r] = _mm256_fmadd_ps(scale, sums, acc[r]);
+                    }
+                }
+                for (r, o) in out.iter_mut().enumerate().take(R) {
+                    *o = hsum(acc[r]) + min_term[r];
+                }
+            }
+
+            #[target_feature(enable = $features)]
+            fn q8_0<const R: usize>(
+                weights: &[BlockQ8_0],
+                acts: &[&[ActivationBlock]],
+                out: &mut [f32],
+            ) {
+                let (blocks, a) = common::<_, R>(weights, acts);
+                let mut acc = [_mm256_setzero_ps(); R];
+                for (b, w) in weights.iter().enumerate().take(blocks) {
+                    let qw = load32(&w.qs);
+                    // u8 × i8 products: |w| times the activation carrying w's sign.
+                    let magnitude = _mm256_sign_epi8(qw, qw);
+                    let d = w.d.to_f32();
+                    for r in 0..R {
+                        let ab = &a[r][b];
+                        let scale = _mm256_set1_ps(d * ab.d);
+                        let signed = _mm256_sign_epi8(load32(&ab.qs), qw);
+                        let sums = _mm256_cvtepi32_ps(idot(magnitude, signed));
+                        acc[r] = _mm256_fmadd_ps(scale, sums, acc[r]);
+                    }
+                }
+                for (r, o) in out.iter_mut().enumerate().take(R) {
+                    *o = hsum(acc[r]);
+                }
+            }
+        };
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    fn q8_0<const R: usize>(weights: &[BlockQ8_0], acts: &[&[ActivationBlock]], out: &mut [f32]) {
-        let (blocks, a) = common::<_, R>(weights, acts);
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = [_mm256_setzero_ps(); R];
-        for (b, w) in weights.iter().enumerate().take(blocks) {
-            let qw = load32(&w.qs);
-            let magnitude = _mm256_sign_epi8(qw, qw);
-            let d = w.d.to_f32();
-            for r in 0..R {
-                let ab = &a[r][b];
-                let scale = _mm256_set1_ps(d * ab.d);
-                let products =
-                    _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(load32(&ab.qs), qw));
-                let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(ones, products));
-                acc[r] = _mm256_fmadd_ps(scale, sums, acc[r]);
-            }
+    pub mod avx2 {
+        use super::*;
+
+        #[target_feature(enable = "avx2,fma")]
+        fn idot(unsigned: __m256i, signed: __m256i) -> __m256i {
+            _mm256_madd_epi16(_mm256_set1_epi16(1), _mm256_maddubs_epi16(unsigned, signed))
         }
-        for (r, o) in out.iter_mut().enumerate().take(R) {
-            *o = hsum(acc[r]);
+
+        kernels!("avx2,fma");
+    }
+
+    pub mod vnni {
+        use super::*;
+
+        #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
+        fn idot(unsigned: __m256i, signed: __m256i) -> __m256i {
+            _mm256_dpbusd_epi32(_mm256_setzero_si256(), unsigned, signed)
         }
+
+        kernels!("avx2,fma,avx512vnni,avx512vl");
     }
 }
 
@@ -263,31 +353,37 @@ mod tests {
 
     #[test]
     fn simd_kernels_return_the_references_bits_for_every_row_count() {
+        eprintln!(
+            "instruction sets here: {:?}",
+            [Isa::Avx512Vnni, Isa::Avx2].map(Isa::available)
+        );
         let mut rng = ChaCha8Rng::seed_from_u64(7);
         for case in 0..200 {
             let blocks = 1 + case % 48;
-            let (_, acts) = quantized_rows(&mut rng, 6, blocks * 32);
+            let (_, acts) = quantized_rows(&mut rng, 10, blocks * 32);
             let q4 = random_q4_1(&mut rng, blocks);
             let q8 = random_q8_0(&mut rng, blocks);
-            for n in 1..=6 {
+            for n in 1..=10 {
                 let rows: Vec<&[ActivationBlock]> =
                     acts.iter().take(n).map(Vec::as_slice).collect();
-                let mut got = vec![f32::NAN; n];
-                q4_1_rows(&q4, &rows, &mut got);
-                for (g, row) in got.iter().zip(&rows) {
-                    assert_eq!(
-                        g.to_bits(),
-                        q4_1_reference(&q4, row).to_bits(),
-                        "Q4_1, {blocks} blocks, {n} rows"
-                    );
-                }
-                q8_0_rows(&q8, &rows, &mut got);
-                for (g, row) in got.iter().zip(&rows) {
-                    assert_eq!(
-                        g.to_bits(),
-                        q8_0_reference(&q8, row).to_bits(),
-                        "Q8_0, {blocks} blocks, {n} rows"
-                    );
+                for isa in [Isa::Avx512Vnni, Isa::Avx2, Isa::Scalar] {
+                    let mut got = vec![f32::NAN; n];
+                    q4_1_rows_on(isa, &q4, &rows, &mut got);
+                    for (g, row) in got.iter().zip(&rows) {
+                        assert_eq!(
+                            g.to_bits(),
+                            q4_1_reference(&q4, row).to_bits(),
+                            "Q4_1 {isa:?}, {blocks} blocks, {n} rows"
+                        );
+                    }
+                    q8_0_rows_on(isa, &q8, &rows, &mut got);
+                    for (g, row) in got.iter().zip(&rows) {
+                        assert_eq!(
+                            g.to_bits(),
+                            q8_0_reference(&q8, row).to_bits(),
+                            "Q8_0 {isa:?}, {blocks} blocks, {n} rows"
+                        );
+                    }
                 }
             }
         }
