@@ -201,9 +201,10 @@ mod tests {
         Trace::load(&path).unwrap().remove(0)
     }
 
+    /// Within 1e-7: the trace stores alpha as f32, which the hand computation read as decimal doubles.
     fn close(a: Option<f64>, b: f64) {
         let a = a.unwrap();
-        assert!((a - b).abs() < 1e-9, "{a} != {b}");
+        assert!((a - b).abs() < 1e-7, "{a} != {b}");
     }
 
     /// The expected values were computed by hand (a Python script summing the JSON fields) from

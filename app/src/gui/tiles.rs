@@ -56,19 +56,19 @@ impl Pane {
     }
 }
 
-/// Token stream on the left; the other panes as tabs on the right, wide enough that every tab title shows in a
-/// 1280-point window.
+/// The text views as tabs on the left (token stream first), the analysis views as tabs on the right; each side
+/// narrow enough in tabs that every title shows in a 1280-point window.
 pub fn default_tree() -> egui_tiles::Tree<Pane> {
+    const LEFT: [Pane; 3] = [Pane::TokenStream, Pane::Stats, Pane::Compare];
     let mut tiles = egui_tiles::Tiles::default();
-    let stream = tiles.insert_pane(Pane::TokenStream);
-    let tabs: Vec<_> = Pane::ALL[1..]
-        .iter()
-        .copied()
-        .map(|p| tiles.insert_pane(p))
-        .collect();
-    let right = tiles.insert_tab_tile(tabs);
+    let mut tabs = |panes: &mut dyn Iterator<Item = Pane>| {
+        let ids: Vec<_> = panes.map(|p| tiles.insert_pane(p)).collect();
+        tiles.insert_tab_tile(ids)
+    };
+    let left = tabs(&mut LEFT.into_iter());
+    let right = tabs(&mut Pane::ALL.into_iter().filter(|p| !LEFT.contains(p)));
     let root = tiles.insert_new(egui_tiles::Tile::Container(egui_tiles::Container::Linear(
-        egui_tiles::Linear::new_binary(egui_tiles::LinearDir::Horizontal, [stream, right], 0.36),
+        egui_tiles::Linear::new_binary(egui_tiles::LinearDir::Horizontal, [left, right], 0.45),
     )));
     egui_tiles::Tree::new(egui::Id::unique("specula_workbench"), root, tiles)
 }
