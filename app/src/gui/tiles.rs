@@ -172,3 +172,34 @@ impl egui_tiles::Behavior<Pane> for Behavior<'_, '_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn a_layout_saved_before_the_speedup_panes_is_replaced_and_the_default_survives_a_round_trip() {
+        let mut tiles = egui_tiles::Tiles::default();
+        let before = [
+            Pane::TokenStream,
+            Pane::Candidates,
+            Pane::DraftTree,
+            Pane::Plots,
+            Pane::Acceptance,
+            Pane::Stats,
+            Pane::Compare,
+        ]
+        .map(|p| tiles.insert_pane(p));
+        let root = tiles.insert_tab_tile(before.to_vec());
+        let old = egui_tiles::Tree::new(egui::Id::unique("old"), root, tiles);
+        let old: egui_tiles::Tree<Pane> =
+            serde_json::from_str(&serde_json::to_string(&old).unwrap()).unwrap();
+        assert!(!is_complete(&old));
+
+        let saved = serde_json::to_string(&default_tree()).unwrap();
+        let restored: egui_tiles::Tree<Pane> = serde_json::from_str(&saved).unwrap();
+        assert!(is_complete(&restored));
+    }
+}
