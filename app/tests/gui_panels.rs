@@ -556,3 +556,17 @@ fn compare_overlays_the_measure_the_user_picks() {
     let probs = Overlay::Probability.points(greedy, &tokens);
     assert_eq!(probs[3], [4.0, f64::from(tokens[3].prob())]);
 }
+
+#[test]
+fn snapshot_sweep_empty() {
+    let mut harness = new_harness(
+        SavePicker { save: None },
+        Rc::default(),
+        Err("No model found (test).".into()),
+    );
+    harness.state_mut().show_pane(Pane::Sweep);
+    harness.remove_cursor();
+    harness.run();
+    harness.get_by_label("No sweep yet");
+    harness.snapshot("sweep_empty");
+}
