@@ -195,6 +195,7 @@ impl Run {
                 .ok()
                 .map(|d| d.as_millis() as u64),
             forked_from: spec.fork.as_ref().map(|f| f.origin.clone()),
+            sweep_id: None,
         };
         Ok(Self {
             model: model.clone(),

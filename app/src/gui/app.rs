@@ -12,6 +12,7 @@ use super::backend::Backend;
 use super::command::{Command, CommandQueue};
 use super::cursor::{CursorMove, PlayMode, TimeCursor};
 use super::download::Download;
+use super::export::PanelExport;
 use super::panels::ViewCtx;
 use super::panels::prompt::PromptPanel;
 use super::panels::timeline::TimelinePanel;
@@ -19,6 +20,7 @@ use super::panels::top_bar::TopBar;
 use super::picker::FilePicker;
 use super::settings::Settings;
 use super::store::{ModelState, Notice, RunKey, RunStore};
+use super::sweep::Sweep;
 use super::tiles::{Behavior, Pane, Panels, default_tree, is_complete};
 
 const SETTINGS_KEY: &str = "specula_settings";
@@ -55,6 +57,10 @@ pub struct SpeculaApp {
     pub(super) backend: Box<dyn Backend>,
     pub(super) picker: Box<dyn FilePicker>,
     pub(super) download: Option<Download>,
+    /// A panel export waiting for its screenshot.
+    pub(super) export: Option<PanelExport>,
+    /// The draft-length sweep in progress.
+    pub(super) sweep: Option<Sweep>,
     pub(super) notice: Option<Notice>,
     pub(super) autorun: Option<String>,
     pub(super) commands: CommandQueue,
@@ -103,6 +109,8 @@ impl SpeculaApp {
             backend,
             picker: options.picker,
             download: None,
+            export: None,
+            sweep: None,
             notice: None,
             autorun: options.autorun,
             commands: CommandQueue::default(),
@@ -121,6 +129,16 @@ impl SpeculaApp {
 
     pub fn notice(&self) -> Option<&Notice> {
         self.notice.as_ref()
+    }
+
+    /// The sweep in progress, if any.
+    pub fn sweep(&self) -> Option<&Sweep> {
+        self.sweep.as_ref()
+    }
+
+    /// Where `pane` was drawn in the last frame (`None` when its tab is hidden).
+    pub fn pane_rect(&self, pane: Pane) -> Option<egui::Rect> {
+        self.panels.rect_of(pane)
     }
 
     pub fn settings_mut(&mut self) -> &mut Settings {
@@ -272,6 +290,7 @@ impl SpeculaApp {
 impl eframe::App for SpeculaApp {
     fn logic(&mut self, ctx: &egui::Context, _frame: &mut eframe::Frame) {
         self.drain_events(ctx);
+        self.advance_sweep();
         self.poll_download();
         self.start_autorun();
         self.take_dropped_files(ctx);
@@ -293,6 +312,7 @@ impl eframe::App for SpeculaApp {
             prompt_panel,
             timeline,
             download,
+            sweep,
             notice,
             commands,
             ..
@@ -303,6 +323,7 @@ impl eframe::App for SpeculaApp {
             focus: *focus,
             compare,
             download: download.as_ref(),
+            sweep: sweep.as_ref(),
             commands,
         };
         egui::Panel::top("top_bar").show(ui, |ui| {
@@ -321,9 +342,11 @@ impl eframe::App for SpeculaApp {
             .default_size(300.0)
             .min_size(220.0)
             .show(ui, |ui| prompt_panel.ui(ui, &view, &mut settings.run));
+        panels.begin_frame();
         egui::CentralPanel::default().show(ui, |ui| {
             tree.ui(&mut Behavior { panels, ctx: &view }, ui);
         });
+        self.poll_export(ui.ctx());
         let commands = self.commands.take();
         if !commands.is_empty() {
             // The frame just drawn predates these changes: draw another.

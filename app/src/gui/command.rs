@@ -8,6 +8,7 @@ use specula_core::MethodParams;
 
 use super::cursor::CursorMove;
 use super::store::RunKey;
+use super::tiles::Pane;
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Command {
@@ -48,6 +49,12 @@ pub enum Command {
     ToggleCompare(RunKey),
     SetDarkMode(bool),
     DismissNotice,
+    /// Export a panel as PNG: ask where, then screenshot the window and crop it to the panel.
+    ExportPanel(Pane),
+    /// Run the prompt panel's prompt and settings as plain decoding, then speculatively with draft lengths
+    /// 1..=12, one run after the other.
+    StartSweep,
+    CancelSweep,
 }
 
 /// The queue panels push into. `&self` so that a shared view context can hand it to every panel.

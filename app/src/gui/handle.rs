@@ -83,6 +83,9 @@ impl SpeculaApp {
                 });
             }
             Command::DismissNotice => self.notice = None,
+            Command::ExportPanel(pane) => self.start_export(pane),
+            Command::StartSweep => self.start_sweep(),
+            Command::CancelSweep => self.cancel_sweep(),
         }
     }
 
@@ -94,7 +97,7 @@ impl SpeculaApp {
     }
 
     /// Why a run cannot start now, if it cannot.
-    fn model_problem(&self) -> Option<String> {
+    pub(super) fn model_problem(&self) -> Option<String> {
         match &self.store.model {
             ModelState::Loaded { .. } => None,
             ModelState::Loading { .. } => Some("the model is still loading; try again in a moment.".to_owned()),
@@ -239,7 +242,7 @@ impl SpeculaApp {
 }
 
 /// A file name from a run label: letters, digits, dots and dashes; the rest become dashes.
-fn file_stem(label: &str) -> String {
+pub(super) fn file_stem(label: &str) -> String {
     let stem: String = label
         .chars()
         .map(|c| {
@@ -258,7 +261,7 @@ fn file_stem(label: &str) -> String {
     }
 }
 
-fn with_extension_if_missing(path: PathBuf, extension: &str) -> PathBuf {
+pub(super) fn with_extension_if_missing(path: PathBuf, extension: &str) -> PathBuf {
     if path.extension().is_some() {
         path
     } else {

@@ -18,13 +18,16 @@ pub mod backend;
 pub mod command;
 pub mod cursor;
 pub mod download;
+pub mod export;
 pub mod fork;
 mod handle;
 pub mod panels;
 pub mod picker;
 pub mod settings;
 pub mod spec;
+pub mod speedup;
 pub mod store;
+pub mod sweep;
 pub mod tiles;
 
 pub use app::{AppOptions, SpeculaApp};

@@ -178,6 +178,8 @@ impl Notice {
 struct PendingRun {
     /// Select the run when it starts (true for runs the user started; forks too).
     select: bool,
+    /// The draft-length sweep the run belongs to; written into its header, so a saved sweep can be rebuilt.
+    sweep_id: Option<u64>,
 }
 
 pub struct RunStore {
@@ -279,10 +281,33 @@ impl RunStore {
 
     /// Remembers a run the worker was just asked to start.
     pub fn expect_run(&mut self, id: RunId, select: bool) {
-        self.pending.insert(id, PendingRun { select });
+        self.pending.insert(
+            id,
+            PendingRun {
+                select,
+                sweep_id: None,
+            },
+        );
     }
 
-    fn key_of(&self, id: RunId) -> Option<RunKey> {
+    /// Remembers a run a sweep just started; it is not selected, so the cursor stays on what the user reads.
+    pub fn expect_sweep_run(&mut self, id: RunId, sweep_id: u64) {
+        self.pending.insert(
+            id,
+            PendingRun {
+                select: false,
+                sweep_id: Some(sweep_id),
+            },
+        );
+    }
+
+    /// True while the worker has not confirmed (or refused) run `id`.
+    pub fn is_pending(&self, id: RunId) -> bool {
+        self.pending.contains_key(&id)
+    }
+
+    /// The store's key of the worker's run `id`, once it started.
+    pub fn key_of(&self, id: RunId) -> Option<RunKey> {
         self.runs
             .iter()
             .find(|(_, r)| r.origin == RunOrigin::Live(id))
@@ -323,8 +348,12 @@ impl RunStore {
                 self.model = ModelState::Failed { path, error };
                 None
             }
-            Event::RunStarted { id, header } => {
-                let select = self.pending.remove(&id).is_some_and(|p| p.select);
+            Event::RunStarted { id, mut header } => {
+                let pending = self.pending.remove(&id);
+                let select = pending.as_ref().is_some_and(|p| p.select);
+                if let Some(sweep_id) = pending.and_then(|p| p.sweep_id) {
+                    header.sweep_id = Some(sweep_id);
+                }
                 let key = self.add(Trace::new(*header), RunStatus::Running, RunOrigin::Live(id));
                 if select {
                     self.selected = Some(key);

@@ -3,13 +3,16 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::command::Command;
 use super::panels::ViewCtx;
 use super::panels::acceptance::AcceptancePanel;
 use super::panels::candidates::CandidatesPanel;
 use super::panels::compare::ComparePanel;
 use super::panels::draft_tree::DraftTreePanel;
 use super::panels::plots::PlotsPanel;
+use super::panels::speedup::SpeedupPanel;
 use super::panels::stats::StatsPanel;
+use super::panels::sweep::SweepPanel;
 use super::panels::token_stream::TokenStreamPanel;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -21,15 +24,19 @@ pub enum Pane {
     Compare,
     DraftTree,
     Acceptance,
+    Speedup,
+    Sweep,
 }
 
 impl Pane {
-    pub const ALL: [Pane; 7] = [
+    pub const ALL: [Pane; 9] = [
         Pane::TokenStream,
         Pane::Candidates,
         Pane::DraftTree,
         Pane::Plots,
         Pane::Acceptance,
+        Pane::Speedup,
+        Pane::Sweep,
         Pane::Stats,
         Pane::Compare,
     ];
@@ -43,28 +50,31 @@ impl Pane {
             Pane::Compare => "Compare",
             Pane::DraftTree => "Draft tree",
             Pane::Acceptance => "Acceptance",
+            Pane::Speedup => "Speedup",
+            Pane::Sweep => "Draft sweep",
         }
     }
 }
 
-/// Token stream on the left; the other panes as tabs on the right, wide enough that every tab title shows in a
-/// 1280-point window.
+/// The text views as tabs on the left (token stream first), the analysis views as tabs on the right; each side
+/// narrow enough in tabs that every title shows in a 1280-point window.
 pub fn default_tree() -> egui_tiles::Tree<Pane> {
+    const LEFT: [Pane; 3] = [Pane::TokenStream, Pane::Stats, Pane::Compare];
     let mut tiles = egui_tiles::Tiles::default();
-    let stream = tiles.insert_pane(Pane::TokenStream);
-    let tabs: Vec<_> = Pane::ALL[1..]
-        .iter()
-        .copied()
-        .map(|p| tiles.insert_pane(p))
-        .collect();
-    let right = tiles.insert_tab_tile(tabs);
+    let mut tabs = |panes: &mut dyn Iterator<Item = Pane>| {
+        let ids: Vec<_> = panes.map(|p| tiles.insert_pane(p)).collect();
+        tiles.insert_tab_tile(ids)
+    };
+    let left = tabs(&mut LEFT.into_iter());
+    let right = tabs(&mut Pane::ALL.into_iter().filter(|p| !LEFT.contains(p)));
     let root = tiles.insert_new(egui_tiles::Tile::Container(egui_tiles::Container::Linear(
-        egui_tiles::Linear::new_binary(egui_tiles::LinearDir::Horizontal, [stream, right], 0.45),
+        egui_tiles::Linear::new_binary(egui_tiles::LinearDir::Horizontal, [left, right], 0.45),
     )));
     egui_tiles::Tree::new(egui::Id::unique("specula_workbench"), root, tiles)
 }
 
-/// A persisted tree is usable only when it still holds every pane once (an older version may lack one).
+/// A persisted tree is usable only when it still holds every pane once (an older version may lack one, and is
+/// then replaced by the default layout).
 pub fn is_complete(tree: &egui_tiles::Tree<Pane>) -> bool {
     Pane::ALL.iter().all(|p| {
         tree.tiles
@@ -85,6 +95,21 @@ pub struct Panels {
     pub compare: ComparePanel,
     pub draft_tree: DraftTreePanel,
     pub acceptance: AcceptancePanel,
+    pub speedup: SpeedupPanel,
+    pub sweep: SweepPanel,
+    /// Where each pane was drawn this frame (panes in a hidden tab are absent); a panel export crops to it.
+    rects: Vec<(Pane, egui::Rect)>,
+}
+
+impl Panels {
+    /// Forgets last frame's rects; called before the panes are drawn.
+    pub fn begin_frame(&mut self) {
+        self.rects.clear();
+    }
+
+    pub fn rect_of(&self, pane: Pane) -> Option<egui::Rect> {
+        self.rects.iter().find(|(p, _)| *p == pane).map(|(_, r)| *r)
+    }
 }
 
 pub struct Behavior<'a, 'b> {
@@ -99,6 +124,7 @@ impl egui_tiles::Behavior<Pane> for Behavior<'_, '_> {
         _tile_id: egui_tiles::TileId,
         pane: &mut Pane,
     ) -> egui_tiles::UiResponse {
+        self.panels.rects.push((*pane, ui.max_rect()));
         // Panes get a margin so text does not touch the tile edges.
         egui::Frame::new()
             .inner_margin(6.0)
@@ -110,6 +136,8 @@ impl egui_tiles::Behavior<Pane> for Behavior<'_, '_> {
                 Pane::Compare => self.panels.compare.ui(ui, self.ctx),
                 Pane::DraftTree => self.panels.draft_tree.ui(ui, self.ctx),
                 Pane::Acceptance => self.panels.acceptance.ui(ui, self.ctx),
+                Pane::Speedup => self.panels.speedup.ui(ui, self.ctx),
+                Pane::Sweep => self.panels.sweep.ui(ui, self.ctx),
             });
         egui_tiles::UiResponse::None
     }
@@ -118,11 +146,60 @@ impl egui_tiles::Behavior<Pane> for Behavior<'_, '_> {
         pane.title().into()
     }
 
+    /// Right-clicking a pane's tab offers to export the pane.
+    fn on_tab_button(
+        &mut self,
+        tiles: &mut egui_tiles::Tiles<Pane>,
+        tile_id: egui_tiles::TileId,
+        button_response: egui::Response,
+    ) -> egui::Response {
+        if let Some(egui_tiles::Tile::Pane(pane)) = tiles.get(tile_id) {
+            let pane = *pane;
+            button_response.context_menu(|ui| {
+                if ui.button("Export as PNG…").clicked() {
+                    self.ctx.send(Command::ExportPanel(pane));
+                }
+            });
+        }
+        button_response
+    }
+
     fn simplification_options(&self) -> egui_tiles::SimplificationOptions {
         // Keep a tab bar over single panes too, so every pane can be dragged by its title.
         egui_tiles::SimplificationOptions {
             all_panes_must_have_tabs: true,
             ..Default::default()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn a_layout_saved_before_the_speedup_panes_is_replaced_and_the_default_survives_a_round_trip() {
+        let mut tiles = egui_tiles::Tiles::default();
+        let before = [
+            Pane::TokenStream,
+            Pane::Candidates,
+            Pane::DraftTree,
+            Pane::Plots,
+            Pane::Acceptance,
+            Pane::Stats,
+            Pane::Compare,
+        ]
+        .map(|p| tiles.insert_pane(p));
+        let root = tiles.insert_tab_tile(before.to_vec());
+        let old = egui_tiles::Tree::new(egui::Id::unique("old"), root, tiles);
+        let old: egui_tiles::Tree<Pane> =
+            serde_json::from_str(&serde_json::to_string(&old).unwrap()).unwrap();
+        assert!(!is_complete(&old));
+
+        let saved = serde_json::to_string(&default_tree()).unwrap();
+        let restored: egui_tiles::Tree<Pane> = serde_json::from_str(&saved).unwrap();
+        assert!(is_complete(&restored));
     }
 }

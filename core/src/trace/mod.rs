@@ -84,6 +84,10 @@ pub struct RunHeader {
     /// Set when this run was forked from another one by forcing a token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forked_from: Option<ForkOrigin>,
+    /// Runs started together by a draft-length sweep share this id (the sweep's start time, unix ms), so the
+    /// sweep can be rebuilt from saved traces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sweep_id: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -1,5 +1,6 @@
 //! Runs side by side: their tokens aligned by position (one row per position), the first position where they
-//! part marked, the cursor's row highlighted, and their entropy curves overlaid.
+//! part marked, the cursor's row highlighted, and one measure of theirs overlaid (entropy, chosen-token
+//! probability or time per step, as the user picks).
 
 use egui::{Color32, RichText, Sense};
 use egui_plot::{Line, Plot, PlotPoints, VLine};
@@ -19,7 +20,77 @@ const RUN_COLORS: &[Color32] = &[
 ];
 
 #[derive(Default)]
-pub struct ComparePanel;
+pub struct ComparePanel {
+    overlay: Overlay,
+}
+
+/// What the overlaid curves show.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Overlay {
+    #[default]
+    Entropy,
+    Probability,
+    StepTime,
+}
+
+impl Overlay {
+    const ALL: [Overlay; 3] = [Overlay::Entropy, Overlay::Probability, Overlay::StepTime];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Entropy => "entropy",
+            Self::Probability => "chosen-token probability",
+            Self::StepTime => "time per step",
+        }
+    }
+
+    fn caption(self) -> &'static str {
+        match self {
+            Self::Entropy => {
+                "Entropy per token (nats); the colours match the column headers below."
+            }
+            Self::Probability => {
+                "Probability of each chosen token; the colours match the column headers below."
+            }
+            Self::StepTime => {
+                "Time per step (ms; step 1, which reads the prompt, is left out); a speculative step commits \
+                 several tokens. The colours match the column headers below."
+            }
+        }
+    }
+
+    fn x_label(self) -> &'static str {
+        match self {
+            Self::StepTime => "step",
+            _ => "token",
+        }
+    }
+
+    /// The curve of one run: x from 1 (token or step), y the measure; missing values leave gaps.
+    pub fn points(self, run: &RunEntry, tokens: &[&TokenRecord]) -> Vec<[f64; 2]> {
+        match self {
+            Self::Entropy => per_token(tokens, |t| f64::from(t.entropy)),
+            Self::Probability => per_token(tokens, |t| f64::from(t.prob())),
+            // The prompt step costs tens of decode steps and would flatten every curve.
+            Self::StepTime => run
+                .trace
+                .steps
+                .iter()
+                .enumerate()
+                .skip(1)
+                .filter_map(|(i, s)| s.timing.map(|t| [(i + 1) as f64, t.total_ms]))
+                .collect(),
+        }
+    }
+}
+
+fn per_token(tokens: &[&TokenRecord], value: fn(&TokenRecord) -> f64) -> Vec<[f64; 2]> {
+    tokens
+        .iter()
+        .enumerate()
+        .map(|(j, t)| [(j + 1) as f64, value(t)])
+        .collect()
+}
 
 /// The first position where the runs' token ids differ (or one run ends before another).
 pub fn first_divergence(runs: &[Vec<&TokenRecord>]) -> Option<usize> {
@@ -59,7 +130,11 @@ impl ComparePanel {
         let focus_row = ctx
             .selected()
             .and_then(|_| ctx.focused_token().map(|t| t.index));
-        self.entropy_ui(ui, &runs, &tokens, focus_row);
+        let cursor_x = match self.overlay {
+            Overlay::StepTime => ctx.selected().map(|_| ctx.cursor.step + 1),
+            _ => focus_row.map(|f| f + 1),
+        };
+        self.overlay_ui(ui, &runs, &tokens, cursor_x);
         self.rows_ui(ui, ctx, &runs, &tokens, divergence, focus_row);
     }
 
@@ -75,37 +150,54 @@ impl ComparePanel {
         });
     }
 
-    fn entropy_ui(
-        &self,
+    fn overlay_ui(
+        &mut self,
         ui: &mut egui::Ui,
         runs: &[(RunKey, &RunEntry)],
         tokens: &[Vec<&TokenRecord>],
-        focus: Option<usize>,
+        cursor_x: Option<usize>,
     ) {
-        ui.label("Entropy per token (nats); the colours match the column headers below.");
-        readable_axes(Plot::new("compare_entropy"), "token", "")
-            .height(150.0)
-            .allow_drag(false)
-            .allow_scroll(false)
-            .include_y(0.0)
-            .show(ui, |plot_ui| {
-                for (i, ((_, run), toks)) in runs.iter().zip(tokens).enumerate() {
-                    let points: PlotPoints<'_> = toks
-                        .iter()
-                        .enumerate()
-                        .map(|(j, t)| [(j + 1) as f64, f64::from(t.entropy)])
-                        .collect();
-                    plot_ui.line(
-                        Line::new(run.label().to_owned(), points)
-                            .color(RUN_COLORS[i % RUN_COLORS.len()]),
-                    );
-                }
-                if let Some(f) = focus {
-                    plot_ui.vline(
-                        VLine::new("cursor", (f + 1) as f64).color(Color32::from_rgb(230, 50, 50)),
-                    );
-                }
-            });
+        ui.horizontal_wrapped(|ui| {
+            ui.label("Overlay:");
+            for overlay in Overlay::ALL {
+                ui.selectable_value(&mut self.overlay, overlay, overlay.name());
+            }
+        });
+        let overlay = self.overlay;
+        let curves: Vec<Vec<[f64; 2]>> = runs
+            .iter()
+            .zip(tokens)
+            .map(|((_, run), toks)| overlay.points(run, toks))
+            .collect();
+        ui.label(overlay.caption());
+        if curves.iter().all(Vec::is_empty) {
+            ui.label(
+                RichText::new("Not recorded in these traces (deterministic traces keep no times).")
+                    .weak(),
+            );
+            return;
+        }
+        // One plot id per measure, so each keeps its own zoom.
+        readable_axes(
+            Plot::new(("compare_overlay", overlay)),
+            overlay.x_label(),
+            "",
+        )
+        .height(150.0)
+        .allow_drag(false)
+        .allow_scroll(false)
+        .include_y(0.0)
+        .show(ui, |plot_ui| {
+            for (i, ((_, run), points)) in runs.iter().zip(curves).enumerate() {
+                plot_ui.line(
+                    Line::new(run.label().to_owned(), PlotPoints::from(points))
+                        .color(RUN_COLORS[i % RUN_COLORS.len()]),
+                );
+            }
+            if let Some(x) = cursor_x {
+                plot_ui.vline(VLine::new("cursor", x as f64).color(Color32::from_rgb(230, 50, 50)));
+            }
+        });
     }
 
     fn rows_ui(

@@ -7,6 +7,7 @@ use super::command::{Command, CommandQueue};
 use super::cursor::TimeCursor;
 use super::download::Download;
 use super::store::{RunEntry, RunKey, RunStore, TokenAt, tokens_through_step, tokens_with_steps};
+use super::sweep::Sweep;
 
 pub mod acceptance;
 pub mod candidates;
@@ -18,7 +19,9 @@ pub mod model_panel;
 pub mod plots;
 pub mod prompt;
 pub mod spec_stats;
+pub mod speedup;
 pub mod stats;
+pub mod sweep;
 pub mod timeline;
 pub mod token_stream;
 pub mod tokens;
@@ -33,6 +36,8 @@ pub struct ViewCtx<'a> {
     /// Runs picked for the Compare panel (empty: every run).
     pub compare: &'a BTreeSet<RunKey>,
     pub download: Option<&'a Download>,
+    /// The draft-length sweep in progress.
+    pub sweep: Option<&'a Sweep>,
     pub commands: &'a CommandQueue,
 }
 

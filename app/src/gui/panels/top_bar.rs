@@ -9,6 +9,7 @@ use super::model_panel::model_status_ui;
 use crate::gui::command::Command;
 use crate::gui::settings::{METHODS, RunSettings};
 use crate::gui::store::RunStatus;
+use crate::gui::tiles::Pane;
 
 pub struct TopBar {
     /// Example traces found at start (assets/traces/*.jsonl).
@@ -44,6 +45,13 @@ impl TopBar {
                 if ui.add_enabled(has_run, egui::Button::new("Export CSV…")).clicked() {
                     ctx.send(Command::ExportCsv);
                 }
+                ui.menu_button("Export panel as PNG", |ui| {
+                    for pane in Pane::ALL {
+                        if ui.button(format!("{}…", pane.title())).clicked() {
+                            ctx.send(Command::ExportPanel(pane));
+                        }
+                    }
+                });
                 ui.separator();
                 if ui.button("Load model…").clicked() {
                     ctx.send(Command::LoadModel(None));

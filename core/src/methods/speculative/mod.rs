@@ -417,6 +417,22 @@ impl DecodingMethod for Speculative {
     }
 }
 
+/// Expected tokens committed per draft-and-verify round when each of `k` drafts is accepted independently with
+/// probability `alpha` (the accepted prefix plus the verifier's own token): (1 - a^(k+1)) / (1 - a).
+pub fn expected_tokens_per_round(alpha: f64, k: f64) -> f64 {
+    if (1.0 - alpha).abs() < 1e-9 {
+        k + 1.0
+    } else {
+        (1.0 - alpha.powf(k + 1.0)) / (1.0 - alpha)
+    }
+}
+
+/// The speedup the i.i.d. model of Leviathan et al. predicts, (1 - a^(k+1)) / ((1 - a)(k c + 1)), with `c` the
+/// cost of drafting one token relative to a verification forward (assumed to cost one plain step).
+pub fn predicted_speedup(alpha: f64, k: f64, c: f64) -> f64 {
+    expected_tokens_per_round(alpha, k) / (k * c + 1.0)
+}
+
 /// The speculative figures of a finished run, for `specula run --json`: drafted and accepted counts, mean
 /// accepted tokens per target forward, acceptance rate, mean alpha, the measured draft/target cost ratio c and
 /// the speedup the i.i.d. model predicts from them, (1 - a^(k+1)) / ((1 - a)(k c + 1)) with k the mean draft
@@ -458,11 +474,7 @@ pub fn speculative_summary(trace: &crate::trace::Trace) -> Option<serde_json::Va
         0.0
     };
     let k = drafted / rounds;
-    let predicted = if (1.0 - alpha).abs() < 1e-9 {
-        (k + 1.0) / (k * c + 1.0)
-    } else {
-        (1.0 - alpha.powf(k + 1.0)) / ((1.0 - alpha) * (k * c + 1.0))
-    };
+    let predicted = predicted_speedup(alpha, k, c);
     Some(serde_json::json!({
         "draft_n": summary.draft_n,
         "draft_n_accepted": summary.draft_n_accepted,
