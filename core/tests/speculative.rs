@@ -127,6 +127,11 @@ fn draft_model_drafting_for_itself_is_always_accepted() {
 }
 
 #[test]
+fn greedy_lossless_lookahead() {
+    greedy_lossless("lookahead");
+}
+
+#[test]
 fn greedy_lossless_prompt_lookup() {
     greedy_lossless("prompt-lookup");
 }

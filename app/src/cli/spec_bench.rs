@@ -35,6 +35,9 @@ pub struct SpecBenchArgs {
     /// Draft length (tree depth for token-recycling).
     #[arg(long, default_value_t = 4)]
     pub draft_len: usize,
+    /// Node budget of tree drafters (token-recycling).
+    #[arg(long, default_value_t = 16)]
+    pub tree_size: usize,
     /// Spec-Bench's question.jsonl.
     #[arg(long, default_value = "assets/spec-bench/question.jsonl")]
     pub questions: PathBuf,
@@ -165,6 +168,7 @@ fn decode(
             speculative: SpeculativeParams {
                 drafter: drafter.unwrap_or("prompt-lookup").into(),
                 draft_len: args.draft_len,
+                tree_size: args.tree_size,
                 ..SpeculativeParams::default()
             },
             ..MethodParams::default()

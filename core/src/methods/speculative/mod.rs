@@ -25,6 +25,7 @@ pub mod draft_model;
 pub mod drafter;
 pub mod early_exit;
 pub mod layer_skip;
+pub mod lookahead;
 pub mod prompt_lookup;
 pub mod token_recycling;
 pub mod verifier;
@@ -37,6 +38,7 @@ pub const DRAFTER_NAMES: &[&str] = &[
     "layer-skip",
     "token-recycling",
     "early-exit",
+    "lookahead",
     "model",
 ];
 
@@ -131,6 +133,7 @@ pub fn create_drafter(
         "prompt-lookup" => Ok(Box::new(prompt_lookup::PromptLookup)),
         "layer-skip" => Ok(Box::new(layer_skip::LayerSkip::default())),
         "early-exit" => Ok(Box::new(early_exit::EarlyExit)),
+        "lookahead" => Ok(Box::new(lookahead::Lookahead::default())),
         other => Err(bad_param(
             "drafter",
             other,
