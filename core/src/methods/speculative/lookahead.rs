@@ -166,15 +166,17 @@ mod tests {
 
     #[test]
     fn diagonals_of_the_iterations_become_ngrams() {
-        let mut la = Lookahead::default();
         // Four iterations over positions 10.., each token the model's pick after the previous level's token at
         // the previous position: the diagonal from (level 0, position 10) reads 1, 2, 3, 4.
-        la.levels = VecDeque::from(vec![
-            (10, vec![1, 7, 7]),
-            (10, vec![9, 2, 7]),
-            (10, vec![9, 9, 3]),
-            (11, vec![9, 9, 4]),
-        ]);
+        let mut la = Lookahead {
+            levels: VecDeque::from(vec![
+                (10, vec![1, 7, 7]),
+                (10, vec![9, 2, 7]),
+                (10, vec![9, 9, 3]),
+                (11, vec![9, 9, 4]),
+            ]),
+            ..Lookahead::default()
+        };
         la.harvest();
         assert_eq!(la.pool.get(&1), Some(&vec![vec![2, 3, 4]]));
         // Positions past a level's end give no n-gram.
