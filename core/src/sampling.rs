@@ -243,8 +243,18 @@ pub struct PositionStats {
 
 impl PositionStats {
     pub fn new(logits: &[f32]) -> Self {
-        let logprobs = log_softmax(logits);
-        let entropy = entropy(&logprobs);
+        // One pass of exponentials gives both the normaliser and the entropy (H = log Z − Σ p·l): this runs on
+        // every committed token, and a second pass over the vocabulary cost ~4% of decode speed.
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let (mut sum, mut weighted) = (0f64, 0f64);
+        for &l in logits {
+            let e = f64::from((l - max).exp());
+            sum += e;
+            weighted += e * f64::from(l - max);
+        }
+        let log_z = f64::from(max) + sum.ln();
+        let logprobs: Vec<f32> = logits.iter().map(|&l| (f64::from(l) - log_z) as f32).collect();
+        let entropy = (sum.ln() - weighted / sum).max(0.0) as f32;
         let top = top_n(&logprobs, TOP_CANDIDATES);
         Self {
             logprobs,
@@ -386,6 +396,18 @@ mod tests {
         assert_eq!(s.rank(1), 0);
         assert_eq!(s.rank(2), 1);
         assert_eq!(s.rank(3), 4);
+    }
+
+    #[test]
+    fn one_pass_stats_equal_the_two_pass_definitions() {
+        let logits: Vec<f32> = (0..5000).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
+        let s = PositionStats::new(&logits);
+        let reference = log_softmax(&logits);
+        for (a, b) in s.logprobs.iter().zip(&reference) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+        let h = entropy(&reference);
+        assert!((s.entropy - h).abs() < 1e-4, "{} vs {h}", s.entropy);
     }
 
     #[test]
