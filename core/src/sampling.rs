@@ -95,23 +95,41 @@ pub fn argmax(values: &[f32]) -> u32 {
 }
 
 /// Ids of the `n` largest values, best first (ties to the lower id).
+///
+/// One scan that keeps the best `n` so far: almost every value fails the first comparison with the current
+/// n-th, so this costs about one pass over the vocabulary (it runs several times per committed token).
 pub fn top_n(values: &[f32], n: usize) -> Vec<u32> {
-    let mut ids: Vec<u32> = (0..values.len() as u32).collect();
-    let by_value_desc = |a: &u32, b: &u32| {
-        values[*b as usize]
-            .total_cmp(&values[*a as usize])
-            .then(a.cmp(b))
-    };
-    let n = n.min(ids.len());
-    if n == 0 {
-        return Vec::new();
+    let n = n.min(values.len());
+    if n > 64 {
+        // Insertion into a long list would be quadratic: select, then sort.
+        let by_value_desc = |a: &u32, b: &u32| {
+            values[*b as usize]
+                .total_cmp(&values[*a as usize])
+                .then(a.cmp(b))
+        };
+        let mut ids: Vec<u32> = (0..values.len() as u32).collect();
+        if n < ids.len() {
+            ids.select_nth_unstable_by(n - 1, by_value_desc);
+            ids.truncate(n);
+        }
+        ids.sort_unstable_by(by_value_desc);
+        return ids;
     }
-    if n < ids.len() {
-        ids.select_nth_unstable_by(n - 1, by_value_desc);
-        ids.truncate(n);
+    let mut best: Vec<(f32, u32)> = Vec::with_capacity(n + 1);
+    for (i, &v) in values.iter().enumerate() {
+        // Ids arrive in increasing order, so an equal value ranks after everything kept: skip it when full.
+        if best.len() == n
+            && best
+                .last()
+                .is_none_or(|&(worst, _)| v.total_cmp(&worst).is_le())
+        {
+            continue;
+        }
+        let at = best.partition_point(|&(b, _)| b.total_cmp(&v).is_ge());
+        best.insert(at, (v, i as u32));
+        best.truncate(n);
     }
-    ids.sort_unstable_by(by_value_desc);
-    ids
+    best.into_iter().map(|(_, id)| id).collect()
 }
 
 /// A warped distribution: the tokens that survived the warpers with their renormalised probabilities, most
@@ -253,7 +271,10 @@ impl PositionStats {
             weighted += e * f64::from(l - max);
         }
         let log_z = f64::from(max) + sum.ln();
-        let logprobs: Vec<f32> = logits.iter().map(|&l| (f64::from(l) - log_z) as f32).collect();
+        let logprobs: Vec<f32> = logits
+            .iter()
+            .map(|&l| (f64::from(l) - log_z) as f32)
+            .collect();
         let entropy = (sum.ln() - weighted / sum).max(0.0) as f32;
         let top = top_n(&logprobs, TOP_CANDIDATES);
         Self {
@@ -399,8 +420,25 @@ mod tests {
     }
 
     #[test]
+    fn top_n_equals_a_full_sort_with_ties_to_the_lower_id() {
+        let values: Vec<f32> = (0..3000).map(|i| ((i * 7919 % 613) / 5) as f32).collect();
+        for n in [0, 1, 5, 20, 3000, 4000] {
+            let mut ids: Vec<u32> = (0..values.len() as u32).collect();
+            ids.sort_by(|&a, &b| {
+                values[b as usize]
+                    .total_cmp(&values[a as usize])
+                    .then(a.cmp(&b))
+            });
+            ids.truncate(n);
+            assert_eq!(top_n(&values, n), ids, "n = {n}");
+        }
+    }
+
+    #[test]
     fn one_pass_stats_equal_the_two_pass_definitions() {
-        let logits: Vec<f32> = (0..5000).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
+        let logits: Vec<f32> = (0..5000)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
         let s = PositionStats::new(&logits);
         let reference = log_softmax(&logits);
         for (a, b) in s.logprobs.iter().zip(&reference) {
