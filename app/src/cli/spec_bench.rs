@@ -132,6 +132,20 @@ pub fn spec_bench(model_path: Option<&Path>, n: usize, args: &SpecBenchArgs) -> 
                         q.question_id
                     );
                 }
+                // One line per run as it finishes, so an interrupted benchmark still leaves its data.
+                println!(
+                    "{}",
+                    json!({
+                        "question_id": q.question_id,
+                        "category": category,
+                        "drafter": drafter,
+                        "generated": summary.generated_tokens,
+                        "target_forwards": summary.target_forward_calls,
+                        "wall_ms": wall_ms(&run),
+                        "plain_wall_ms": plain_wall,
+                        "identical": identical,
+                    })
+                );
                 let cell = Cell {
                     prompts: 1,
                     generated: summary.generated_tokens as u64,
