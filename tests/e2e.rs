@@ -186,19 +186,38 @@ fn bench_prints_its_figures() {
         "--json",
         "--decode-tokens",
         "16",
-        "--repeats",
+        "--runs",
         "1",
+        "--no-memory",
     ]));
     for key in [
         "prefill_tokens_per_s",
         "decode_tokens_per_s",
-        "forward_ms",
-        "verify8_over_step",
+        "forward_only_tokens_per_s",
+        "attention_capture_tokens_per_s",
+        "busy_thread_decode_tokens_per_s",
     ] {
-        assert!(v.get(key).is_some(), "bench --json lacks `{key}`: {v}");
+        let median = v[key]["median"].as_f64();
+        assert!(
+            median.is_some_and(|m| m > 0.0),
+            "bench --json lacks `{key}`: {v}"
+        );
+    }
+    for key in [
+        "verify8_over_step",
+        "verify16_over_step",
+        "trace_capture_cost",
+        "attention_capture_cost_last_2_layers",
+        "busy_thread_over_idle",
+    ] {
+        assert!(v[key].is_f64(), "bench --json lacks `{key}`: {v}");
     }
     for k in ["1", "2", "4", "8", "16"] {
-        assert!(v["forward_ms"][k].as_f64().unwrap() > 0.0);
+        let ms = v["forward_ms_after_64_token_prefill"][k]["median"].as_f64();
+        assert!(
+            ms.is_some_and(|ms| ms > 0.0),
+            "no {k}-token forward time: {v}"
+        );
     }
 }
 
