@@ -1,7 +1,9 @@
 //! What the user set up in the prompt panel and the view menu; persisted across sessions by eframe.
 
 use serde::{Deserialize, Serialize};
-use specula_core::trace::{SamplingParams, SearchParams, SpeculativeParams};
+use specula_core::trace::{
+    AdaptiveParams, InspectParams, SamplingParams, SearchParams, SpeculativeParams,
+};
 use specula_core::{MethodParams, PromptSpec, RunSpec};
 
 /// The decoding methods the GUI offers, as `specula run --method` names them.
@@ -30,6 +32,10 @@ pub struct RunSettings {
     pub adaptive_threshold: f32,
     /// Beam, diverse beam, contrastive, momentum, OPERA and CAD parameters (the CAD context among them).
     pub search: SearchParams,
+    /// Entropy-adaptive decoding: threshold, window and dwell.
+    pub entropy: AdaptiveParams,
+    /// Record the logit lens and attention for every method.
+    pub inspect: InspectParams,
 }
 
 impl Default for RunSettings {
@@ -54,6 +60,8 @@ impl Default for RunSettings {
             adaptive: spec.adaptive.is_some(),
             adaptive_threshold: spec.adaptive.unwrap_or(0.5),
             search: SearchParams::default(),
+            entropy: AdaptiveParams::default(),
+            inspect: InspectParams::default(),
         }
     }
 }
@@ -100,6 +108,8 @@ impl RunSettings {
             sampling,
             speculative,
             search,
+            adaptive: self.entropy.clone(),
+            inspect: self.inspect.clone(),
         }
     }
 

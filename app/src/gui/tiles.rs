@@ -5,9 +5,16 @@ use serde::{Deserialize, Serialize};
 
 use super::panels::ViewCtx;
 use super::panels::acceptance::AcceptancePanel;
+use super::panels::attention::AttentionPanel;
+use super::panels::beam_tree::BeamTreePanel;
+use super::panels::cad::CadPanel;
 use super::panels::candidates::CandidatesPanel;
 use super::panels::compare::ComparePanel;
+use super::panels::contrastive::ContrastivePanel;
 use super::panels::draft_tree::DraftTreePanel;
+use super::panels::lens::LensPanel;
+use super::panels::momentum::MomentumPanel;
+use super::panels::opera::OperaPanel;
 use super::panels::plots::PlotsPanel;
 use super::panels::stats::StatsPanel;
 use super::panels::token_stream::TokenStreamPanel;
@@ -21,10 +28,17 @@ pub enum Pane {
     Compare,
     DraftTree,
     Acceptance,
+    BeamTree,
+    OverTrust,
+    Contrastive,
+    Momentum,
+    Cad,
+    LogitLens,
+    Attention,
 }
 
 impl Pane {
-    pub const ALL: [Pane; 7] = [
+    pub const ALL: [Pane; 14] = [
         Pane::TokenStream,
         Pane::Candidates,
         Pane::DraftTree,
@@ -32,7 +46,34 @@ impl Pane {
         Pane::Acceptance,
         Pane::Stats,
         Pane::Compare,
+        Pane::BeamTree,
+        Pane::OverTrust,
+        Pane::Contrastive,
+        Pane::Momentum,
+        Pane::Cad,
+        Pane::LogitLens,
+        Pane::Attention,
     ];
+
+    /// The workbench panes (per-step views and run figures), tabbed top right.
+    const WORKBENCH: [Pane; 6] = [
+        Pane::Candidates,
+        Pane::DraftTree,
+        Pane::Plots,
+        Pane::Acceptance,
+        Pane::Stats,
+        Pane::Compare,
+    ];
+    /// The search and contrast methods' panes, tabbed bottom right.
+    const SEARCH: [Pane; 5] = [
+        Pane::BeamTree,
+        Pane::OverTrust,
+        Pane::Contrastive,
+        Pane::Momentum,
+        Pane::Cad,
+    ];
+    /// The model's insides, tabbed under the token stream.
+    const INSIDES: [Pane; 2] = [Pane::LogitLens, Pane::Attention];
 
     pub fn title(self) -> &'static str {
         match self {
@@ -43,23 +84,39 @@ impl Pane {
             Pane::Compare => "Compare",
             Pane::DraftTree => "Draft tree",
             Pane::Acceptance => "Acceptance",
+            Pane::BeamTree => "Beam tree",
+            Pane::OverTrust => "OPERA",
+            Pane::Contrastive => "Contrastive",
+            Pane::Momentum => "Momentum",
+            Pane::Cad => "CAD",
+            Pane::LogitLens => "Logit lens",
+            Pane::Attention => "Attention",
         }
     }
 }
 
-/// Token stream on the left; the other panes as tabs on the right, wide enough that every tab title shows in a
-/// 1280-point window.
+/// Token stream on the left with the model's insides (lens, attention) tabbed under it; on the right the
+/// workbench panes tabbed above the search methods' panes. Fourteen panes in one tab bar would cut their titles
+/// at 1280 points; in three groups every title shows.
 pub fn default_tree() -> egui_tiles::Tree<Pane> {
     let mut tiles = egui_tiles::Tiles::default();
-    let stream = tiles.insert_pane(Pane::TokenStream);
-    let tabs: Vec<_> = Pane::ALL[1..]
-        .iter()
-        .copied()
-        .map(|p| tiles.insert_pane(p))
-        .collect();
-    let right = tiles.insert_tab_tile(tabs);
+    let mut tabs = |panes: &[Pane]| {
+        let ids: Vec<_> = panes.iter().map(|&p| tiles.insert_pane(p)).collect();
+        tiles.insert_tab_tile(ids)
+    };
+    let stream = tabs(&[Pane::TokenStream]);
+    let insides = tabs(&Pane::INSIDES);
+    let workbench = tabs(&Pane::WORKBENCH);
+    let search = tabs(&Pane::SEARCH);
+    let column = |tiles: &mut egui_tiles::Tiles<Pane>, top, bottom, share| {
+        tiles.insert_new(egui_tiles::Tile::Container(egui_tiles::Container::Linear(
+            egui_tiles::Linear::new_binary(egui_tiles::LinearDir::Vertical, [top, bottom], share),
+        )))
+    };
+    let left = column(&mut tiles, stream, insides, 0.6);
+    let right = column(&mut tiles, workbench, search, 0.5);
     let root = tiles.insert_new(egui_tiles::Tile::Container(egui_tiles::Container::Linear(
-        egui_tiles::Linear::new_binary(egui_tiles::LinearDir::Horizontal, [stream, right], 0.45),
+        egui_tiles::Linear::new_binary(egui_tiles::LinearDir::Horizontal, [left, right], 0.45),
     )));
     egui_tiles::Tree::new(egui::Id::unique("specula_workbench"), root, tiles)
 }
@@ -85,6 +142,13 @@ pub struct Panels {
     pub compare: ComparePanel,
     pub draft_tree: DraftTreePanel,
     pub acceptance: AcceptancePanel,
+    pub beam_tree: BeamTreePanel,
+    pub opera: OperaPanel,
+    pub contrastive: ContrastivePanel,
+    pub momentum: MomentumPanel,
+    pub cad: CadPanel,
+    pub lens: LensPanel,
+    pub attention: AttentionPanel,
 }
 
 pub struct Behavior<'a, 'b> {
@@ -110,6 +174,13 @@ impl egui_tiles::Behavior<Pane> for Behavior<'_, '_> {
                 Pane::Compare => self.panels.compare.ui(ui, self.ctx),
                 Pane::DraftTree => self.panels.draft_tree.ui(ui, self.ctx),
                 Pane::Acceptance => self.panels.acceptance.ui(ui, self.ctx),
+                Pane::BeamTree => self.panels.beam_tree.ui(ui, self.ctx),
+                Pane::OverTrust => self.panels.opera.ui(ui, self.ctx),
+                Pane::Contrastive => self.panels.contrastive.ui(ui, self.ctx),
+                Pane::Momentum => self.panels.momentum.ui(ui, self.ctx),
+                Pane::Cad => self.panels.cad.ui(ui, self.ctx),
+                Pane::LogitLens => self.panels.lens.ui(ui, self.ctx),
+                Pane::Attention => self.panels.attention.ui(ui, self.ctx),
             });
         egui_tiles::UiResponse::None
     }

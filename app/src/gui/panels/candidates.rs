@@ -31,7 +31,7 @@ impl CandidatesPanel {
         ui.label(
             RichText::new(format!(
                 "Token {} (step {}): {:?} — {}, p = {}, rank {}",
-                t.index + 1,
+                t.output_index + 1,
                 t.step + 1,
                 token.token,
                 source_name(token.source),

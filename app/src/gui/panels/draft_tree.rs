@@ -307,11 +307,10 @@ fn measure(
     let root_token = if index == 0 {
         run.trace.header.prompt.tokens.last().cloned()
     } else {
-        let before = tokens_through_step(&run.trace.steps, index - 1);
-        run.trace
-            .tokens()
-            .nth(before.saturating_sub(1))
-            .map(|t| t.token.clone())
+        let before = tokens_through_step(&run.trace, index - 1);
+        crate::gui::store::output_at(&run.trace, index - 1)
+            .get(before.saturating_sub(1))
+            .map(|t| t.token.token.clone())
     };
     let item = |title: String, sub: String, fill: Color32, text: Color32| {
         let (title, sub) = lay(title, sub, text);
