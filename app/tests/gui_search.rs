@@ -162,7 +162,7 @@ fn the_opera_map_names_the_summary_token_and_the_rollback() {
     harness.get_by_label_contains("image-attention term is left out");
     harness.get_by_label_contains("the summary column is output token");
     harness.get_by_label_contains("This step rolled back");
-    harness.get_by_label_contains("score = log p − α·penalty");
+    harness.get_by_label_contains("score = log p (of the hypothesis) − α·over-trust penalty");
     let rollbacks = trace.steps.iter().filter(|s| s.rollback.is_some()).count();
     let plural = if rollbacks == 1 { "" } else { "s" };
     harness.get_by_label(&format!("■ {rollbacks} rollback{plural}"));
@@ -171,8 +171,21 @@ fn the_opera_map_names_the_summary_token_and_the_rollback() {
 #[test]
 fn snapshot_opera() {
     let trace = load("opera.jsonl");
+    // The retrospection step with the largest map.
+    let step = (0..trace.steps.len())
+        .filter(|&i| {
+            trace.steps[i]
+                .rollback
+                .as_ref()
+                .is_some_and(|r| r.reason.starts_with("OPERA"))
+        })
+        .max_by_key(|&i| match &trace.steps[i].payload {
+            Some(StepPayload::Beams(b)) => b.over_trust.as_ref().map_or(0, |m| m.rows.len()),
+            _ => 0,
+        })
+        .unwrap();
     let mut harness = open("opera.jsonl", SHOT);
-    at_step(&mut harness, opera_rollback(&trace), Pane::OverTrust);
+    at_step(&mut harness, step, Pane::OverTrust);
     snapshot(&mut harness, "opera");
 }
 

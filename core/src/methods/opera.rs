@@ -376,8 +376,9 @@ impl DecodingMethod for Opera {
                 state.history.clear();
                 follow(&mut record, generated, state.base, &beam.tokens, |_| {
                     format!(
-                        "OPERA: output token {summary} was the summary token {count} times; choosing token {} again without `{}`",
+                        "OPERA: output token {} was the summary token {count} times; choosing token {} again without `{}`",
                         summary + 1,
+                        summary + 2,
                         tok.token_text(dropped)
                     )
                 });

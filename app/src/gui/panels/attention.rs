@@ -183,9 +183,9 @@ impl AttentionPanel {
                 );
                 strip_ui(ui, row, inspection.position, prompt_len, &texts);
                 ui.horizontal_wrapped(|ui| {
-                    ui.label(RichText::new("■").color(PROMPT));
+                    ui.label(RichText::new("■").monospace().color(PROMPT));
                     ui.label("prompt");
-                    ui.label(RichText::new("■").color(OUTPUT));
+                    ui.label(RichText::new("■").monospace().color(OUTPUT));
                     ui.label("generated");
                 });
                 egui::Grid::new("attention_keys")

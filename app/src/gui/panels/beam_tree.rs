@@ -76,7 +76,7 @@ impl BeamTreePanel {
         ui.horizontal_wrapped(|ui| {
             if groups > 1 {
                 for g in 0..groups {
-                    ui.label(RichText::new("■").color(group_colour(g)));
+                    ui.label(RichText::new("■").monospace().color(group_colour(g)));
                     ui.label(format!("group {}", g + 1));
                 }
                 if let Some(d) = current.distinct_2 {
@@ -90,7 +90,8 @@ impl BeamTreePanel {
                     );
                 }
             }
-            ui.label(RichText::new("▭ pruned (faded)").weak());
+            ui.label(RichText::new("▭").monospace().weak());
+            ui.label(RichText::new("pruned (faded)").weak());
             ui.label("· outlined: the hypothesis the output follows · hover a box for its scores");
         });
         ui.separator();
@@ -205,7 +206,7 @@ fn tree_ui(ui: &mut egui::Ui, steps: &[(usize, &BeamStep)]) {
                     h.logprob,
                     h.token_ids.len()
                 ));
-                ui.label(RichText::new(&h.text).monospace());
+                ui.label(RichText::new(display_text(&h.text)).monospace());
             });
         }
         for (j, c) in step.pruned.iter().take(PRUNED_SHOWN).enumerate() {
@@ -222,7 +223,12 @@ fn tree_ui(ui: &mut egui::Ui, steps: &[(usize, &BeamStep)]) {
             let response = ui.interact(r, ui.scope_id().with(("pruned", index, j)), Sense::hover());
             response.on_hover_ui(|ui| {
                 ui.label(
-                    RichText::new(format!("Pruned at step {}: {:?}", index + 1, c.token)).strong(),
+                    RichText::new(format!(
+                        "Pruned at step {}: {}",
+                        index + 1,
+                        super::tokens::quoted(&c.token)
+                    ))
+                    .strong(),
                 );
                 ui.label(format!(
                     "score {:.3} · log-probability {:.3}{}",
@@ -268,7 +274,10 @@ fn finished_ui(ui: &mut egui::Ui, step: &BeamStep) {
                         ui.label(
                             RichText::new(format!("{}", h.group + 1)).color(group_colour(h.group)),
                         );
-                        ui.add(egui::Label::new(RichText::new(&h.text).monospace()).wrap());
+                        ui.add(
+                            egui::Label::new(RichText::new(display_text(&h.text)).monospace())
+                                .wrap(),
+                        );
                         ui.end_row();
                     }
                 });

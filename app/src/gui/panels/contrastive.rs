@@ -11,7 +11,7 @@ use crate::gui::search::{contrastive, position_texts};
 const CONFIDENCE: Color32 = Color32::from_rgb(69, 117, 180);
 const PENALTY: Color32 = Color32::from_rgb(230, 85, 13);
 const CHOSEN: Color32 = Color32::from_rgb(26, 152, 80);
-const BAR_W: f32 = 220.0;
+const BAR_W: f32 = 160.0;
 
 #[derive(Default)]
 pub struct ContrastivePanel;
@@ -53,9 +53,9 @@ impl ContrastivePanel {
             .strong(),
         );
         ui.horizontal_wrapped(|ui| {
-            ui.label(RichText::new("■").color(CONFIDENCE));
+            ui.label(RichText::new("■").monospace().color(CONFIDENCE));
             ui.label("(1 − α)·p, model confidence");
-            ui.label(RichText::new("■").color(PENALTY));
+            ui.label(RichText::new("■").monospace().color(PENALTY));
             ui.label("α·max cosine similarity to an earlier token, the degeneration penalty");
             ui.label(RichText::new("|").color(CHOSEN).strong());
             ui.label("score");
@@ -84,6 +84,7 @@ impl ContrastivePanel {
                     .show(ui, |ui| {
                         for h in [
                             "token",
+                            "penalty | confidence",
                             "p",
                             "(1 − α)·p",
                             "max sim.",
@@ -93,7 +94,6 @@ impl ContrastivePanel {
                         ] {
                             ui.strong(h);
                         }
-                        ui.strong("");
                         ui.end_row();
                         for (i, c) in step.candidates.iter().enumerate() {
                             let chosen = i == step.chosen;
@@ -105,6 +105,12 @@ impl ContrastivePanel {
                                 }
                             };
                             ui.label(mark(format!("'{}'", display_text(&c.token))).monospace());
+                            bars(
+                                ui,
+                                (1.0 - alpha) * c.prob / span,
+                                alpha * c.max_similarity / span,
+                                c.score / span,
+                            );
                             ui.label(mark(format!("{:.3}", c.prob)));
                             ui.label(mark(format!("{:.3}", (1.0 - alpha) * c.prob)));
                             ui.label(mark(format!("{:.3}", c.max_similarity)));
@@ -123,12 +129,6 @@ impl ContrastivePanel {
                                     c.most_similar_position
                                 ))
                                 .monospace(),
-                            );
-                            bars(
-                                ui,
-                                (1.0 - alpha) * c.prob / span,
-                                alpha * c.max_similarity / span,
-                                c.score / span,
                             );
                             ui.end_row();
                         }

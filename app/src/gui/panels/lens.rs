@@ -69,9 +69,7 @@ impl LensPanel {
         );
         ui.horizontal(|ui| {
             heat_legend(ui, "probability 0", "1");
-            ui.label(
-                "· outlined: the layer already predicts the token that came next · hover a cell",
-            );
+            ui.label("· outlined: already the token that came next · hover a cell");
         });
         ui.separator();
         egui::ScrollArea::both().auto_shrink([false, false]).show(ui, |ui| {

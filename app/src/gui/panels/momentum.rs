@@ -63,10 +63,24 @@ impl MomentumPanel {
             .checked_sub(1)
             .map(|b| output_at(&run.trace, b))
             .unwrap_or_default();
-        let ids: Vec<u32> = before.iter().map(|t| t.token.id).collect();
-        let mut names: BTreeMap<u32, String> = before
+        // Momentum decoding looks for loops in the whole text, prompt included.
+        let prompt = &run.trace.header.prompt;
+        let ids: Vec<u32> = prompt
+            .token_ids
             .iter()
-            .map(|t| (t.token.id, display_text(&t.token.token)))
+            .copied()
+            .chain(before.iter().map(|t| t.token.id))
+            .collect();
+        let mut names: BTreeMap<u32, String> = prompt
+            .token_ids
+            .iter()
+            .zip(&prompt.tokens)
+            .map(|(&id, t)| (id, display_text(t)))
+            .chain(
+                before
+                    .iter()
+                    .map(|t| (t.token.id, display_text(&t.token.token))),
+            )
             .collect();
         for c in &step.candidates {
             names.insert(c.id, display_text(&c.token));
@@ -100,6 +114,7 @@ impl MomentumPanel {
             graph_ui(ui, &graph, &names, &ids, step, side);
             ui.vertical(|ui| {
                 ui.label(RichText::new("Circuits: repeated n-grams of the text").strong());
+                ui.label(RichText::new("(prompt included, as momentum decoding counts it)").weak());
                 if graph.circuits.is_empty() {
                     ui.label(
                         RichText::new("None: no n-gram of 2 or more tokens repeats yet.").weak(),

@@ -4,7 +4,7 @@
 //! rollback this step made, if any.
 
 use egui::{Color32, FontId, Rect, RichText, Sense, Stroke, StrokeKind, pos2, vec2};
-use specula_core::trace::{BeamStep, OverTrustMap};
+use specula_core::trace::OverTrustMap;
 
 use super::beam_tree::clip;
 use super::colouring::{heat, heat_legend};
@@ -45,8 +45,8 @@ impl OperaPanel {
             .enumerate()
             .take(ctx.cursor.step + 1)
             .rev()
-            .find_map(|(i, s)| beams(s).and_then(|b| b.over_trust.as_ref().map(|m| (i, b, m))));
-        let Some((at, step, map)) = found else {
+            .find_map(|(i, s)| beams(s).and_then(|b| b.over_trust.as_ref().map(|m| (i, m))));
+        let Some((at, map)) = found else {
             empty_state(
                 ui,
                 "No over-trust map",
@@ -72,11 +72,15 @@ impl OperaPanel {
             .checked_sub(1)
             .map(|b| output_at(&run.trace, b))
             .unwrap_or_default();
-        let text = |pos: usize| {
-            output
-                .get(pos)
-                .or_else(|| before.get(pos))
-                .map_or_else(|| format!("#{pos}"), |t| display_text(&t.token.token))
+        // The map's newest row is the hypothesis' newest token: its parent's best-scoring candidate.
+        let newest = map.start + map.rows.len().saturating_sub(1);
+        let text = |pos: usize| match output.get(pos).or_else(|| before.get(pos)) {
+            Some(t) if pos != newest || output.len() > newest => display_text(&t.token.token),
+            _ if pos == newest => map
+                .candidates
+                .first()
+                .map_or_else(|| format!("#{pos}"), |c| display_text(&c.token)),
+            _ => format!("#{pos}"),
         };
         let winner = map.start + map.winner;
         let rollbacks = run
@@ -131,18 +135,48 @@ impl OperaPanel {
         });
         ui.horizontal(|ui| {
             heat_legend(ui, "attention 0", "1 (row-normalised in the window)");
-            ui.label(RichText::new("▯").color(WINNER).strong());
+            ui.label(RichText::new("▯").monospace().color(WINNER).strong());
             ui.label("summary column");
         });
         ui.separator();
-        let map_h = (ui.available_height() * 0.6).max(140.0);
-        egui::ScrollArea::both()
-            .id_salt("opera_map")
-            .max_height(map_h)
-            .auto_shrink([false, true])
-            .show(ui, |ui| map_ui(ui, map, &text, map_h));
-        ui.separator();
-        candidates_ui(ui, step, map, alpha);
+        let note = |ui: &mut egui::Ui| {
+            ui.label(
+                RichText::new(
+                    "Rows: the attending token; columns: the token attended to (numbers: output positions). \
+                     Hover a cell for its weight.",
+                )
+                .weak(),
+            );
+        };
+        let area = ui.available_size();
+        if area.x >= 640.0 {
+            // Side by side: the map gets the whole height, which a long window needs.
+            ui.horizontal_top(|ui| {
+                let map_w = area.x * 0.48;
+                ui.allocate_ui(egui::vec2(map_w, area.y), |ui| {
+                    ui.vertical(|ui| {
+                        egui::ScrollArea::both()
+                            .id_salt("opera_map")
+                            .max_height(area.y - 40.0)
+                            .auto_shrink([false, true])
+                            .show(ui, |ui| map_ui(ui, map, &text, area.y - 40.0));
+                        note(ui);
+                    });
+                });
+                ui.separator();
+                ui.vertical(|ui| candidates_ui(ui, map, alpha));
+            });
+        } else {
+            let map_h = (area.y * 0.6).max(140.0);
+            egui::ScrollArea::both()
+                .id_salt("opera_map")
+                .max_height(map_h)
+                .auto_shrink([false, true])
+                .show(ui, |ui| map_ui(ui, map, &text, map_h));
+            note(ui);
+            ui.separator();
+            candidates_ui(ui, map, alpha);
+        }
     }
 }
 
@@ -150,8 +184,8 @@ fn map_ui(ui: &mut egui::Ui, map: &OverTrustMap, text: &dyn Fn(usize) -> String,
     let n = map.rows.len().max(1);
     let cell = ((ui.available_width() - LABEL_W - 8.0) / n as f32)
         .min((height - 40.0) / n as f32)
-        .clamp(10.0, 30.0);
-    let size = vec2(LABEL_W + n as f32 * cell + 8.0, n as f32 * cell + 36.0);
+        .clamp(14.0, 30.0);
+    let size = vec2(LABEL_W + n as f32 * cell + 8.0, n as f32 * cell + 24.0);
     let (rect, _) = ui.allocate_exact_size(size, Sense::hover());
     let painter = ui.painter_at(rect);
     let origin = pos2(rect.left() + LABEL_W, rect.top() + 18.0);
@@ -216,21 +250,13 @@ fn map_ui(ui: &mut egui::Ui, map: &OverTrustMap, text: &dyn Fn(usize) -> String,
         pos2(origin.x + (w + 1) as f32 * cell, origin.y + n as f32 * cell),
     );
     painter.rect_stroke(column, 1.0, Stroke::new(2.5, WINNER), StrokeKind::Outside);
-    painter.text(
-        pos2(origin.x, origin.y + n as f32 * cell + 4.0),
-        egui::Align2::LEFT_TOP,
-        "rows: the attending token · columns: the token attended to · hover a cell for its weight",
-        FontId::proportional(10.5),
-        weak,
-    );
 }
 
-fn candidates_ui(ui: &mut egui::Ui, step: &BeamStep, map: &OverTrustMap, alpha: f32) {
-    ui.label(RichText::new("The best hypothesis' candidates: score = log p − α·penalty").strong());
-    let chosen = step
-        .best
-        .and_then(|b| step.live.get(b))
-        .and_then(|h| h.token_ids.last().copied());
+fn candidates_ui(ui: &mut egui::Ui, map: &OverTrustMap, alpha: f32) {
+    ui.label(RichText::new("Candidates of the best hypothesis").strong());
+    ui.label("score = log p (of the hypothesis) − α·over-trust penalty");
+    // The candidates are sorted by score, so the first is the newest token of the hypothesis in the map.
+    let chosen = map.candidates.first().map(|c| c.token_id);
     egui::ScrollArea::vertical()
         .id_salt("opera_candidates")
         .auto_shrink([false, false])
@@ -241,8 +267,8 @@ fn candidates_ui(ui: &mut egui::Ui, step: &BeamStep, map: &OverTrustMap, alpha: 
                 .spacing([14.0, 4.0])
                 .show(ui, |ui| {
                     ui.strong("token");
-                    ui.strong("log p (hypothesis)");
-                    ui.strong("over-trust penalty");
+                    ui.strong("log p");
+                    ui.strong("penalty");
                     ui.strong("α·penalty");
                     ui.strong("score");
                     ui.end_row();
@@ -263,7 +289,12 @@ fn candidates_ui(ui: &mut egui::Ui, step: &BeamStep, map: &OverTrustMap, alpha: 
                     }
                 });
             if chosen.is_some() {
-                ui.label(RichText::new("Underlined: the token the best hypothesis took.").weak());
+                ui.label(
+                    RichText::new(
+                        "Underlined: the best score, the token the hypothesis in the map took.",
+                    )
+                    .weak(),
+                );
             }
         });
 }

@@ -99,7 +99,7 @@ impl PlotsPanel {
                     let at_cursor = points.iter().find(|p| p[0] == cursor_x).copied();
                     let plot = readable_axes(Plot::new(("plot", series.title)), "step", "");
                     let response = plot
-                        .height(height)
+                        .height(if adaptive_here { height * 2.0 } else { height })
                         .link_axis(link, [true, false])
                         .link_cursor(link, [true, false])
                         .allow_drag(false)
@@ -144,8 +144,10 @@ fn adaptive_legend(ui: &mut egui::Ui, steps: &[(usize, &EntropyAdaptiveStep)]) {
     ui.horizontal_wrapped(|ui| {
         ui.label(egui::RichText::new("— τ").color(THRESHOLD).strong());
         ui.label(format!("threshold {tau} nats ·"));
-        ui.label(egui::RichText::new("● full model").color(FULL_MODEL));
-        ui.label(egui::RichText::new("● layer-skipped model").color(SKIPPED_MODEL));
+        ui.label(egui::RichText::new("●").monospace().color(FULL_MODEL));
+        ui.label("full model");
+        ui.label(egui::RichText::new("●").monospace().color(SKIPPED_MODEL));
+        ui.label("layer-skipped model");
         ui.label("· dashed: rolling mean that decided · vertical lines: switches ·");
         ui.label(format!(
             "full model for {full} of {} tokens ({:.0}%), {switches} switch{}",

@@ -64,7 +64,7 @@ impl TimelinePanel {
             ui.label(RichText::new(position).monospace().strong());
             let rollbacks = run.map_or(0, |r| r.trace.steps.iter().filter(|s| s.rollback.is_some()).count());
             if rollbacks > 0 {
-                ui.label(RichText::new(format!("■ {rollbacks} rollback{}", if rollbacks == 1 { "" } else { "s" })).color(ROLLBACK))
+                ui.label(RichText::new(format!("■ {rollbacks} rollback{}", if rollbacks == 1 { "" } else { "s" })).monospace().color(ROLLBACK))
                     .on_hover_text("Violet bars on the strip below mark the steps that took tokens back.");
             }
             ui.label(RichText::new(ctx.cursor.mode.name()).weak())

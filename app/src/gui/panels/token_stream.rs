@@ -181,13 +181,13 @@ impl TokenStreamPanel {
         }
         egui::Grid::new(("fork", key, t.index)).striped(true).num_columns(4).spacing([12.0, 4.0]).show(ui, |ui| {
             for (i, c) in t.token.top_logprobs.iter().enumerate().take(10) {
-                ui.label(RichText::new(format!("{:?}", c.token)).monospace());
+                ui.label(RichText::new(super::tokens::quoted(&c.token)).monospace());
                 ui.label(super::tokens::percent(c.logprob.exp()));
                 ui.label(c.warped_prob.map(super::tokens::warped_percent).unwrap_or_default());
                 if c.id == t.token.id {
                     ui.label("chosen");
                 } else if ui
-                    .add_enabled(can_fork, egui::Button::new(format!("Fork with {:?}", c.token)))
+                    .add_enabled(can_fork, egui::Button::new(format!("Fork with {}", super::tokens::quoted(&c.token))))
                     .on_hover_text("Start a new run that keeps the tokens before this one and forces this candidate")
                     .clicked()
                 {
