@@ -376,7 +376,7 @@ fn the_lens_grid_and_the_attention_view_read_the_recorded_inspection() {
     let layer = inspection.attention.last().unwrap();
     let max = &layer.heads[layer.heads.len() - 2];
     harness.get_by_label_contains(&format!(
-        "Layer {}, max over heads: the {} largest weights hold",
+        "Layer {}, max over heads: the {} largest weights (each key's strongest head)",
         layer.layer,
         max.keys.len()
     ));
@@ -384,7 +384,8 @@ fn the_lens_grid_and_the_attention_view_read_the_recorded_inspection() {
     harness.run();
     harness.get_by_label("head 3").click();
     harness.run();
-    harness.get_by_label_contains(&format!("Layer {}, head 3:", layer.layer));
+    harness.get_by_label_contains(&format!("Layer {}, head 3: the", layer.layer));
+    harness.get_by_label_contains("of the row");
 }
 
 #[test]

@@ -55,18 +55,26 @@ impl Inspector {
         let keep = common.min(new_from - 1);
         self.cache.truncate(keep)?;
         self.fed.truncate(keep);
-        let capture_from = if first {
-            (new_from - 1)
-                .saturating_sub(PROMPT_POSITIONS - 1)
-                .max(keep)
-        } else {
-            new_from - 1
+        // Fed in the chunks the methods feed (`Sequence`), so that the lens's last layer is the decoding's own
+        // output and not a rounding away from it; only the last chunk is captured (a 2,000-token prompt's
+        // attention at every layer would not fit in memory).
+        let chunks: Vec<&[u32]> = sequence[keep..sequence.len() - 1]
+            .chunks(PREFILL_CHUNK)
+            .collect();
+        let Some((last, before)) = chunks.split_last() else {
+            return Ok(Vec::new());
         };
-        // The context before the inspected positions, without capture (a 2,000-token prompt's attention would not
-        // fit in memory).
-        for chunk in sequence[keep..capture_from].chunks(PREFILL_CHUNK) {
+        for chunk in before {
             self.feed(model, chunk, &Capture::default(), cancel)?;
         }
+        let chunk_start = self.fed.len();
+        let capture_from = if first {
+            (new_from - 1).saturating_sub(PROMPT_POSITIONS - 1)
+        } else {
+            new_from - 1
+        }
+        .max(chunk_start);
+        let offset = capture_from - chunk_start;
         let capture = Capture {
             attention_layers: if params.attention {
                 (0..llama.config.n_layers).collect()
@@ -76,9 +84,8 @@ impl Inspector {
             hidden_states: params.lens,
             ..Capture::default()
         };
-        let rows = &sequence[capture_from..sequence.len() - 1];
-        let out = self.feed(model, rows, &capture, cancel)?;
-        let mut inspections: Vec<Inspection> = (0..rows.len())
+        let out = self.feed(model, last, &capture, cancel)?;
+        let mut inspections: Vec<Inspection> = (0..sequence.len() - 1 - capture_from)
             .map(|r| Inspection {
                 position: capture_from + r + 1,
                 lens: Vec::new(),
@@ -91,7 +98,7 @@ impl Inspector {
                 let states: Vec<Tensor> = out
                     .hidden_states
                     .iter()
-                    .map(|h| h.narrow(1, r, 1))
+                    .map(|h| h.narrow(1, offset + r, 1))
                     .collect::<candle_core::Result<_>>()?;
                 // One LM-head product for every depth: (layers + 1, 1, vocab).
                 let logits = llama
@@ -122,7 +129,7 @@ impl Inspector {
                     let keys = capture_from + r + 1;
                     let per_head: Vec<&[f32]> = probs
                         .iter()
-                        .map(|h| h[r].get(..keys).unwrap_or_default())
+                        .map(|h| h[offset + r].get(..keys).unwrap_or_default())
                         .collect();
                     let n_heads = per_head.len().max(1) as f32;
                     let max: Vec<f32> = (0..keys)

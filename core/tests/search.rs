@@ -731,10 +731,13 @@ fn the_recorded_lens_ends_at_the_output_and_attention_rows_are_distributions() {
         for layer in &inspection.attention {
             let heads = &layer.heads;
             assert_eq!(heads.len(), model().llama.config.n_heads + 2);
-            for row in heads {
+            for (i, row) in heads.iter().enumerate() {
                 assert!(row.keys.len() <= 6);
                 assert!(row.keys.iter().all(|&k| (k as usize) < token.position));
-                assert!(row.covered <= 1.0 + 1e-3);
+                // Each head's row and the mean are distributions; the max over heads is not.
+                if i != heads.len() - 2 {
+                    assert!(row.covered <= 1.0 + 1e-3, "row {i}: {}", row.covered);
+                }
                 assert!(row.weights.windows(2).all(|w| w[0] >= w[1]));
             }
             // The max over heads is at least every head's weight at its own strongest key.

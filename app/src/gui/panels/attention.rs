@@ -173,11 +173,16 @@ impl AttentionPanel {
                 };
                 ui.label(
                     RichText::new(format!(
-                        "Layer {}, {}: the {} largest weights hold {} of the row",
+                        "Layer {}, {}: the {} largest weights{}",
                         inspection.attention[layer_index].layer,
                         self.head.name(),
                         row.keys.len(),
-                        percent(row.covered)
+                        // The max over heads is no distribution: its weights sum to more than 1.
+                        if self.head == HeadMode::Max {
+                            " (each key's strongest head)".to_owned()
+                        } else {
+                            format!(" hold {} of the row", percent(row.covered))
+                        }
                     ))
                     .strong(),
                 );
