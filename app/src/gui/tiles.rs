@@ -64,16 +64,16 @@ impl Pane {
         Pane::Stats,
         Pane::Compare,
     ];
-    /// The search and contrast methods' panes, tabbed bottom right.
-    const SEARCH: [Pane; 5] = [
+    /// The search and contrast methods' panes and the model's insides, tabbed bottom right.
+    const SEARCH: [Pane; 7] = [
         Pane::BeamTree,
         Pane::OverTrust,
         Pane::Contrastive,
         Pane::Momentum,
         Pane::Cad,
+        Pane::LogitLens,
+        Pane::Attention,
     ];
-    /// The model's insides, tabbed under the token stream.
-    const INSIDES: [Pane; 2] = [Pane::LogitLens, Pane::Attention];
 
     pub fn title(self) -> &'static str {
         match self {
@@ -95,9 +95,9 @@ impl Pane {
     }
 }
 
-/// Token stream on the left with the model's insides (lens, attention) tabbed under it; on the right the
-/// workbench panes tabbed above the search methods' panes. Fourteen panes in one tab bar would cut their titles
-/// at 1280 points; in three groups every title shows.
+/// The token stream on the left, full height (it is what everything else explains); on the right the workbench
+/// panes tabbed above the search methods' and the model's insides' panes. Fourteen panes in one tab bar would cut
+/// their titles at 1280 points; in two groups every title shows.
 pub fn default_tree() -> egui_tiles::Tree<Pane> {
     let mut tiles = egui_tiles::Tiles::default();
     let mut tabs = |panes: &[Pane]| {
@@ -105,18 +105,13 @@ pub fn default_tree() -> egui_tiles::Tree<Pane> {
         tiles.insert_tab_tile(ids)
     };
     let stream = tabs(&[Pane::TokenStream]);
-    let insides = tabs(&Pane::INSIDES);
     let workbench = tabs(&Pane::WORKBENCH);
     let search = tabs(&Pane::SEARCH);
-    let column = |tiles: &mut egui_tiles::Tiles<Pane>, top, bottom, share| {
-        tiles.insert_new(egui_tiles::Tile::Container(egui_tiles::Container::Linear(
-            egui_tiles::Linear::new_binary(egui_tiles::LinearDir::Vertical, [top, bottom], share),
-        )))
-    };
-    let left = column(&mut tiles, stream, insides, 0.6);
-    let right = column(&mut tiles, workbench, search, 0.5);
+    let right = tiles.insert_new(egui_tiles::Tile::Container(egui_tiles::Container::Linear(
+        egui_tiles::Linear::new_binary(egui_tiles::LinearDir::Vertical, [workbench, search], 0.58),
+    )));
     let root = tiles.insert_new(egui_tiles::Tile::Container(egui_tiles::Container::Linear(
-        egui_tiles::Linear::new_binary(egui_tiles::LinearDir::Horizontal, [left, right], 0.45),
+        egui_tiles::Linear::new_binary(egui_tiles::LinearDir::Horizontal, [stream, right], 0.45),
     )));
     egui_tiles::Tree::new(egui::Id::unique("specula_workbench"), root, tiles)
 }
