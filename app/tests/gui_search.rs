@@ -27,8 +27,8 @@ fn load(name: &str) -> Trace {
 }
 
 const SIZE: egui::Vec2 = egui::vec2(1280.0, 800.0);
-/// Snapshots: large enough that the bottom-right tab group is not cramped.
-const SHOT: egui::Vec2 = egui::vec2(1600.0, 1000.0);
+/// Snapshots: tall enough that the bottom-right tab group (42% of the height) shows its panel whole.
+const SHOT: egui::Vec2 = egui::vec2(1600.0, 1300.0);
 
 fn open(name: &str, size: egui::Vec2) -> Harness<'static, SpeculaApp> {
     let mut harness = Harness::builder().with_size(size).build_eframe(|cc| {
