@@ -474,6 +474,8 @@ fn opera_rolls_back_to_the_summary_token_and_chooses_again() {
         !rollbacks.is_empty(),
         "a low threshold should trigger retrospection"
     );
+    let summary = specula_core::methods::search::search_summary(&trace).unwrap();
+    assert_eq!(summary["retrospections"], rollbacks.len());
     let start = trace.header.prompt.token_ids.len();
     for (i, t) in trace.tokens().enumerate() {
         assert_eq!(t.position, start + i);
