@@ -117,6 +117,8 @@ pub struct Run {
     fork_tokens: Vec<TokenRecord>,
     /// How many of a fork's tokens open `generated` (they are also the end of `prefill`).
     forked: usize,
+    /// Records the lens and attention when the parameters ask for them; made at the first such step.
+    inspector: Option<crate::inspect::Inspector>,
 }
 
 impl Run {
@@ -136,6 +138,9 @@ impl Run {
             .speculative
             .validate(model.llama.config.n_layers)?;
         spec.params.search.validate(&spec.method)?;
+        if spec.method == "entropy-adaptive" {
+            spec.params.adaptive.validate()?;
+        }
         if spec.max_tokens == 0 {
             return Err(crate::error::bad_param(
                 "max_tokens",
@@ -208,6 +213,7 @@ impl Run {
             trace: Trace::new(header),
             forked: fork_tokens.len(),
             fork_tokens,
+            inspector: None,
         })
     }
 
@@ -238,6 +244,9 @@ impl Run {
             .speculative
             .validate(self.model.llama.config.n_layers)?;
         params.search.validate(&self.trace.header.method)?;
+        if self.trace.header.method == "entropy-adaptive" {
+            params.adaptive.validate()?;
+        }
         let old = serde_json::to_value(&self.params).unwrap_or_default();
         let new = serde_json::to_value(&params).unwrap_or_default();
         diff_params("", &old, &new, &mut self.pending_changes);
@@ -323,11 +332,40 @@ impl Run {
             self.generated.truncate(rollback.to_generated);
         }
         self.generated.extend(record.tokens.iter().map(|t| t.id));
+        if let Err(e) = self.inspect(&mut record, cancel) {
+            if matches!(e, Error::Cancelled) {
+                self.finish(StopReason::Cancelled, None);
+                return Ok(None);
+            }
+            self.finish(StopReason::Error, Some(e.to_string()));
+            return Err(e);
+        }
         self.trace.steps.push(record);
         if let Some(stop) = self.stop_reason() {
             self.finish(stop, None);
         }
         Ok(self.trace.steps.last())
+    }
+
+    /// Adds the lens and attention of the step's tokens when the parameters ask for them. Runs after the step's
+    /// timing was taken, so the figures of the method stay its own.
+    fn inspect(&mut self, record: &mut StepRecord, cancel: &AtomicBool) -> Result<()> {
+        if !self.params.inspect.any() || record.tokens.is_empty() {
+            return Ok(());
+        }
+        let prompt = &self.trace.header.prompt.token_ids;
+        let sequence: Vec<u32> = prompt.iter().chain(&self.generated).copied().collect();
+        let new_from = sequence.len() - record.tokens.len();
+        let model = &self.model;
+        let inspector = self
+            .inspector
+            .get_or_insert_with(|| crate::inspect::Inspector::new(model));
+        let params = &self.params.inspect;
+        record.inspection = catch_unwind(AssertUnwindSafe(|| {
+            inspector.inspect(model, &sequence, new_from, params, cancel)
+        }))
+        .unwrap_or_else(|panic| Err(Error::MethodPanicked(panic_message(&panic))))?;
+        Ok(())
     }
 
     /// Ends the run now (the user cancelled it).
@@ -412,6 +450,10 @@ fn default_label(method: &str, params: &MethodParams) -> String {
             "cad α={} {}",
             params.search.alpha,
             params.sampling.describe()
+        ),
+        "entropy-adaptive" => format!(
+            "entropy-adaptive τ={} W={} D={}",
+            params.adaptive.threshold, params.adaptive.window, params.adaptive.min_dwell
         ),
         other => other.to_owned(),
     }

@@ -10,6 +10,7 @@
 
 pub mod engine;
 pub mod error;
+pub mod inspect;
 pub mod kernels;
 pub mod methods;
 pub mod model;

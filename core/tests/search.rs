@@ -474,6 +474,8 @@ fn opera_rolls_back_to_the_summary_token_and_chooses_again() {
         !rollbacks.is_empty(),
         "a low threshold should trigger retrospection"
     );
+    let summary = specula_core::methods::search::search_summary(&trace).unwrap();
+    assert_eq!(summary["retrospections"], rollbacks.len());
     let start = trace.header.prompt.token_ids.len();
     for (i, t) in trace.tokens().enumerate() {
         assert_eq!(t.position, start + i);
@@ -485,4 +487,288 @@ fn opera_rolls_back_to_the_summary_token_and_chooses_again() {
         };
         assert_eq!(b.summary_position.is_none(), b.done);
     }
+}
+
+fn adaptive(prompt: (&str, bool), threshold: f32, window: usize, dwell: usize, n: usize) -> Trace {
+    generate(
+        model(),
+        RunSpec {
+            method: "entropy-adaptive".into(),
+            params: MethodParams {
+                sampling: SamplingParams::greedy(),
+                adaptive: specula_core::trace::AdaptiveParams {
+                    threshold,
+                    window,
+                    min_dwell: dwell,
+                },
+                ..MethodParams::default()
+            },
+            prompt: PromptSpec {
+                text: prompt.0.into(),
+                chat: prompt.1,
+                system: None,
+            },
+            max_tokens: n,
+            ..RunSpec::default()
+        },
+    )
+    .unwrap()
+}
+
+fn adaptive_steps(trace: &Trace) -> Vec<&specula_core::trace::EntropyAdaptiveStep> {
+    trace
+        .steps
+        .iter()
+        .map(|s| specula_core::methods::entropy_adaptive::payload(s).unwrap())
+        .collect()
+}
+
+#[test]
+fn entropy_adaptive_with_threshold_zero_is_greedy_on_the_full_model() {
+    for &prompt in &PROMPTS[..2] {
+        let trace = adaptive(prompt, 0.0, 4, 4, 16);
+        assert_eq!(ids(&trace), ids(&greedy(prompt, 16)), "{prompt:?}");
+        let steps = adaptive_steps(&trace);
+        assert!(steps.iter().all(|s| s.full_model && !s.switched));
+        assert!(trace.steps.iter().all(|s| s.draft_forward_calls == 0));
+        let full: u32 = trace.steps.iter().map(|s| s.target_forward_calls).sum();
+        assert_eq!(
+            full as usize,
+            trace.steps.len(),
+            "one full forward per token"
+        );
+    }
+}
+
+#[test]
+fn entropy_adaptive_with_a_huge_threshold_decodes_with_the_skipped_model_everywhere() {
+    use specula_core::model::{Capture, Logits, Mask, logits_row};
+    let prompt = PROMPTS[0];
+    let trace = adaptive(prompt, 1e6, 4, 4, 12);
+    let steps = adaptive_steps(&trace);
+    assert!(steps.iter().all(|s| !s.full_model && !s.switched));
+    assert!(
+        trace.steps.iter().all(|s| s.target_forward_calls == 0),
+        "no full-model forward"
+    );
+    // The same tokens, fed the same way, through the model with the same layers skipped.
+    let llama = &model().llama;
+    let skip: std::collections::BTreeSet<usize> = steps[0].skip_layers.iter().copied().collect();
+    assert!(!skip.is_empty() && skip.len() < llama.config.n_layers);
+    let capture = Capture {
+        skip_layers: skip,
+        ..Capture::default()
+    };
+    let mut cache = llama.new_cache();
+    let mut fed: Vec<u32> = trace.header.prompt.token_ids.clone();
+    let positions: Vec<usize> = (0..fed.len()).collect();
+    let mut out = llama
+        .forward(
+            &mut cache,
+            &fed,
+            &positions,
+            1,
+            &Mask::Causal,
+            Logits::Last,
+            &capture,
+        )
+        .unwrap();
+    for id in ids(&trace) {
+        let logits = logits_row(&out.logits, 0, 0).unwrap();
+        assert_eq!(specula_core::sampling::argmax(&logits), id);
+        out = llama
+            .forward(
+                &mut cache,
+                &[id],
+                &[fed.len()],
+                1,
+                &Mask::Causal,
+                Logits::Last,
+                &capture,
+            )
+            .unwrap();
+        fed.push(id);
+    }
+    assert_ne!(
+        ids(&trace),
+        ids(&greedy(prompt, 12)),
+        "skipping a third of the layers changes the text"
+    );
+}
+
+#[test]
+fn entropy_adaptive_switches_by_the_rolling_entropy_and_respects_the_dwell() {
+    let (threshold, window, dwell) = (1.0, 2, 3);
+    let trace = adaptive(PROMPTS[0], threshold, window, dwell, 40);
+    let steps = adaptive_steps(&trace);
+    let switches = steps.iter().filter(|s| s.switched).count();
+    assert!(
+        switches >= 2,
+        "the run should use both models: {switches} switches"
+    );
+    let entropies: Vec<f32> = trace.tokens().map(|t| t.entropy).collect();
+    let mut since_switch = 0;
+    for (i, s) in steps.iter().enumerate() {
+        // The decision reads the rolling mean of the entropies before it.
+        let before = &entropies[i.saturating_sub(window)..i];
+        let rolling =
+            (!before.is_empty()).then(|| before.iter().sum::<f32>() / before.len() as f32);
+        assert_eq!(s.rolling_entropy, rolling, "step {i}");
+        let wants_full = rolling.unwrap_or(0.0) >= threshold;
+        if i > 0 {
+            let previous = steps[i - 1].full_model;
+            let may_switch = since_switch >= dwell;
+            let expected = if may_switch { wants_full } else { previous };
+            assert_eq!(s.full_model, expected, "step {i}");
+            assert_eq!(s.switched, s.full_model != previous, "step {i}");
+            if s.switched {
+                assert!(
+                    since_switch >= dwell,
+                    "switched after {since_switch} tokens at step {i}"
+                );
+            }
+        }
+        since_switch = if s.switched { 1 } else { since_switch + 1 };
+        // Forwards are counted on the model that made them.
+        let step = &trace.steps[i];
+        if s.full_model {
+            assert!(step.target_forward_calls >= 1 && step.draft_forward_calls == 0);
+        } else {
+            assert!(step.draft_forward_calls >= 1 && step.target_forward_calls == 0);
+        }
+    }
+    let summary = specula_core::methods::entropy_adaptive::adaptive_summary(&trace).unwrap();
+    assert_eq!(summary["switches"], switches);
+    let full = steps.iter().filter(|s| s.full_model).count();
+    assert_eq!(summary["full_model_tokens"], full);
+}
+
+#[test]
+fn bad_entropy_adaptive_parameters_are_refused() {
+    for (t, w, d, name) in [
+        (-1.0, 4, 4, "threshold"),
+        (f32::NAN, 4, 4, "threshold"),
+        (1.0, 0, 4, "entropy_window"),
+        (1.0, 4, 0, "min_dwell"),
+    ] {
+        let spec = RunSpec {
+            method: "entropy-adaptive".into(),
+            params: MethodParams {
+                adaptive: specula_core::trace::AdaptiveParams {
+                    threshold: t,
+                    window: w,
+                    min_dwell: d,
+                },
+                ..MethodParams::default()
+            },
+            prompt: PromptSpec {
+                text: "Hi".into(),
+                ..PromptSpec::default()
+            },
+            ..RunSpec::default()
+        };
+        match specula_core::Run::new(model(), spec) {
+            Err(Error::BadParameter { name: n, .. }) => assert_eq!(n, name),
+            Err(e) => panic!("{name}: {e}"),
+            Ok(_) => panic!("{name} was accepted"),
+        }
+    }
+}
+
+#[test]
+fn the_recorded_lens_ends_at_the_output_and_attention_rows_are_distributions() {
+    let prompt = PROMPTS[0];
+    let trace = generate(
+        model(),
+        RunSpec {
+            method: "greedy".into(),
+            params: MethodParams {
+                sampling: SamplingParams::greedy(),
+                inspect: specula_core::trace::InspectParams {
+                    lens: true,
+                    attention: true,
+                    attention_top_k: 6,
+                },
+                ..MethodParams::default()
+            },
+            prompt: PromptSpec {
+                text: prompt.0.into(),
+                chat: prompt.1,
+                system: None,
+            },
+            max_tokens: 6,
+            ..RunSpec::default()
+        },
+    )
+    .unwrap();
+    // Recording changes nothing of the decoding.
+    assert_eq!(ids(&trace), ids(&greedy(prompt, 6)));
+    let n_layers = model().llama.config.n_layers;
+    let prompt_len = trace.header.prompt.token_ids.len();
+    for (s, step) in trace.steps.iter().enumerate() {
+        let token = &step.tokens[0];
+        let inspection = step.inspection.last().unwrap();
+        assert_eq!(inspection.position, token.position);
+        if s == 0 {
+            assert!(
+                step.inspection.len() > 1,
+                "the first step also inspects prompt positions"
+            );
+            assert!(step.inspection[0].position < prompt_len);
+        } else {
+            assert_eq!(step.inspection.len(), 1);
+        }
+        assert_eq!(inspection.lens.len(), n_layers + 1);
+        let out = inspection.lens.last().unwrap();
+        // The last depth is the model's output: its top token is the greedy token, up to near-ties between
+        // the batched forward and the decoding's.
+        assert!(
+            out.token_id == token.id || (out.prob - out.actual_prob).abs() < 1e-3,
+            "step {s}: lens {} vs output {}",
+            out.token_id,
+            token.id
+        );
+        assert!((out.actual_prob - token.prob()).abs() < 1e-2, "step {s}");
+        assert_eq!(inspection.attention.len(), n_layers);
+        for layer in &inspection.attention {
+            let heads = &layer.heads;
+            assert_eq!(heads.len(), model().llama.config.n_heads + 2);
+            for (i, row) in heads.iter().enumerate() {
+                assert!(row.keys.len() <= 6);
+                assert!(row.keys.iter().all(|&k| (k as usize) < token.position));
+                // Each head's row and the mean are distributions; the max over heads is not.
+                if i != heads.len() - 2 {
+                    assert!(row.covered <= 1.0 + 1e-3, "row {i}: {}", row.covered);
+                }
+                assert!(row.weights.windows(2).all(|w| w[0] >= w[1]));
+            }
+            // The max over heads is at least every head's weight at its own strongest key.
+            let max = &heads[heads.len() - 2];
+            for head in &heads[..heads.len() - 2] {
+                let (Some(&k), Some(&w)) = (head.keys.first(), head.weights.first()) else {
+                    continue;
+                };
+                match max.keys.iter().position(|&m| m == k) {
+                    Some(i) => assert!(max.weights[i] + 1e-4 >= w),
+                    None => assert!(max.weights.last().is_some_and(|&m| m + 1e-4 >= w)),
+                }
+            }
+        }
+    }
+    // Old traces (no inspection field) still read, and new ones round-trip.
+    let mut bytes = Vec::new();
+    trace
+        .write_jsonl(
+            &mut bytes,
+            specula_core::trace::ExportOptions {
+                deterministic: true,
+            },
+        )
+        .unwrap();
+    let back = Trace::read_jsonl(&bytes[..]).unwrap();
+    let mut expected = trace.steps.clone();
+    for s in &mut expected {
+        s.timing = None;
+    }
+    assert_eq!(back[0].steps, expected);
 }

@@ -7,7 +7,8 @@ use std::sync::atomic::AtomicBool;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use specula_core::trace::{
-    ExportOptions, FileFormat, SamplingParams, SearchParams, SpeculativeParams, save_runs,
+    AdaptiveParams, ExportOptions, FileFormat, InspectParams, SamplingParams, SearchParams,
+    SpeculativeParams, save_runs,
 };
 use specula_core::{MethodParams, Model, PromptSpec, Run, RunSpec};
 
@@ -84,9 +85,31 @@ pub struct RunArgs {
     #[arg(long)]
     pub context: Option<String>,
     /// opera: roll back once the same summary token has won N steps (default 15; 0 = never).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "no_rollback")]
     pub retrospect: Option<usize>,
-    /// speculative: who drafts (prompt-lookup, layer-skip, token-recycling, early-exit, model).
+    /// opera: no retrospection (the same as --retrospect 0): the over-trust penalty alone.
+    #[arg(long)]
+    pub no_rollback: bool,
+    /// entropy-adaptive: the full model decodes while the rolling mean entropy (nats) is at least T, the
+    /// layer-skipped model (--skip-layers, default the middle third) below it (default 1.5; 0 = always full).
+    #[arg(long)]
+    pub threshold: Option<f32>,
+    /// entropy-adaptive: tokens the rolling mean entropy covers (default 4).
+    #[arg(long)]
+    pub entropy_window: Option<usize>,
+    /// entropy-adaptive: tokens one model decodes before it may hand over (default 4).
+    #[arg(long)]
+    pub min_dwell: Option<usize>,
+    /// Record the logit lens (top token and probability at every layer) for each generated token.
+    #[arg(long)]
+    pub record_lens: bool,
+    /// Record every layer's attention (per head, max and mean over heads) for each generated token.
+    #[arg(long)]
+    pub record_attention: bool,
+    /// With --record-attention: the largest weights kept per attention row (default 8).
+    #[arg(long)]
+    pub attention_top_k: Option<usize>,
+    /// speculative: who drafts (prompt-lookup, layer-skip, token-recycling, early-exit, lookahead, model).
     #[arg(long, default_value = "prompt-lookup")]
     pub drafter: String,
     /// speculative: tokens drafted per step, 1-16 (tree depth for tree drafters).
@@ -113,7 +136,14 @@ impl RunArgs {
         // The search methods are deterministic unless asked otherwise (cad samples with --temperature).
         let deterministic = matches!(
             self.method.as_str(),
-            "greedy" | "beam" | "diverse-beam" | "contrastive" | "cad" | "momentum" | "opera"
+            "greedy"
+                | "beam"
+                | "diverse-beam"
+                | "contrastive"
+                | "cad"
+                | "momentum"
+                | "opera"
+                | "entropy-adaptive"
         );
         let mut s = if deterministic {
             SamplingParams::greedy()
@@ -168,7 +198,38 @@ impl RunArgs {
         if let Some(r) = self.retrospect {
             s.retrospect = r;
         }
+        if self.no_rollback {
+            s.retrospect = 0;
+        }
         s
+    }
+
+    /// The entropy-adaptive parameters: defaults, overridden by the flags given.
+    pub fn adaptive(&self) -> AdaptiveParams {
+        let mut a = AdaptiveParams::default();
+        if let Some(t) = self.threshold {
+            a.threshold = t;
+        }
+        if let Some(w) = self.entropy_window {
+            a.window = w;
+        }
+        if let Some(d) = self.min_dwell {
+            a.min_dwell = d;
+        }
+        a
+    }
+
+    /// What to record of the model's insides.
+    pub fn inspect(&self) -> InspectParams {
+        let mut i = InspectParams {
+            lens: self.record_lens,
+            attention: self.record_attention,
+            ..InspectParams::default()
+        };
+        if let Some(k) = self.attention_top_k {
+            i.attention_top_k = k;
+        }
+        i
     }
 
     /// The speculative-decoding parameters from the flags.
@@ -206,6 +267,8 @@ pub fn run(model_path: Option<&Path>, args: RunArgs) -> Result<()> {
             sampling: args.sampling(),
             search: args.search(),
             speculative: args.speculative(),
+            adaptive: args.adaptive(),
+            inspect: args.inspect(),
         },
         prompt: PromptSpec {
             text: args.prompt_text()?,
@@ -219,6 +282,12 @@ pub fn run(model_path: Option<&Path>, args: RunArgs) -> Result<()> {
     // Check what needs no model first, so a typo fails fast.
     spec.params.sampling.validate()?;
     spec.params.search.validate(&spec.method)?;
+    if spec.method == "entropy-adaptive" {
+        spec.params.adaptive.validate()?;
+    }
+    if spec.params.inspect.attention && !(1..=64).contains(&spec.params.inspect.attention_top_k) {
+        bail!("--attention-top-k must be between 1 and 64");
+    }
     // The layer count is checked once the model is loaded.
     spec.params.speculative.validate(usize::MAX)?;
     if !specula_core::methods::METHOD_NAMES.contains(&spec.method.as_str()) {
@@ -289,6 +358,9 @@ pub fn run(model_path: Option<&Path>, args: RunArgs) -> Result<()> {
         });
         if let Some(search) = specula_core::methods::search::search_summary(&trace) {
             json["search"] = search;
+        }
+        if let Some(adaptive) = specula_core::methods::entropy_adaptive::adaptive_summary(&trace) {
+            json["adaptive"] = adaptive;
         }
         if let Some(spec_json) = specula_core::methods::speculative::speculative_summary(&trace) {
             if let (Some(out), Some(add)) = (json.as_object_mut(), spec_json.as_object()) {

@@ -48,8 +48,8 @@ pub fn fork_spec(parent: &Trace, token_index: usize, candidate: usize) -> Result
     };
     Ok(RunSpec {
         label: format!(
-            "fork of {parent_label} at {token_index}: {:?}",
-            choice.token
+            "fork of {parent_label} at {token_index}: {}",
+            super::panels::tokens::quoted(&choice.token)
         ),
         method: header.method.clone(),
         params: header.params.clone(),

@@ -150,7 +150,17 @@ impl SpeculaApp {
             )));
             return;
         }
-        match fork_spec(&parent.trace, token_index, candidate) {
+        // The output as it stood when the token was committed: a later rollback may have taken it back.
+        let Some(at) = tokens_with_steps(&parent.trace).find(|t| t.index == token_index) else {
+            self.notice = Some(Notice::error(format!(
+                "Cannot fork: the run has no token {token_index}"
+            )));
+            return;
+        };
+        let mut then = parent.trace.clone();
+        then.steps.truncate(at.step + 1);
+        then.summary = None;
+        match fork_spec(&then, at.output_index, candidate) {
             Ok(spec) => {
                 let label = spec.label.clone();
                 let id = self.backend.start(spec, false);

@@ -23,6 +23,7 @@ pub mod fork;
 mod handle;
 pub mod panels;
 pub mod picker;
+pub mod search;
 pub mod settings;
 pub mod spec;
 pub mod speedup;

@@ -1,7 +1,9 @@
 //! What the user set up in the prompt panel and the view menu; persisted across sessions by eframe.
 
 use serde::{Deserialize, Serialize};
-use specula_core::trace::{SamplingParams, SearchParams, SpeculativeParams};
+use specula_core::trace::{
+    AdaptiveParams, InspectParams, SamplingParams, SearchParams, SpeculativeParams,
+};
 use specula_core::{MethodParams, PromptSpec, RunSpec};
 
 /// The decoding methods the GUI offers, as `specula run --method` names them.
@@ -33,6 +35,10 @@ pub struct RunSettings {
     pub draft_model: String,
     /// Beam, diverse beam, contrastive, momentum, OPERA and CAD parameters (the CAD context among them).
     pub search: SearchParams,
+    /// Entropy-adaptive decoding: threshold, window and dwell.
+    pub entropy: AdaptiveParams,
+    /// Record the logit lens and attention for every method.
+    pub inspect: InspectParams,
 }
 
 impl Default for RunSettings {
@@ -58,6 +64,8 @@ impl Default for RunSettings {
             adaptive_threshold: spec.adaptive.unwrap_or(0.5),
             draft_model: String::new(),
             search: SearchParams::default(),
+            entropy: AdaptiveParams::default(),
+            inspect: InspectParams::default(),
         }
     }
 }
@@ -107,6 +115,8 @@ impl RunSettings {
             sampling,
             speculative,
             search,
+            adaptive: self.entropy.clone(),
+            inspect: self.inspect.clone(),
         }
     }
 

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use specula_core::trace::{ModelInfo, StepRecord, StopReason, TokenRecord, Trace, TraceError};
+use specula_core::trace::{ModelInfo, StopReason, TokenRecord, Trace, TraceError};
 use specula_core::worker::{Event, RunId};
 
 /// The store's own key for a run; unlike a worker `RunId` it also covers runs read from files.
@@ -98,26 +98,80 @@ impl RunEntry {
 /// A generated token with the step that committed it.
 #[derive(Clone, Copy)]
 pub struct TokenAt<'a> {
-    /// Index among the run's generated tokens.
+    /// Index among every token the run committed, in order (tokens a rollback took back keep theirs): what
+    /// focusing and forking refer to.
     pub index: usize,
     pub step: usize,
+    /// Its place in the output when it was committed (0 = first generated token).
+    pub output_index: usize,
     pub token: &'a TokenRecord,
 }
 
-/// Every generated token of a trace with its step, in order.
+/// Every token the run committed with its step, in order, including those a later rollback took back.
 pub fn tokens_with_steps(trace: &Trace) -> impl Iterator<Item = TokenAt<'_>> + '_ {
+    let mut len = 0usize;
     trace
         .steps
         .iter()
         .enumerate()
-        .flat_map(|(step, s)| s.tokens.iter().map(move |token| (step, token)))
+        .flat_map(move |(step, s)| {
+            let start = s.rollback.as_ref().map_or(len, |r| r.to_generated);
+            len = start + s.tokens.len();
+            s.tokens
+                .iter()
+                .enumerate()
+                .map(move |(i, token)| (step, start + i, token))
+        })
         .enumerate()
-        .map(|(index, (step, token))| TokenAt { index, step, token })
+        .map(|(index, (step, output_index, token))| TokenAt {
+            index,
+            step,
+            output_index,
+            token,
+        })
 }
 
-/// Number of generated tokens committed up to and including `step`.
-pub fn tokens_through_step(steps: &[StepRecord], step: usize) -> usize {
-    steps.iter().take(step + 1).map(|s| s.tokens.len()).sum()
+/// The output as it stood after `step`: every rollback up to it applied.
+pub fn output_at(trace: &Trace, step: usize) -> Vec<TokenAt<'_>> {
+    let mut out: Vec<TokenAt<'_>> = Vec::new();
+    for t in tokens_with_steps(trace) {
+        if t.step > step {
+            break;
+        }
+        out.truncate(t.output_index);
+        out.push(t);
+    }
+    // A step that took tokens back and committed none leaves the output shorter.
+    if let Some(r) = trace.steps.get(step).and_then(|s| s.rollback.as_ref())
+        && trace.steps.get(step).is_some_and(|s| s.tokens.is_empty())
+    {
+        out.truncate(r.to_generated);
+    }
+    out
+}
+
+/// The tokens `step`'s rollback took back (empty when it rolled nothing back).
+pub fn removed_at(trace: &Trace, step: usize) -> Vec<TokenAt<'_>> {
+    match (
+        step.checked_sub(1),
+        trace.steps.get(step).and_then(|s| s.rollback.as_ref()),
+    ) {
+        (Some(before), Some(r)) => {
+            let mut out = output_at(trace, before);
+            // A malformed file may roll back past the end; take nothing back then.
+            if r.to_generated <= out.len() {
+                out.split_off(r.to_generated)
+            } else {
+                Vec::new()
+            }
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// Number of generated tokens in the output after `step`.
+pub fn tokens_through_step(trace: &Trace, step: usize) -> usize {
+    output_at(trace, step).len()
 }
 
 /// The model the worker holds (or why there is none).

@@ -6,9 +6,16 @@ use serde::{Deserialize, Serialize};
 use super::command::Command;
 use super::panels::ViewCtx;
 use super::panels::acceptance::AcceptancePanel;
+use super::panels::attention::AttentionPanel;
+use super::panels::beam_tree::BeamTreePanel;
+use super::panels::cad::CadPanel;
 use super::panels::candidates::CandidatesPanel;
 use super::panels::compare::ComparePanel;
+use super::panels::contrastive::ContrastivePanel;
 use super::panels::draft_tree::DraftTreePanel;
+use super::panels::lens::LensPanel;
+use super::panels::momentum::MomentumPanel;
+use super::panels::opera::OperaPanel;
 use super::panels::plots::PlotsPanel;
 use super::panels::speedup::SpeedupPanel;
 use super::panels::stats::StatsPanel;
@@ -26,10 +33,17 @@ pub enum Pane {
     Acceptance,
     Speedup,
     Sweep,
+    BeamTree,
+    OverTrust,
+    Contrastive,
+    Momentum,
+    Cad,
+    LogitLens,
+    Attention,
 }
 
 impl Pane {
-    pub const ALL: [Pane; 9] = [
+    pub const ALL: [Pane; 16] = [
         Pane::TokenStream,
         Pane::Candidates,
         Pane::DraftTree,
@@ -39,6 +53,33 @@ impl Pane {
         Pane::Sweep,
         Pane::Stats,
         Pane::Compare,
+        Pane::BeamTree,
+        Pane::OverTrust,
+        Pane::Contrastive,
+        Pane::Momentum,
+        Pane::Cad,
+        Pane::LogitLens,
+        Pane::Attention,
+    ];
+
+    /// The workbench panes (per-step views and speculative figures), tabbed top right.
+    const WORKBENCH: [Pane; 6] = [
+        Pane::Candidates,
+        Pane::DraftTree,
+        Pane::Plots,
+        Pane::Acceptance,
+        Pane::Speedup,
+        Pane::Sweep,
+    ];
+    /// The search and contrast methods' panes and the model's insides, tabbed bottom right.
+    const SEARCH: [Pane; 7] = [
+        Pane::BeamTree,
+        Pane::OverTrust,
+        Pane::Contrastive,
+        Pane::Momentum,
+        Pane::Cad,
+        Pane::LogitLens,
+        Pane::Attention,
     ];
 
     pub fn title(self) -> &'static str {
@@ -52,21 +93,32 @@ impl Pane {
             Pane::Acceptance => "Acceptance",
             Pane::Speedup => "Speedup",
             Pane::Sweep => "Draft sweep",
+            Pane::BeamTree => "Beam tree",
+            Pane::OverTrust => "OPERA",
+            Pane::Contrastive => "Contrastive",
+            Pane::Momentum => "Momentum",
+            Pane::Cad => "CAD",
+            Pane::LogitLens => "Logit lens",
+            Pane::Attention => "Attention",
         }
     }
 }
 
-/// The text views as tabs on the left (token stream first), the analysis views as tabs on the right; each side
-/// narrow enough in tabs that every title shows in a 1280-point window.
+/// Three tab groups, so every title shows in a 1280-point window: the text views on the left (token stream first,
+/// full height); on the right the workbench panes tabbed above the search methods' and the model's insides' panes.
 pub fn default_tree() -> egui_tiles::Tree<Pane> {
     const LEFT: [Pane; 3] = [Pane::TokenStream, Pane::Stats, Pane::Compare];
     let mut tiles = egui_tiles::Tiles::default();
-    let mut tabs = |panes: &mut dyn Iterator<Item = Pane>| {
-        let ids: Vec<_> = panes.map(|p| tiles.insert_pane(p)).collect();
+    let mut tabs = |panes: &[Pane]| {
+        let ids: Vec<_> = panes.iter().map(|&p| tiles.insert_pane(p)).collect();
         tiles.insert_tab_tile(ids)
     };
-    let left = tabs(&mut LEFT.into_iter());
-    let right = tabs(&mut Pane::ALL.into_iter().filter(|p| !LEFT.contains(p)));
+    let left = tabs(&LEFT);
+    let workbench = tabs(&Pane::WORKBENCH);
+    let search = tabs(&Pane::SEARCH);
+    let right = tiles.insert_new(egui_tiles::Tile::Container(egui_tiles::Container::Linear(
+        egui_tiles::Linear::new_binary(egui_tiles::LinearDir::Vertical, [workbench, search], 0.58),
+    )));
     let root = tiles.insert_new(egui_tiles::Tile::Container(egui_tiles::Container::Linear(
         egui_tiles::Linear::new_binary(egui_tiles::LinearDir::Horizontal, [left, right], 0.45),
     )));
@@ -97,6 +149,13 @@ pub struct Panels {
     pub acceptance: AcceptancePanel,
     pub speedup: SpeedupPanel,
     pub sweep: SweepPanel,
+    pub beam_tree: BeamTreePanel,
+    pub opera: OperaPanel,
+    pub contrastive: ContrastivePanel,
+    pub momentum: MomentumPanel,
+    pub cad: CadPanel,
+    pub lens: LensPanel,
+    pub attention: AttentionPanel,
     /// Where each pane was drawn this frame (panes in a hidden tab are absent); a panel export crops to it.
     rects: Vec<(Pane, egui::Rect)>,
 }
@@ -138,6 +197,13 @@ impl egui_tiles::Behavior<Pane> for Behavior<'_, '_> {
                 Pane::Acceptance => self.panels.acceptance.ui(ui, self.ctx),
                 Pane::Speedup => self.panels.speedup.ui(ui, self.ctx),
                 Pane::Sweep => self.panels.sweep.ui(ui, self.ctx),
+                Pane::BeamTree => self.panels.beam_tree.ui(ui, self.ctx),
+                Pane::OverTrust => self.panels.opera.ui(ui, self.ctx),
+                Pane::Contrastive => self.panels.contrastive.ui(ui, self.ctx),
+                Pane::Momentum => self.panels.momentum.ui(ui, self.ctx),
+                Pane::Cad => self.panels.cad.ui(ui, self.ctx),
+                Pane::LogitLens => self.panels.lens.ui(ui, self.ctx),
+                Pane::Attention => self.panels.attention.ui(ui, self.ctx),
             });
         egui_tiles::UiResponse::None
     }

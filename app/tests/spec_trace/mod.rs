@@ -87,6 +87,7 @@ fn step(
             alpha,
             note: "skipped layers 8–23 of 30".into(),
         }))),
+        inspection: Vec::new(),
         timing: Some(StepTiming {
             total_ms: 30.0 + draft_n as f64 * 4.0,
             draft_ms: draft_n as f64 * 4.0,

@@ -311,6 +311,11 @@ impl DecodingMethod for Beam {
             score: score as f32,
             parent,
             group: h.group,
+            last_token: h
+                .ids()
+                .last()
+                .map(|&i| tok.token_text(i))
+                .unwrap_or_default(),
         };
         let mut finished: Vec<(f64, BeamHypothesis)> = state
             .finished
@@ -333,6 +338,7 @@ impl DecodingMethod for Beam {
             distinct_2,
             done: state.done,
             summary_position: None,
+            over_trust: None,
         })));
         if !state.done {
             state.cache.select_batch(&rows_kept)?;

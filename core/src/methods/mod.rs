@@ -17,6 +17,7 @@ mod beam;
 mod cad;
 mod contrastive;
 mod diverse_beam;
+pub mod entropy_adaptive;
 mod greedy;
 pub mod lens;
 mod momentum;
@@ -45,6 +46,7 @@ pub const METHOD_NAMES: &[&str] = &[
     "cad",
     "momentum",
     "opera",
+    "entropy-adaptive",
 ];
 
 /// What a method sees during one step.
@@ -99,6 +101,7 @@ pub fn create(name: &str, model: &Model) -> Result<Box<dyn DecodingMethod>> {
         "cad" => Ok(Box::new(Cad::new(model))),
         "momentum" => Ok(Box::new(Momentum::new(model))),
         "opera" => Ok(Box::new(Opera::new(model))),
+        "entropy-adaptive" => Ok(Box::new(entropy_adaptive::EntropyAdaptive::new(model))),
         other => Err(Error::UnknownMethod(other.to_owned())),
     }
 }
@@ -116,6 +119,7 @@ pub fn empty_step() -> StepRecord {
         param_changes: Vec::new(),
         rollback: None,
         payload: None,
+        inspection: Vec::new(),
         timing: None,
     }
 }

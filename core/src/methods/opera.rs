@@ -23,7 +23,8 @@ use crate::error::{Error, Result};
 use crate::model::{Capture, KvCache, Logits, Mask, logits_row};
 use crate::sampling::{PositionStats, top_n};
 use crate::trace::{
-    BeamCandidate, BeamHypothesis, BeamStep, StepPayload, StepRecord, TokenRecord, TokenSource,
+    BeamCandidate, BeamHypothesis, BeamStep, OverTrustMap, StepPayload, StepRecord, TokenRecord,
+    TokenSource,
 };
 
 const SIGMA: f64 = 50.0;
@@ -33,6 +34,8 @@ const WINDOW: usize = 64;
 /// Keeps α·penalty finite, so that scores stay comparable (a penalty this size already rules a token out).
 const MAX_PENALTY: f64 = 1e30;
 const PRUNED_SHOWN: usize = 8;
+/// Rows and columns of the over-trust map the trace keeps (more when the summary column lies further back).
+const MAP_SHOWN: usize = 16;
 
 pub struct Opera {
     state: Option<State>,
@@ -294,6 +297,7 @@ impl DecodingMethod for Opera {
         let generated = ctx.generated;
         let mut best = None;
         let mut summary_position = None;
+        let mut over_trust = None;
         if next.is_empty() || settled || new_len >= cap {
             state.done = true;
             let live = next.iter().enumerate().map(|(i, b)| {
@@ -330,6 +334,27 @@ impl DecodingMethod for Opera {
             });
             let summary = next[top].summary;
             summary_position = Some(summary);
+            // The map and the candidates of the best hypothesis' parent, for the panel.
+            let b = next[top].parent.unwrap_or(0);
+            let candidates = scored
+                .iter()
+                .filter(|s| rows[s.row].0 == b)
+                .map(|s| {
+                    let id = rows[s.row].1;
+                    BeamCandidate {
+                        parent: next[top].parent,
+                        token_id: id,
+                        token: tok.token_text(id),
+                        logprob: (state.live[b].logprob()
+                            + f64::from(stats[b].logprobs[id as usize]))
+                            as f32,
+                        score: s.score as f32,
+                        group: 0,
+                        penalty: s.penalty as f32,
+                    }
+                })
+                .collect();
+            over_trust = Some(over_trust_map(&next[top].attention, summary, candidates));
             state.history.push(summary);
             let count = state.history.iter().filter(|&&s| s == summary).count();
             let tries = state.rollbacks_at.get(&summary).copied().unwrap_or(0);
@@ -351,8 +376,9 @@ impl DecodingMethod for Opera {
                 state.history.clear();
                 follow(&mut record, generated, state.base, &beam.tokens, |_| {
                     format!(
-                        "OPERA: output token {summary} was the summary token {count} times; choosing token {} again without `{}`",
+                        "OPERA: output token {} was the summary token {count} times; choosing token {} again without `{}`",
                         summary + 1,
+                        summary + 2,
                         tok.token_text(dropped)
                     )
                 });
@@ -383,6 +409,7 @@ impl DecodingMethod for Opera {
             score: score as f32,
             parent: b.parent,
             group: 0,
+            last_token: b.tokens.last().map(|t| t.token.clone()).unwrap_or_default(),
         };
         record.payload = Some(StepPayload::Beams(Box::new(BeamStep {
             groups: 1,
@@ -393,6 +420,7 @@ impl DecodingMethod for Opera {
             distinct_2: None,
             done: state.done,
             summary_position,
+            over_trust,
         })));
         if !state.done {
             state.live = next;
@@ -430,6 +458,48 @@ fn over_trust(rows: &[Vec<f32>], own: &[f32]) -> (f64, usize) {
         }
     }
     (best.0.min(MAX_PENALTY), best.1)
+}
+
+/// The map of the best hypothesis: rows renormalised within the penalty window, as `over_trust` computes them,
+/// from the last `MAP_SHOWN` tokens or the summary column, whichever comes first; each column's score in log10.
+fn over_trust_map(
+    rows: &[Vec<f32>],
+    summary: usize,
+    candidates: Vec<BeamCandidate>,
+) -> OverTrustMap {
+    let n = rows.len();
+    let window_start = n.saturating_sub(WINDOW);
+    let value = |i: usize, j: usize| rows[i].get(j).map_or(0.0, |&a| f64::from(a));
+    let sums: Vec<f64> = (0..n)
+        .map(|i| (window_start..=i).map(|j| value(i, j)).sum())
+        .collect();
+    let normalised = |i: usize, j: usize| {
+        if sums[i] > 0.0 {
+            value(i, j) / sums[i]
+        } else {
+            0.0
+        }
+    };
+    let start = summary.min(n.saturating_sub(MAP_SHOWN)).max(window_start);
+    let round = |x: f64| ((x * 1e4).round() / 1e4) as f32;
+    OverTrustMap {
+        start,
+        rows: (start..n)
+            .map(|i| (start..=i).map(|j| round(normalised(i, j))).collect())
+            .collect(),
+        log10_scores: (start..n)
+            .map(|j| {
+                (j..n)
+                    .try_fold(SCALE.log10(), |acc, i| {
+                        let v = SIGMA * normalised(i, j);
+                        (v > 0.0).then(|| acc + v.log10())
+                    })
+                    .map(|x| x as f32)
+            })
+            .collect(),
+        winner: summary.saturating_sub(start),
+        candidates,
+    }
 }
 
 #[cfg(test)]

@@ -189,8 +189,19 @@ pub fn search_summary(trace: &Trace) -> Option<serde_json::Value> {
                     "tokens": h.token_ids.len(),
                 })
             };
+            // OPERA's own rollbacks (retrospection), apart from those of the best hypothesis changing.
+            let retrospections = trace
+                .steps
+                .iter()
+                .filter(|s| {
+                    s.rollback
+                        .as_ref()
+                        .is_some_and(|r| r.reason.starts_with("OPERA"))
+                })
+                .count();
             Some(serde_json::json!({
                 "rollbacks": rollbacks,
+                "retrospections": retrospections,
                 "rolled_back_tokens": rolled_back_tokens,
                 "output_logprob": trace.tokens().map(|t| f64::from(t.logprob)).sum::<f64>(),
                 "finished": last.finished.iter().map(hyp).collect::<Vec<_>>(),

@@ -19,7 +19,9 @@ mod params;
 mod payload;
 
 pub use files::{ExportOptions, FileFormat, save_runs, write_atomically};
-pub use params::{MethodParams, SamplingParams, SearchParams, SpeculativeParams};
+pub use params::{
+    AdaptiveParams, InspectParams, MethodParams, SamplingParams, SearchParams, SpeculativeParams,
+};
 pub use payload::*;
 
 /// Version of the trace schema written by this build.
@@ -176,6 +178,9 @@ pub struct StepRecord {
     /// Method-specific data (draft trees, beams, attention maps).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload: Option<StepPayload>,
+    /// The logit lens and attention of each committed token, when the run's `inspect` parameters ask for them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inspection: Vec<Inspection>,
     /// Measured times; omitted from deterministic exports.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timing: Option<StepTiming>,
@@ -280,6 +285,8 @@ pub enum StepPayload {
     Cad(Box<CadStep>),
     /// One step of momentum decoding: the k candidates with the loop each would close.
     Momentum(Box<MomentumStep>),
+    /// One step of entropy-adaptive decoding: the model that decoded it and the rolling entropy.
+    EntropyAdaptive(Box<EntropyAdaptiveStep>),
     #[serde(other)]
     Unknown,
 }

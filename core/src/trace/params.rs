@@ -14,6 +14,64 @@ pub struct MethodParams {
     /// Read by the search methods (`beam`, `diverse-beam`, `contrastive`, `cad`).
     #[serde(default)]
     pub search: SearchParams,
+    /// Read by `entropy-adaptive`.
+    #[serde(default)]
+    pub adaptive: AdaptiveParams,
+    /// What the run records of the model's insides (logit lens, attention), for every method.
+    #[serde(default)]
+    pub inspect: InspectParams,
+}
+
+/// Entropy-adaptive decoding: the full model decodes while the rolling mean entropy of the last `window` tokens is
+/// at least `threshold`, a layer-skipped copy of it otherwise; a switch waits for `min_dwell` tokens on the current
+/// model. The skipped layers are `speculative.skip_layers` (empty = the middle third).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AdaptiveParams {
+    /// τ in nats (the trace's entropy unit); 0 = always the full model.
+    pub threshold: f32,
+    /// Tokens the rolling mean covers, 1..=64.
+    pub window: usize,
+    /// Tokens decoded by one model before it may hand over, 1..=64.
+    pub min_dwell: usize,
+}
+
+impl Default for AdaptiveParams {
+    fn default() -> Self {
+        Self {
+            threshold: 1.5,
+            window: 4,
+            min_dwell: 4,
+        }
+    }
+}
+
+/// Recording of the model's insides, per committed token: an extra forward of the new tokens on a cache of its
+/// own, so it costs about one forward per step and changes no decoding.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct InspectParams {
+    /// The top token and its probability at every layer.
+    pub lens: bool,
+    /// Every layer's attention (per head, max and mean over heads), the `attention_top_k` largest weights per row.
+    pub attention: bool,
+    pub attention_top_k: usize,
+}
+
+impl Default for InspectParams {
+    fn default() -> Self {
+        Self {
+            lens: false,
+            attention: false,
+            attention_top_k: 8,
+        }
+    }
+}
+
+impl InspectParams {
+    pub fn any(&self) -> bool {
+        self.lens || self.attention
+    }
 }
 
 impl Default for MethodParams {
@@ -22,6 +80,8 @@ impl Default for MethodParams {
             sampling: SamplingParams::greedy(),
             speculative: SpeculativeParams::default(),
             search: SearchParams::default(),
+            adaptive: AdaptiveParams::default(),
+            inspect: InspectParams::default(),
         }
     }
 }

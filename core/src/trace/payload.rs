@@ -97,6 +97,29 @@ pub struct BeamStep {
     /// newest token over-trusts, i.e. the column with the largest attention product.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub summary_position: Option<usize>,
+    /// OPERA: the best hypothesis' over-trust map at this step (what the penalty was computed from).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub over_trust: Option<OverTrustMap>,
+}
+
+/// OPERA's view of the best hypothesis at one step: its newest tokens' last-layer attention (max over heads) over
+/// the output tokens in the penalty window, each row renormalised within the window, and the score of each column.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OverTrustMap {
+    /// Output position (0 = first generated token) of the first row and column shown.
+    pub start: usize,
+    /// Row i covers output tokens `start..=start + i` (a lower triangle); values rounded to 1e-4 to keep the
+    /// trace small.
+    pub rows: Vec<Vec<f32>>,
+    /// log10 of each shown column's product SCALE·Π σ·a(i, j) down the rows (the over-trust score; the penalty is
+    /// 10^this for the winning column). `None` where the product underflowed to 0.
+    pub log10_scores: Vec<Option<f32>>,
+    /// Index into the columns of the winning (summary) column.
+    pub winner: usize,
+    /// The candidates the best hypothesis' parent scored at this step, with their over-trust penalties, best score
+    /// first.
+    #[serde(default)]
+    pub candidates: Vec<BeamCandidate>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -114,6 +137,9 @@ pub struct BeamHypothesis {
     pub parent: Option<usize>,
     #[serde(default)]
     pub group: usize,
+    /// The text of its newest token (for the beam tree's nodes; empty in traces written before it was kept).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub last_token: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -192,4 +218,67 @@ pub struct CadStep {
     pub without_context: Vec<Candidate>,
     /// Most likely tokens of the adjusted distribution the token was chosen from.
     pub adjusted: Vec<Candidate>,
+}
+
+/// Entropy-adaptive decoding: which model produced the step's token and why.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EntropyAdaptiveStep {
+    /// Threshold τ (nats) on the rolling mean entropy: at or above it the full model decodes.
+    pub threshold: f32,
+    pub window: usize,
+    pub min_dwell: usize,
+    /// Rolling mean of the entropies of the last `window` tokens (nats) that made the decision; `None` before
+    /// the first token (taken as 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolling_entropy: Option<f32>,
+    /// True when the full model decoded this step, false when the layer-skipped one did.
+    pub full_model: bool,
+    /// True when this step changed model.
+    pub switched: bool,
+    /// The layers the small model skips.
+    pub skip_layers: Vec<usize>,
+    /// Tokens the model in use had to read first, because the other model decoded them (its own cache lacked
+    /// them); the prompt counts on a model's first step.
+    #[serde(default)]
+    pub caught_up: usize,
+}
+
+/// What the model computed inside itself for one committed token, recorded when `inspect` asks for it: the
+/// logit lens and the attention of the position that predicted the token.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Inspection {
+    /// Absolute position of the token (as `TokenRecord::position`); the lens and attention belong to the
+    /// position before it, which predicted it.
+    pub position: usize,
+    /// The logit lens: one entry per depth, 0 = the embeddings, i + 1 = after layer i (the last is the output).
+    #[serde(default)]
+    pub lens: Vec<LensCell>,
+    /// Attention of the predicting position over every earlier position, per layer (only the recorded layers).
+    #[serde(default)]
+    pub attention: Vec<LayerAttention>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LensCell {
+    pub token_id: u32,
+    pub token: String,
+    pub prob: f32,
+    /// Probability at this depth of the token that actually came next.
+    pub actual_prob: f32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LayerAttention {
+    pub layer: usize,
+    /// One row per head, then the max over heads, then the mean over heads.
+    pub heads: Vec<SparseRow>,
+}
+
+/// The largest weights of one attention row: keys (absolute positions) with their weights, largest first, rounded
+/// to 1e-4. `covered` is the total weight of the row the kept keys hold.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SparseRow {
+    pub keys: Vec<u32>,
+    pub weights: Vec<f32>,
+    pub covered: f32,
 }

@@ -30,10 +30,10 @@ impl CandidatesPanel {
         let token = t.token;
         ui.label(
             RichText::new(format!(
-                "Token {} (step {}): {:?} — {}, p = {}, rank {}",
-                t.index + 1,
+                "Token {} (step {}): {} — {}, p = {}, rank {}",
+                t.output_index + 1,
                 t.step + 1,
-                token.token,
+                super::tokens::quoted(&token.token),
                 source_name(token.source),
                 percent(token.prob()),
                 token.rank
@@ -85,7 +85,7 @@ impl CandidatesPanel {
             .map(|(i, c)| {
                 let p = c.logprob.exp();
                 let longest = f64::from(p.max(c.warped_prob.unwrap_or(0.0)));
-                let mut text = format!("{:?} {}", c.token, percent(p));
+                let mut text = format!("{} {}", super::tokens::quoted(&c.token), percent(p));
                 if let Some(w) = c.warped_prob {
                     text += &format!(" → {}", warped_percent(w));
                 }

@@ -168,3 +168,61 @@ pub fn legend(ui: &mut egui::Ui, by: ColourBy) {
         ui.label("= newline; underlined = forced by a fork.");
     });
 }
+
+/// A sequential scale for heat maps (viridis: dark violet = 0, yellow = 1), perceptually even and readable by
+/// colour-blind users; returns the cell colour and a text colour that reads on it.
+pub fn heat(v: f32) -> (Color32, Color32) {
+    const STOPS: [(u8, u8, u8); 5] = [
+        (68, 1, 84),
+        (59, 82, 139),
+        (33, 145, 140),
+        (94, 201, 98),
+        (253, 231, 37),
+    ];
+    let v = if v.is_finite() {
+        v.clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
+    let x = v * (STOPS.len() - 1) as f32;
+    let i = (x.floor() as usize).min(STOPS.len() - 2);
+    let t = x - i as f32;
+    let (a, b) = (STOPS[i], STOPS[i + 1]);
+    let mix = |p: u8, q: u8| (f32::from(p) + (f32::from(q) - f32::from(p)) * t).round() as u8;
+    let bg = Color32::from_rgb(mix(a.0, b.0), mix(a.1, b.1), mix(a.2, b.2));
+    let fg = if v > 0.55 {
+        Color32::BLACK
+    } else {
+        Color32::WHITE
+    };
+    (bg, fg)
+}
+
+/// Colours of diverse beam search's groups (Tableau 10), in group order.
+pub const GROUPS: [Color32; 8] = [
+    Color32::from_rgb(31, 119, 180),
+    Color32::from_rgb(255, 127, 14),
+    Color32::from_rgb(44, 160, 44),
+    Color32::from_rgb(214, 39, 40),
+    Color32::from_rgb(148, 103, 189),
+    Color32::from_rgb(140, 86, 75),
+    Color32::from_rgb(227, 119, 194),
+    Color32::from_rgb(127, 127, 127),
+];
+
+pub fn group_colour(group: usize) -> Color32 {
+    GROUPS[group % GROUPS.len()]
+}
+
+/// A legend strip for [`heat`]: "low ▮▮▮▮▮ high".
+pub fn heat_legend(ui: &mut egui::Ui, low: &str, high: &str) {
+    ui.horizontal(|ui| {
+        ui.spacing_mut().item_spacing.x = 0.0;
+        ui.label(format!("{low} "));
+        for i in 0..=8 {
+            let (bg, _) = heat(i as f32 / 8.0);
+            ui.label(RichText::new("  ").monospace().background_color(bg));
+        }
+        ui.label(format!(" {high}"));
+    });
+}

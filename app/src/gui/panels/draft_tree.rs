@@ -96,7 +96,8 @@ impl DraftTreePanel {
         let area = ui.available_rect_before_wrap();
         // Beside the tree or under it, whichever shows the tree larger.
         let detail_w = (area.width() * 0.36).clamp(260.0, 400.0);
-        let stacked_h = (bounds.height() + 24.0).clamp(140.0, area.height() * 0.6);
+        // A short pane (a tab group sharing its column) must not make the lower bound exceed the upper one.
+        let stacked_h = (bounds.height() + 24.0).clamp(140.0, (area.height() * 0.6).max(140.0));
         let scale_beside =
             ((area.width() - detail_w) / bounds.width()).min(area.height() / bounds.height());
         let scale_under = (area.width() / bounds.width()).min(stacked_h / bounds.height());
@@ -307,11 +308,10 @@ fn measure(
     let root_token = if index == 0 {
         run.trace.header.prompt.tokens.last().cloned()
     } else {
-        let before = tokens_through_step(&run.trace.steps, index - 1);
-        run.trace
-            .tokens()
-            .nth(before.saturating_sub(1))
-            .map(|t| t.token.clone())
+        let before = tokens_through_step(&run.trace, index - 1);
+        crate::gui::store::output_at(&run.trace, index - 1)
+            .get(before.saturating_sub(1))
+            .map(|t| t.token.token.clone())
     };
     let item = |title: String, sub: String, fill: Color32, text: Color32| {
         let (title, sub) = lay(title, sub, text);

@@ -10,12 +10,19 @@ use super::store::{RunEntry, RunKey, RunStore, TokenAt, tokens_through_step, tok
 use super::sweep::Sweep;
 
 pub mod acceptance;
+pub mod attention;
+pub mod beam_tree;
+pub mod cad;
 pub mod candidates;
 pub mod colouring;
 pub mod compare;
+pub mod contrastive;
 pub mod draft_detail;
 pub mod draft_tree;
+pub mod lens;
 pub mod model_panel;
+pub mod momentum;
+pub mod opera;
 pub mod plots;
 pub mod prompt;
 pub mod spec_stats;
@@ -54,7 +61,7 @@ impl ViewCtx<'_> {
     /// Generated tokens of the selected run up to and including the cursor's step.
     pub fn tokens_shown(&self) -> usize {
         self.selected().map_or(0, |(_, run)| {
-            tokens_through_step(&run.trace.steps, self.cursor.step)
+            tokens_through_step(&run.trace, self.cursor.step)
         })
     }
 

@@ -2,8 +2,14 @@
 //! vertical line marks the cursor; clicking a plot moves the cursor there.
 
 use egui::Color32;
-use egui_plot::{Line, Plot, PlotPoints, Points, VLine};
-use specula_core::trace::StepRecord;
+use egui_plot::{HLine, Line, Plot, PlotPoints, Points, VLine};
+use specula_core::trace::{EntropyAdaptiveStep, StepRecord};
+
+use crate::gui::search::entropy_adaptive;
+
+const FULL_MODEL: Color32 = Color32::from_rgb(215, 48, 39);
+const SKIPPED_MODEL: Color32 = Color32::from_rgb(26, 152, 80);
+const THRESHOLD: Color32 = Color32::from_rgb(230, 171, 2);
 
 use super::{ViewCtx, empty_state, readable_axes};
 use crate::gui::command::Command;
@@ -70,8 +76,17 @@ impl PlotsPanel {
         egui::ScrollArea::vertical()
             .auto_shrink([false, false])
             .show(ui, |ui| {
-                for series in SERIES {
+                let adaptive: Vec<(usize, &EntropyAdaptiveStep)> = steps
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, s)| entropy_adaptive(s).map(|e| (i, e)))
+                    .collect();
+                for (n, series) in SERIES.iter().enumerate() {
                     ui.label(egui::RichText::new(series.title).strong());
+                    let adaptive_here = n == 0 && !adaptive.is_empty();
+                    if adaptive_here {
+                        adaptive_legend(ui, &adaptive);
+                    }
                     let points: Vec<[f64; 2]> = steps
                         .iter()
                         .enumerate()
@@ -84,7 +99,7 @@ impl PlotsPanel {
                     let at_cursor = points.iter().find(|p| p[0] == cursor_x).copied();
                     let plot = readable_axes(Plot::new(("plot", series.title)), "step", "");
                     let response = plot
-                        .height(height)
+                        .height(if adaptive_here { height * 2.0 } else { height })
                         .link_axis(link, [true, false])
                         .link_cursor(link, [true, false])
                         .allow_drag(false)
@@ -100,6 +115,9 @@ impl PlotsPanel {
                                     .color(Color32::from_rgb(230, 50, 50))
                                     .width(1.5),
                             );
+                            if adaptive_here {
+                                adaptive_overlay(plot_ui, &adaptive);
+                            }
                             if let Some(p) = at_cursor {
                                 plot_ui.points(
                                     Points::new("at cursor", p).radius(4.0).color(series.color),
@@ -116,4 +134,83 @@ impl PlotsPanel {
                 }
             });
     }
+}
+
+/// Entropy-adaptive decoding: what the extra marks on the entropy plot mean, and the share of full-model tokens.
+fn adaptive_legend(ui: &mut egui::Ui, steps: &[(usize, &EntropyAdaptiveStep)]) {
+    let full = steps.iter().filter(|(_, e)| e.full_model).count();
+    let switches = steps.iter().filter(|(_, e)| e.switched).count();
+    let tau = steps.first().map_or(0.0, |(_, e)| e.threshold);
+    ui.horizontal_wrapped(|ui| {
+        ui.label(egui::RichText::new("— τ").color(THRESHOLD).strong());
+        ui.label(format!("threshold {tau} nats ·"));
+        ui.label(egui::RichText::new("●").monospace().color(FULL_MODEL));
+        ui.label("full model");
+        ui.label(egui::RichText::new("●").monospace().color(SKIPPED_MODEL));
+        ui.label("layer-skipped model");
+        ui.label("· dashed: rolling mean that decided · vertical lines: switches ·");
+        ui.label(format!(
+            "full model for {full} of {} tokens ({:.0}%), {switches} switch{}",
+            steps.len(),
+            full as f64 * 100.0 / steps.len().max(1) as f64,
+            if switches == 1 { "" } else { "es" }
+        ));
+    });
+}
+
+fn adaptive_overlay(plot_ui: &mut egui_plot::PlotUi<'_>, steps: &[(usize, &EntropyAdaptiveStep)]) {
+    if let Some((_, first)) = steps.first() {
+        plot_ui.hline(
+            HLine::new("τ", f64::from(first.threshold))
+                .color(THRESHOLD)
+                .width(1.5),
+        );
+    }
+    let rolling: Vec<[f64; 2]> = steps
+        .iter()
+        .filter_map(|(i, e)| e.rolling_entropy.map(|r| [(i + 1) as f64, f64::from(r)]))
+        .collect();
+    plot_ui.line(
+        Line::new("rolling mean entropy", PlotPoints::from(rolling))
+            .color(THRESHOLD)
+            .style(egui_plot::LineStyle::dashed_dense()),
+    );
+    for (i, e) in steps {
+        if e.switched {
+            let colour = if e.full_model {
+                FULL_MODEL
+            } else {
+                SKIPPED_MODEL
+            };
+            plot_ui.vline(
+                VLine::new("switch", (i + 1) as f64 - 0.5)
+                    .color(colour)
+                    .width(1.0),
+            );
+        }
+    }
+    plot_ui.points(
+        Points::new(
+            "full model",
+            steps
+                .iter()
+                .filter(|(_, e)| e.full_model)
+                .map(|(i, _)| [(i + 1) as f64, 0.0])
+                .collect::<Vec<_>>(),
+        )
+        .color(FULL_MODEL)
+        .radius(2.5),
+    );
+    plot_ui.points(
+        Points::new(
+            "layer-skipped model",
+            steps
+                .iter()
+                .filter(|(_, e)| !e.full_model)
+                .map(|(i, _)| [(i + 1) as f64, 0.0])
+                .collect::<Vec<_>>(),
+        )
+        .color(SKIPPED_MODEL)
+        .radius(2.5),
+    );
 }

@@ -55,6 +55,10 @@ impl PromptPanel {
         if settings.is_search() {
             search_ui(ui, settings);
         }
+        if settings.method == "entropy-adaptive" {
+            adaptive_ui(ui, settings);
+        }
+        inspect_ui(ui, settings);
         ui.add_enabled_ui(sample, |ui| {
             ui.add(egui::Slider::new(&mut settings.temperature, 0.0..=2.0).text("Temperature"))
                 .on_hover_text(
@@ -208,6 +212,33 @@ fn search_ui(ui: &mut egui::Ui, settings: &mut RunSettings) {
         p.context = Some(context);
     }
     ui.add_space(4.0);
+}
+
+/// Entropy-adaptive decoding: when the full model takes over, and how long a model keeps the text.
+fn adaptive_ui(ui: &mut egui::Ui, settings: &mut RunSettings) {
+    let p = &mut settings.entropy;
+    ui.add(egui::Slider::new(&mut p.threshold, 0.0..=6.0).text("Entropy threshold (nats)"))
+        .on_hover_text(
+            "The full model decodes while the rolling mean entropy is at least this; below it, the model with \
+             its middle third of layers skipped does. 0 = always the full model",
+        );
+    ui.add(egui::Slider::new(&mut p.window, 1..=32).text("Entropy window"))
+        .on_hover_text("Tokens the rolling mean entropy covers");
+    ui.add(egui::Slider::new(&mut p.min_dwell, 1..=32).text("Minimum dwell"))
+        .on_hover_text("Tokens one model decodes before it may hand over to the other");
+    ui.add_space(4.0);
+}
+
+/// What the run records of the model's insides, for the Logit lens and Attention panels.
+fn inspect_ui(ui: &mut egui::Ui, settings: &mut RunSettings) {
+    ui.horizontal_wrapped(|ui| {
+        ui.checkbox(&mut settings.inspect.lens, "Record logit lens")
+            .on_hover_text(
+                "For each token, the top token at every layer (one extra forward per step)",
+            );
+        ui.checkbox(&mut settings.inspect.attention, "Record attention")
+            .on_hover_text("For each token, every layer's and head's strongest attention weights");
+    });
 }
 
 /// Every run, newest last; click to select, ✕ to close.

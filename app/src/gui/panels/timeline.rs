@@ -17,6 +17,7 @@ const SEVERAL_TOKENS: Color32 = Color32::from_rgb(116, 196, 118);
 const MANY_TOKENS: Color32 = Color32::from_rgb(0, 90, 50);
 const NO_TOKEN: Color32 = Color32::from_rgb(150, 150, 150);
 const STOP: Color32 = Color32::from_rgb(215, 48, 39);
+pub const ROLLBACK: Color32 = Color32::from_rgb(152, 78, 163);
 
 #[derive(Default)]
 pub struct TimelinePanel;
@@ -61,6 +62,11 @@ impl TimelinePanel {
             ui.separator();
             let position = if len == 0 { "no steps".to_owned() } else { format!("step {} / {len}", ctx.cursor.step + 1) };
             ui.label(RichText::new(position).monospace().strong());
+            let rollbacks = run.map_or(0, |r| r.trace.steps.iter().filter(|s| s.rollback.is_some()).count());
+            if rollbacks > 0 {
+                ui.label(RichText::new(format!("■ {rollbacks} rollback{}", if rollbacks == 1 { "" } else { "s" })).monospace().color(ROLLBACK))
+                    .on_hover_text("Violet bars on the strip below mark the steps that took tokens back.");
+            }
             ui.label(RichText::new(ctx.cursor.mode.name()).weak())
                 .on_hover_text("Following: stays on the newest step. Paused: stays put. Playing: advances by itself.");
         });
@@ -126,6 +132,15 @@ impl TimelinePanel {
                 pos2(x + width - gap, rect.bottom() - 4.0),
             );
             painter.rect_filled(mark, 0.0, color);
+            if step.rollback.is_some() {
+                // A rollback: a violet bar over the mark, as wide as at least a few points so it stays visible.
+                let w = mark.width().max(3.0);
+                let bar = Rect::from_min_max(
+                    pos2(mark.center().x - w / 2.0, rect.top()),
+                    pos2(mark.center().x + w / 2.0, rect.top() + 6.0),
+                );
+                painter.rect_filled(bar, 0.0, ROLLBACK);
+            }
             if rejected {
                 let tick = Rect::from_min_max(
                     pos2(mark.left(), rect.bottom() - 4.0),
@@ -146,7 +161,8 @@ impl TimelinePanel {
         response.on_hover_text(
             "One mark per step. Blue: one token; green: several tokens (speculative gain, darker = more; or a \
              fork's kept tokens); an orange tick below: the verifier rejected a draft; grey: none; red: the \
-             end-of-text stop. Click or drag to move the cursor.",
+             end-of-text stop; a violet bar on top: the method took tokens back (a rollback: OPERA's \
+             retrospection, or beam search moving to another hypothesis). Click or drag to move the cursor.",
         );
     }
 }

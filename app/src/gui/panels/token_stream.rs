@@ -10,7 +10,7 @@ use super::tokens::{candidates_table, display_text, newlines};
 use super::{ViewCtx, empty_state};
 use crate::gui::command::Command;
 use crate::gui::spec::is_speculative;
-use crate::gui::store::{ModelState, tokens_with_steps};
+use crate::gui::store::{ModelState, TokenAt, output_at, removed_at};
 
 #[derive(Default)]
 pub struct TokenStreamPanel {
@@ -42,8 +42,8 @@ impl TokenStreamPanel {
         });
         legend(ui, by);
         ui.separator();
-        let shown = ctx.tokens_shown();
         let focused = ctx.focused_token().map(|t| t.index);
+        let items = stream_items(&run.trace, ctx.cursor.step);
         egui::ScrollArea::vertical()
             .auto_shrink([false, false])
             .stick_to_bottom(true)
@@ -55,14 +55,18 @@ impl TokenStreamPanel {
                 );
                 ui.spacing_mut().item_spacing = egui::vec2(1.0, 3.0);
                 ui.horizontal_wrapped(|ui| {
-                    for t in tokens_with_steps(&run.trace) {
-                        let mut text = if t.index < shown {
-                            chip(t.token, by)
-                        } else {
-                            // Tokens after the cursor are the run's future: plain and faded, still clickable.
-                            RichText::new(display_text(&t.token.token))
+                    for (t, kind) in items {
+                        let mut text = match kind {
+                            Shown::Output => chip(t.token, by),
+                            // Taken back by this step's rollback: still readable, visibly not part of the text.
+                            Shown::TakenBack => RichText::new(display_text(&t.token.token))
                                 .monospace()
-                                .weak()
+                                .strikethrough()
+                                .color(ui.visuals().error_fg_color),
+                            // Tokens after the cursor are the run's future: plain and faded, still clickable.
+                            Shown::Future => RichText::new(display_text(&t.token.token))
+                                .monospace()
+                                .weak(),
                         };
                         if focused == Some(t.index) {
                             text = text.strong();
@@ -98,7 +102,16 @@ impl TokenStreamPanel {
                             );
                         }
                         let response = response.on_hover_ui(|ui| {
-                            ui.label(format!("Token {} (step {})", t.index + 1, t.step + 1));
+                            ui.label(format!(
+                                "Token {} (step {})",
+                                t.output_index + 1,
+                                t.step + 1
+                            ));
+                            if kind == Shown::TakenBack {
+                                ui.label(
+                                    "Taken back at this step: the method rolled the output back.",
+                                );
+                            }
                             candidates_table(ui, t.token, ("hover", key, t.index));
                         });
                         if response.clicked() {
@@ -152,7 +165,7 @@ impl TokenStreamPanel {
         ui.label(
             RichText::new(format!(
                 "Token {} of step {}: what else could have come here?",
-                t.index + 1,
+                t.output_index + 1,
                 t.step + 1
             ))
             .strong(),
@@ -168,13 +181,13 @@ impl TokenStreamPanel {
         }
         egui::Grid::new(("fork", key, t.index)).striped(true).num_columns(4).spacing([12.0, 4.0]).show(ui, |ui| {
             for (i, c) in t.token.top_logprobs.iter().enumerate().take(10) {
-                ui.label(RichText::new(format!("{:?}", c.token)).monospace());
+                ui.label(RichText::new(super::tokens::quoted(&c.token)).monospace());
                 ui.label(super::tokens::percent(c.logprob.exp()));
                 ui.label(c.warped_prob.map(super::tokens::warped_percent).unwrap_or_default());
                 if c.id == t.token.id {
                     ui.label("chosen");
                 } else if ui
-                    .add_enabled(can_fork, egui::Button::new(format!("Fork with {:?}", c.token)))
+                    .add_enabled(can_fork, egui::Button::new(format!("Fork with {}", super::tokens::quoted(&c.token))))
                     .on_hover_text("Start a new run that keeps the tokens before this one and forces this candidate")
                     .clicked()
                 {
@@ -184,6 +197,51 @@ impl TokenStreamPanel {
             }
         });
     }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Shown {
+    /// Part of the output at the cursor.
+    Output,
+    /// Taken back by the rollback of the cursor's step.
+    TakenBack,
+    /// After the cursor, in the final output.
+    Future,
+}
+
+/// What the stream shows at `step`: the output then, with the tokens the step's rollback took back struck
+/// through where they stood, then the final output's later tokens when the output at the cursor leads to it.
+fn stream_items(trace: &specula_core::trace::Trace, step: usize) -> Vec<(TokenAt<'_>, Shown)> {
+    let shown = output_at(trace, step);
+    let removed = removed_at(trace, step);
+    let cut = trace
+        .steps
+        .get(step)
+        .and_then(|s| s.rollback.as_ref())
+        .map_or(shown.len(), |r| r.to_generated.min(shown.len()));
+    let last = trace.steps.len().saturating_sub(1);
+    let final_output = if step < last {
+        output_at(trace, last)
+    } else {
+        Vec::new()
+    };
+    let leads_there = final_output.len() > shown.len()
+        && shown
+            .iter()
+            .zip(&final_output)
+            .all(|(a, b)| a.token.id == b.token.id);
+    let mut items: Vec<(TokenAt<'_>, Shown)> = Vec::new();
+    items.extend(shown[..cut].iter().map(|t| (*t, Shown::Output)));
+    items.extend(removed.into_iter().map(|t| (t, Shown::TakenBack)));
+    items.extend(shown[cut..].iter().map(|t| (*t, Shown::Output)));
+    if leads_there {
+        items.extend(
+            final_output[shown.len()..]
+                .iter()
+                .map(|t| (*t, Shown::Future)),
+        );
+    }
+    items
 }
 
 /// The prompt, shortened to one line for the head of the stream.

@@ -50,10 +50,17 @@ pub fn display_text(token: &str) -> String {
     if !token.is_empty() && token.chars().all(|c| c == ' ') {
         return "·".repeat(token.len());
     }
+    // U+FFFD (a token holding part of a UTF-8 character) has no glyph in egui's fonts; ¤ marks it instead.
     token
+        .replace('\u{FFFD}', "¤")
         .replace('\n', "↵")
         .replace('\t', "⇥")
         .replace('\r', "")
+}
+
+/// A token quoted as Rust's `{:?}` does, with U+FFFD (no glyph in egui's fonts) shown as ¤.
+pub fn quoted(token: &str) -> String {
+    format!("{token:?}").replace('\u{FFFD}', "¤")
 }
 
 /// How many line breaks the token ends with, so the stream can start new rows.
@@ -111,8 +118,8 @@ pub fn candidates_table(
     id_salt: impl std::hash::Hash + std::fmt::Debug,
 ) {
     ui.label(format!(
-        "{:?}: p = {}, rank {}, entropy {:.2} nats, {}",
-        token.token,
+        "{}: p = {}, rank {}, entropy {:.2} nats, {}",
+        quoted(&token.token),
         percent(token.prob()),
         token.rank,
         token.entropy,
@@ -153,7 +160,7 @@ pub fn candidates_grid(
                     }
                 };
                 ui.label(mark(format!("{rank}")));
-                ui.label(mark(format!("{:?}", c.token)).monospace());
+                ui.label(mark(quoted(&c.token)).monospace());
                 ui.label(mark(percent(c.logprob.exp())));
                 ui.label(mark(c.warped_prob.map(warped_percent).unwrap_or_default()));
                 ui.end_row();
