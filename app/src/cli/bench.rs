@@ -233,19 +233,44 @@ pub fn bench(model_path: Option<&Path>, threads: usize, args: BenchArgs) -> Resu
     Ok(())
 }
 
-fn timed_prefill(llama: &Llama, prompt: &[u32]) -> Result<(KvCache, f64)> {
-    let positions: Vec<usize> = (0..prompt.len()).collect();
-    let mut cache = llama.new_cache();
-    let t = Instant::now();
-    llama.forward(
-        &mut cache,
-        prompt,
+/// Feeds `tokens` after what `cache` holds, as a chain, and returns the last position's logits.
+fn feed(llama: &Llama, cache: &mut KvCache, tokens: &[u32], capture: &Capture) -> Result<Vec<f32>> {
+    let start = cache.len();
+    let positions: Vec<usize> = (start..start + tokens.len()).collect();
+    let out = llama.forward(
+        cache,
+        tokens,
         &positions,
         1,
         &Mask::Causal,
         Logits::Last,
-        &Capture::default(),
+        capture,
     )?;
+    Ok(logits_row(&out.logits, 0, 0)?)
+}
+
+/// Plain greedy decoding of `text` through the real engine, as users run it.
+fn greedy_spec(text: String, max_tokens: usize) -> RunSpec {
+    RunSpec {
+        method: "greedy".into(),
+        params: MethodParams {
+            sampling: SamplingParams::greedy(),
+            ..MethodParams::default()
+        },
+        prompt: PromptSpec {
+            text,
+            chat: false,
+            system: None,
+        },
+        max_tokens,
+        ..RunSpec::default()
+    }
+}
+
+fn timed_prefill(llama: &Llama, prompt: &[u32]) -> Result<(KvCache, f64)> {
+    let mut cache = llama.new_cache();
+    let t = Instant::now();
+    feed(llama, &mut cache, prompt, &Capture::default())?;
     Ok((cache, ms(t)))
 }
 
@@ -276,21 +301,7 @@ fn verify_costs(llama: &Llama) -> Result<Vec<(usize, f64)>> {
 
 /// Greedy decoding through the real engine, trace records included, as users run it: tokens per second.
 fn engine_decode(model: &Model, n: usize, busy: Option<BusyThread>) -> Result<f64> {
-    let spec = RunSpec {
-        method: "greedy".into(),
-        params: MethodParams {
-            sampling: SamplingParams::greedy(),
-            ..MethodParams::default()
-        },
-        prompt: PromptSpec {
-            text: BENCH_TEXT.into(),
-            chat: false,
-            system: None,
-        },
-        max_tokens: n,
-        ..RunSpec::default()
-    };
-    let mut run = Run::new(model, spec)?;
+    let mut run = Run::new(model, greedy_spec(BENCH_TEXT.into(), n))?;
     let never = AtomicBool::new(false);
     while !run.is_finished() {
         run.step(&never)?;
@@ -311,17 +322,7 @@ fn raw_decode(llama: &Llama, prefilled: &KvCache, n: usize, capture: &Capture) -
     let mut token = 504u32;
     let t = Instant::now();
     for _ in 0..n {
-        let pos = cache.len();
-        let out = llama.forward(
-            &mut cache,
-            &[token],
-            &[pos],
-            1,
-            &Mask::Causal,
-            Logits::Last,
-            capture,
-        )?;
-        token = argmax(&logits_row(&out.logits, 0, 0)?);
+        token = argmax(&feed(llama, &mut cache, &[token], capture)?);
     }
     Ok(n as f64 / t.elapsed().as_secs_f64())
 }
@@ -329,33 +330,23 @@ fn raw_decode(llama: &Llama, prefilled: &KvCache, n: usize, capture: &Capture) -
 /// Our greedy continuation of the prompt (stopping where llama.cpp's runner stops: before an end token).
 fn greedy_ids(llama: &Llama, prompt: &[u32], n: usize) -> Result<Vec<u32>> {
     let mut cache = llama.new_cache();
-    let positions: Vec<usize> = (0..prompt.len()).collect();
-    let out = llama.forward(
+    let mut ids = vec![argmax(&feed(
+        llama,
         &mut cache,
         prompt,
-        &positions,
-        1,
-        &Mask::Causal,
-        Logits::Last,
         &Capture::default(),
-    )?;
-    let mut ids = vec![argmax(&logits_row(&out.logits, 0, 0)?)];
+    )?)];
     while ids.len() < n {
         let Some(&last) = ids.last() else { break };
         if last == 0 || last == 2 {
             break;
         }
-        let pos = cache.len();
-        let out = llama.forward(
+        ids.push(argmax(&feed(
+            llama,
             &mut cache,
             &[last],
-            &[pos],
-            1,
-            &Mask::Causal,
-            Logits::Last,
             &Capture::default(),
-        )?;
-        ids.push(argmax(&logits_row(&out.logits, 0, 0)?));
+        )?));
     }
     ids.retain(|&id| id != 0 && id != 2);
     Ok(ids)
@@ -410,21 +401,8 @@ fn peak_memory(model: &Model) -> Result<Memory> {
     let never = AtomicBool::new(false);
     let mut open = Vec::new();
     for _ in 0..MEMORY_RUNS {
-        let spec = RunSpec {
-            method: "greedy".into(),
-            params: MethodParams {
-                sampling: SamplingParams::greedy(),
-                ..MethodParams::default()
-            },
-            prompt: PromptSpec {
-                text: text.clone(),
-                chat: false,
-                system: None,
-            },
-            max_tokens: MEMORY_RUN_TOKENS.saturating_sub(repeats * unit + 1),
-            ..RunSpec::default()
-        };
-        let mut run = Run::new(model, spec)?;
+        let max_tokens = MEMORY_RUN_TOKENS.saturating_sub(repeats * unit + 1);
+        let mut run = Run::new(model, greedy_spec(text.clone(), max_tokens))?;
         while !run.is_finished() {
             run.step(&never)?;
         }
