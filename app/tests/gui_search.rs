@@ -12,9 +12,9 @@ use egui_kittest::kittest::Queryable;
 use specula::gui::panels::tokens::display_text;
 use specula::gui::store::{output_at, removed_at};
 use specula::gui::tiles::{default_tree, is_complete};
-use specula::gui::{AppOptions, Command, CursorMove, Pane, SpeculaApp};
+use specula::gui::{Pane, SpeculaApp};
 use specula_core::trace::{StepPayload, Trace, output_tokens};
-use support::{NoBackend, NoPicker};
+use support::{at_step, offline_app_with_trace};
 
 fn trace_path(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -31,35 +31,7 @@ const SIZE: egui::Vec2 = egui::vec2(1280.0, 800.0);
 const SHOT: egui::Vec2 = egui::vec2(1600.0, 1300.0);
 
 fn open(name: &str, size: egui::Vec2) -> Harness<'static, SpeculaApp> {
-    let mut harness = Harness::builder().with_size(size).build_eframe(|cc| {
-        SpeculaApp::new(
-            cc,
-            AppOptions {
-                picker: Box::new(NoPicker),
-                backend: Box::new(NoBackend),
-                model: Err("No model found (test).".into()),
-                autorun: None,
-                examples: Vec::new(),
-            },
-        )
-    });
-    harness.run();
-    harness
-        .state()
-        .send(Command::OpenTrace(Some(trace_path(name))));
-    harness.run();
-    // Snapshots must not show the path of the "Opened … from" notice.
-    harness.state().send(Command::DismissNotice);
-    harness.run();
-    harness
-}
-
-fn at_step(harness: &mut Harness<'_, SpeculaApp>, step: usize, pane: Pane) {
-    harness
-        .state()
-        .send(Command::MoveCursor(CursorMove::To(step)));
-    harness.state_mut().show_pane(pane);
-    harness.run();
+    offline_app_with_trace(trace_path(name), size)
 }
 
 fn snapshot(harness: &mut Harness<'_, SpeculaApp>, name: &str) {

@@ -6,14 +6,14 @@
 mod spec_trace;
 mod support;
 
-use support::{NoBackend, NoPicker};
+use support::{at_step, offline_app_with_trace};
 
 use std::path::{Path, PathBuf};
 
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
 use spec_trace::speculative_trace;
-use specula::gui::{AppOptions, Command, CursorMove, Pane, SpeculaApp};
+use specula::gui::{Pane, SpeculaApp};
 use specula_core::trace::{DraftStatus, ExportOptions, StepPayload, Trace};
 
 fn trace_path(name: &str) -> PathBuf {
@@ -32,33 +32,7 @@ fn harness_with(
     trace
         .write_jsonl(&mut file, ExportOptions::default())
         .unwrap();
-    let mut harness = Harness::builder().with_size(size).build_eframe(|cc| {
-        SpeculaApp::new(
-            cc,
-            AppOptions {
-                picker: Box::new(NoPicker),
-                backend: Box::new(NoBackend),
-                model: Err("No model found (test).".into()),
-                autorun: None,
-                examples: Vec::new(),
-            },
-        )
-    });
-    harness.run();
-    harness.state().send(Command::OpenTrace(Some(path)));
-    harness.run();
-    // Snapshots must not show the temporary path of the "Opened … from" notice.
-    harness.state().send(Command::DismissNotice);
-    harness.run();
-    (harness, dir)
-}
-
-fn at_step(harness: &mut Harness<'_, SpeculaApp>, step: usize, pane: Pane) {
-    harness
-        .state()
-        .send(Command::MoveCursor(CursorMove::To(step)));
-    harness.state_mut().show_pane(pane);
-    harness.run();
+    (offline_app_with_trace(path, size), dir)
 }
 
 const SIZE: egui::Vec2 = egui::vec2(1280.0, 800.0);

@@ -37,3 +37,46 @@ impl Backend for NoBackend {
         None
     }
 }
+
+/// The app with no model, no picker and no examples, after opening the trace at `path` and dismissing the
+/// "Opened … from" notice (snapshots must not show a temporary path).
+pub fn offline_app_with_trace(
+    path: PathBuf,
+    size: egui::Vec2,
+) -> egui_kittest::Harness<'static, specula::gui::SpeculaApp> {
+    use specula::gui::{AppOptions, Command, SpeculaApp};
+    let mut harness = egui_kittest::Harness::builder()
+        .with_size(size)
+        .build_eframe(|cc| {
+            SpeculaApp::new(
+                cc,
+                AppOptions {
+                    picker: Box::new(NoPicker),
+                    backend: Box::new(NoBackend),
+                    model: Err("No model found (test).".into()),
+                    autorun: None,
+                    examples: Vec::new(),
+                },
+            )
+        });
+    harness.run();
+    harness.state().send(Command::OpenTrace(Some(path)));
+    harness.run();
+    harness.state().send(Command::DismissNotice);
+    harness.run();
+    harness
+}
+
+/// Moves the cursor to `step` and brings `pane` to the front.
+pub fn at_step(
+    harness: &mut egui_kittest::Harness<'_, specula::gui::SpeculaApp>,
+    step: usize,
+    pane: specula::gui::Pane,
+) {
+    use specula::gui::{Command, CursorMove};
+    harness
+        .state()
+        .send(Command::MoveCursor(CursorMove::To(step)));
+    harness.state_mut().show_pane(pane);
+    harness.run();
+}
