@@ -8,10 +8,13 @@
 //!
 //! The trace is the contract: everything the app shows can be rebuilt from an exported trace file.
 
+pub mod attention;
 pub mod engine;
 pub mod error;
+pub mod ggml_float;
 pub mod inspect;
 pub mod kernels;
+pub mod kv_cache;
 pub mod methods;
 pub mod model;
 pub mod sampling;

@@ -20,7 +20,11 @@ use candle_core::quantized::{QMatMul, QTensor, gguf_file};
 use crate::kernels::QuantMatrix;
 use candle_core::{DType, Device, Module, Tensor};
 
+use crate::attention::{self, Arithmetic, AttentionPath, Cells};
 use crate::error::{Error, Result};
+use crate::ggml_float::Flavor;
+pub use crate::kv_cache::KvCache;
+use crate::kv_cache::LayerCache;
 use crate::trace::ModelInfo;
 
 /// Hyper-parameters read from the GGUF metadata.
@@ -200,6 +204,8 @@ pub struct Llama {
     /// RoPE tables, one row of d/2 values per position up to the context length.
     cos: Vec<f32>,
     sin: Vec<f32>,
+    /// llama.cpp's rounding with our own kernels; exact f32 with candle's (the parity reference).
+    arithmetic: Arithmetic,
     device: Device,
 }
 
@@ -232,6 +238,10 @@ pub struct Capture {
     pub hidden_states: bool,
     /// Layers to skip (self-speculative drafting). Skipped layers add nothing to the KV cache.
     pub skip_layers: BTreeSet<usize>,
+    /// Feed a causal chunk as a prompt (as llama.cpp batches a prompt) even though every position's logits are
+    /// asked for. A causal chunk asking for the last logits only is always fed as a prompt; anything else is fed
+    /// as tokens decoded one at a time (drafts to verify), so that it gives their logits bit for bit.
+    pub prompt: bool,
 }
 
 pub struct ForwardOutput {
@@ -242,186 +252,6 @@ pub struct ForwardOutput {
     /// (b, t, dim) residual streams: index 0 after the embeddings, index i+1 after layer i (skipped layers repeat
     /// their input). Empty unless captured.
     pub hidden_states: Vec<Tensor>,
-}
-
-/// Per-layer keys and values. Each batch row holds its positions in order, each position `kv × d` values, so a
-/// step appends at the end instead of copying the cache.
-///
-/// Cloning is cheap: rows are reference counted and copied only when a clone appends to, truncates or compacts a
-/// row it shares (forked runs, beams that share a parent).
-#[derive(Clone, Debug)]
-pub struct KvCache {
-    layers: Vec<LayerCache>,
-}
-
-#[derive(Clone, Debug, Default)]
-struct LayerCache {
-    /// Positions held (the same for every batch row).
-    len: usize,
-    keys: Vec<Arc<Vec<f32>>>,
-    values: Vec<Arc<Vec<f32>>>,
-}
-
-/// Positions reserved beyond the current length when a row grows: few reallocations, little slack memory.
-const CACHE_GROWTH: usize = 256;
-
-impl LayerCache {
-    fn width(&self) -> usize {
-        self.keys
-            .first()
-            .map_or(0, |row| row.len() / self.len.max(1))
-    }
-
-    fn map_rows(&mut self, f: impl Fn(&[f32]) -> Vec<f32>) {
-        for row in self.keys.iter_mut().chain(self.values.iter_mut()) {
-            *row = Arc::new(f(row));
-        }
-    }
-}
-
-impl KvCache {
-    pub fn new(n_layers: usize) -> Self {
-        Self {
-            layers: vec![LayerCache::default(); n_layers],
-        }
-    }
-
-    /// Cached positions in a layer. Layers differ only on a draft copy that skipped some layers.
-    pub fn layer_len(&self, layer: usize) -> usize {
-        self.layers.get(layer).map_or(0, |l| l.len)
-    }
-
-    /// Cached positions of the full model (the longest layer).
-    pub fn len(&self) -> usize {
-        self.layers.iter().map(|l| l.len).max().unwrap_or(0)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Batch rows (beams) held.
-    pub fn batch(&self) -> usize {
-        self.layers
-            .iter()
-            .map(|l| l.keys.len())
-            .find(|&n| n > 0)
-            .unwrap_or(1)
-    }
-
-    /// Bytes of keys and values held (shared rows counted once per cache that holds them).
-    pub fn bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .flat_map(|l| l.keys.iter().chain(&l.values))
-            .map(|row| row.capacity() * size_of::<f32>())
-            .sum()
-    }
-
-    /// Forgets every position from `len` on (rolling back rejected drafts).
-    pub fn truncate(&mut self, len: usize) -> Result<()> {
-        for layer in &mut self.layers {
-            if len < layer.len {
-                let keep = len * layer.width();
-                for row in layer.keys.iter_mut().chain(layer.values.iter_mut()) {
-                    match Arc::get_mut(row) {
-                        Some(unique) => unique.truncate(keep),
-                        None => *row = Arc::new(row.get(..keep).unwrap_or_default().to_vec()),
-                    }
-                }
-                layer.len = len;
-            }
-        }
-        Ok(())
-    }
-
-    /// Keeps only the given positions, in the given order (the accepted path of a verified draft tree).
-    pub fn keep(&mut self, positions: &[usize]) -> Result<()> {
-        for layer in &mut self.layers {
-            if layer.keys.is_empty() {
-                continue;
-            }
-            if let Some(bad) = positions.iter().find(|&&p| p >= layer.len) {
-                return Err(Error::InvalidInput(format!(
-                    "cannot keep position {bad} of a cache holding {}",
-                    layer.len
-                )));
-            }
-            let width = layer.width();
-            layer.map_rows(|row| {
-                positions
-                    .iter()
-                    .flat_map(|&p| row.get(p * width..(p + 1) * width).unwrap_or_default())
-                    .copied()
-                    .collect()
-            });
-            layer.len = positions.len();
-        }
-        Ok(())
-    }
-
-    /// Rebuilds the batch from the given rows, repeating or reordering them (beam search).
-    pub fn select_batch(&mut self, rows: &[usize]) -> Result<()> {
-        for layer in &mut self.layers {
-            let b = layer.keys.len();
-            if b == 0 {
-                continue;
-            }
-            if let Some(bad) = rows.iter().find(|&&r| r >= b) {
-                return Err(Error::InvalidInput(format!(
-                    "cannot select batch row {bad} of a cache holding {b}"
-                )));
-            }
-            layer.keys = rows
-                .iter()
-                .filter_map(|&r| layer.keys.get(r).cloned())
-                .collect();
-            layer.values = rows
-                .iter()
-                .filter_map(|&r| layer.values.get(r).cloned())
-                .collect();
-        }
-        Ok(())
-    }
-
-    /// Appends `t` positions for each of `b` batch rows: `keys` and `values` hold (b × t) rows of `width` values.
-    fn append(
-        &mut self,
-        layer: usize,
-        b: usize,
-        t: usize,
-        keys: &[f32],
-        values: &[f32],
-    ) -> Result<()> {
-        let slot = self
-            .layers
-            .get_mut(layer)
-            .ok_or_else(|| Error::InvalidInput(format!("no cache slot for layer {layer}")))?;
-        if slot.keys.is_empty() {
-            slot.keys = (0..b).map(|_| Arc::default()).collect();
-            slot.values = (0..b).map(|_| Arc::default()).collect();
-        }
-        if slot.keys.len() != b {
-            return Err(Error::InvalidInput(format!(
-                "forward of {b} batch rows on a cache holding {}",
-                slot.keys.len()
-            )));
-        }
-        let per_row = keys.len() / b.max(1);
-        let width = per_row / t.max(1);
-        for (rows, new) in [(&mut slot.keys, keys), (&mut slot.values, values)] {
-            for (row, fresh) in rows.iter_mut().zip(new.chunks_exact(per_row)) {
-                let row = Arc::make_mut(row);
-                let needed = row.len() + fresh.len();
-                if row.capacity() < needed {
-                    row.reserve_exact(fresh.len() + CACHE_GROWTH * width);
-                }
-                row.extend_from_slice(fresh);
-            }
-        }
-        slot.len += t;
-        Ok(())
-    }
 }
 
 /// Reads a metadata value, naming the key in the error.
@@ -616,6 +446,10 @@ impl Llama {
             lm_head,
             cos,
             sin,
+            arithmetic: match kernels {
+                Kernels::Specula => Arithmetic::LlamaCpp(Flavor::detect()),
+                Kernels::Candle => Arithmetic::Exact,
+            },
             device,
         })
     }
@@ -685,6 +519,8 @@ impl Llama {
             .to_vec1::<f32>()?;
         let as_tensor = |v: &[f32]| Tensor::from_slice(v, (b, t, dim), dev);
         let visible = visibility(mask, t);
+        let prompt_like = *mask == Mask::Causal && (logits == Logits::Last || capture.prompt);
+        let paths = attention::paths(t, prompt_like);
 
         let mut out = ForwardOutput {
             logits: Tensor::zeros(1, DType::F32, dev)?,
@@ -710,13 +546,16 @@ impl Llama {
             let (mut q, mut k) = (q.clone(), k.clone());
             self.rope(&mut q, positions);
             self.rope(&mut k, positions);
-            cache.append(i, b, t, &k, v)?;
+            let mut v = v.clone();
+            self.arithmetic.store(&mut k);
+            self.arithmetic.store(&mut v);
+            cache.append(i, b, t, &k, &v)?;
             let keep_probs = capture.attention_layers.contains(&i);
             let layer_cache = cache
                 .layers
                 .get(i)
                 .ok_or_else(|| Error::InvalidInput(format!("no cache slot for layer {i}")))?;
-            let (y, probs) = self.attend(layer_cache, &q, &visible, b, t, past, keep_probs);
+            let (y, probs) = self.attend(layer_cache, &q, &visible, &paths, b, t, past, keep_probs);
             if let Some(probs) = probs {
                 let s = past + t;
                 out.attention
@@ -728,7 +567,14 @@ impl Llama {
             let [gate, up] = gate_up.as_slice() else {
                 return Err(Error::InvalidInput("gate/up projection shape".into()));
             };
-            let act: Vec<f32> = gate.iter().zip(up).map(|(&g, &u)| silu(g) * u).collect();
+            let act: Vec<f32> = match self.arithmetic {
+                Arithmetic::LlamaCpp(flavor) => gate
+                    .iter()
+                    .zip(up)
+                    .map(|(&g, &u)| flavor.silu(g) * u)
+                    .collect(),
+                Arithmetic::Exact => gate.iter().zip(up).map(|(&g, &u)| silu(g) * u).collect(),
+            };
             add_in_place(&mut x, &layer.down.forward_one_rows(&act, rows)?);
             if capture.hidden_states {
                 out.hidden_states.push(as_tensor(&x)?);
@@ -786,23 +632,23 @@ impl Llama {
             for head in row.chunks_exact_mut(2 * half) {
                 for ((pair, &c), &s) in head.chunks_exact_mut(2).zip(cos).zip(sin) {
                     let (x0, x1) = (pair[0], pair[1]);
-                    pair[0] = x0 * c - x1 * s;
-                    pair[1] = x0 * s + x1 * c;
+                    // ggml's rope, as compiled: the first product of each sum fused into an FMA.
+                    pair[0] = x0.mul_add(c, -(x1 * s));
+                    pair[1] = x0.mul_add(s, x1 * c);
                 }
             }
         }
     }
 
-    /// Softmax attention of the `t` fed tokens of each of `b` rows over the layer's cache (which already holds
-    /// them). Returns the (b·t) × (h·d) outputs and, when asked, the probabilities as (b, h, t, s).
-    ///
-    /// Grouped-query attention reads each key and value once for the h/kv query heads that share it.
+    /// Attention of the `t` fed tokens of each of `b` rows over the layer's cache (which already holds them).
+    /// Returns the (b·t) × (h·d) outputs and, when asked, the probabilities as (b, h, t, s).
     #[allow(clippy::too_many_arguments)]
     fn attend(
         &self,
         cache: &LayerCache,
         q: &[f32],
         visible: &[bool],
+        paths: &[AttentionPath],
         b: usize,
         t: usize,
         past: usize,
@@ -812,45 +658,58 @@ impl Llama {
         let (heads, kv, d) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
         let group = heads / kv.max(1);
         let (s, width) = (past + t, kv * d);
-        let scale = 1.0 / (d as f32).sqrt();
         let mut y = vec![0f32; b * t * heads * d];
         let mut probs = keep_probs.then(|| vec![0f32; b * heads * t * s]);
-        let mut scores = vec![0f32; group * s];
+        let mut cells_seen = Vec::with_capacity(s);
         for (row, (keys, values)) in cache.keys.iter().zip(&cache.values).enumerate().take(b) {
             for i in 0..t {
                 let token = row * t + i;
-                let sees = |p: usize| {
-                    p < past || visible.get(i * t + (p - past)).copied().unwrap_or(false)
+                cells_seen.clear();
+                cells_seen.extend(0..past);
+                cells_seen.extend((0..t).filter(|&j| visible[i * t + j]).map(|j| past + j));
+                let cells = Cells {
+                    keys,
+                    values,
+                    width,
+                    visible: &cells_seen,
                 };
-                for g in 0..kv {
-                    let queries = q.get(
-                        (token * heads + g * group) * d..(token * heads + (g + 1) * group) * d,
-                    );
-                    let Some(queries) = queries else { continue };
-                    for (p, key) in keys.chunks_exact(width).take(s).enumerate() {
-                        let key = key.get(g * d..(g + 1) * d).unwrap_or_default();
-                        for (j, query) in queries.chunks_exact(d).enumerate() {
-                            scores[j * s + p] = if sees(p) {
-                                dot(query, key) * scale
-                            } else {
-                                f32::NEG_INFINITY
-                            };
+                let path = paths.get(i).copied().unwrap_or(AttentionPath::Online);
+                for head in 0..heads {
+                    let at = (token * heads + head) * d;
+                    let (Some(query), Some(out)) = (q.get(at..at + d), y.get_mut(at..at + d))
+                    else {
+                        continue;
+                    };
+                    let weights = match self.arithmetic {
+                        Arithmetic::LlamaCpp(flavor) => {
+                            attention::llama_cpp_head(
+                                flavor,
+                                path,
+                                query,
+                                &cells,
+                                head / group,
+                                out,
+                            );
+                            // The weights are not part of the online softmax: computed apart, for display.
+                            keep_probs.then(|| {
+                                attention::exact_head(
+                                    query,
+                                    &cells,
+                                    head / group,
+                                    &mut vec![0.0; d],
+                                )
+                            })
                         }
-                    }
-                    for j in 0..group {
-                        let head = g * group + j;
-                        let weights = &mut scores[j * s..(j + 1) * s];
-                        softmax_in_place(weights);
-                        let out =
-                            &mut y[(token * heads + head) * d..(token * heads + head + 1) * d];
-                        for (value, &w) in values.chunks_exact(width).take(s).zip(weights.iter()) {
-                            if w != 0.0 {
-                                axpy(out, w, value.get(g * d..(g + 1) * d).unwrap_or_default());
+                        Arithmetic::Exact => {
+                            Some(attention::exact_head(query, &cells, head / group, out))
+                        }
+                    };
+                    if let (Some(probs), Some(weights)) = (probs.as_mut(), weights) {
+                        let at = ((row * heads + head) * t + i) * s;
+                        for (&w, &cell) in weights.iter().zip(&cells_seen) {
+                            if let Some(slot) = probs.get_mut(at + cell) {
+                                *slot = w;
                             }
-                        }
-                        if let Some(probs) = probs.as_mut() {
-                            let at = ((row * heads + head) * t + i) * s;
-                            probs[at..at + s].copy_from_slice(weights);
                         }
                     }
                 }
@@ -897,44 +756,6 @@ fn add_in_place(x: &mut [f32], y: &[f32]) {
     }
 }
 
-/// Dot product with eight independent partial sums, so the compiler can keep them in one vector register.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a8
-        .remainder()
-        .iter()
-        .zip(b8.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in a8.zip(b8) {
-        for l in 0..8 {
-            lanes[l] = x[l].mul_add(y[l], lanes[l]);
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
-}
-
-/// `out += w * v`.
-fn axpy(out: &mut [f32], w: f32, v: &[f32]) {
-    for (o, &x) in out.iter_mut().zip(v) {
-        *o = w.mul_add(x, *o);
-    }
-}
-
-fn softmax_in_place(x: &mut [f32]) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    let inverse = 1.0 / sum;
-    for v in x.iter_mut() {
-        *v *= inverse;
-    }
-}
-
 fn is_ancestor_or_self(parents: &[Option<usize>], ancestor: usize, node: usize) -> bool {
     let mut cur = Some(node);
     while let Some(n) = cur {
@@ -972,15 +793,17 @@ impl Seek for ReadSeek<'_> {
 }
 
 fn rope_tables(head_dim: usize, base: f32, context: usize) -> (Vec<f32>, Vec<f32>) {
-    let theta: Vec<f32> = (0..head_dim)
-        .step_by(2)
-        .map(|i| 1f32 / base.powf(i as f32 / head_dim as f32))
-        .collect();
-    let angles = (0..context).flat_map(|p| theta.iter().map(move |&f| p as f32 * f));
-    (
-        angles.clone().map(f32::cos).collect(),
-        angles.map(f32::sin).collect(),
-    )
+    let theta_scale = base.powf(-2.0 / head_dim as f32);
+    let (mut cos, mut sin) = (Vec::new(), Vec::new());
+    for p in 0..context {
+        let mut theta = p as f32;
+        for _ in 0..head_dim / 2 {
+            cos.push(theta.cos());
+            sin.push(theta.sin());
+            theta *= theta_scale;
+        }
+    }
+    (cos, sin)
 }
 
 /// A 1-D tensor (norm weights) as a vector.

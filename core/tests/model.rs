@@ -249,7 +249,7 @@ fn capture_hidden_states_attention_and_skip() {
     let capture = Capture {
         attention_layers: [n - 2, n - 1].into_iter().collect(),
         hidden_states: true,
-        skip_layers: Default::default(),
+        ..Capture::default()
     };
     let mut cache = llama.new_cache();
     let out = llama

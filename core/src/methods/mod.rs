@@ -124,8 +124,10 @@ pub fn empty_step() -> StepRecord {
     }
 }
 
-/// Prompts are fed in chunks of this many tokens, so that cancelling a long prefill waits for one chunk only.
-pub const PREFILL_CHUNK: usize = 128;
+/// Prompts are fed in chunks of this many tokens, so that cancelling a long prefill waits for one chunk only. It
+/// is llama.cpp's batch (our reference runs it with `batchSize: 512`): attention rounds differently in smaller
+/// batches (attention.rs), and in these chunks a prompt gives llama.cpp's logits.
+pub const PREFILL_CHUNK: usize = 512;
 
 /// One sequence fed token by token through the target model: the state plain autoregressive methods share.
 pub struct Sequence {

@@ -192,7 +192,10 @@ impl DecodingMethod for Speculative {
         let root = *context.last().ok_or(Error::EmptyPrompt)?;
         let root_pos = context.len() - 1;
 
-        // Prefill everything before the root (the first step only).
+        // The first step prefills the whole prompt, root included, in the chunks plain decoding feeds it in: a
+        // position's keys and values depend on the batch it was fed in (attention.rs), and greedy speculation
+        // must stay token-identical to plain greedy. The root's logits come from that prefill.
+        let mut root_logits = None;
         if self.cache.len() < root_pos {
             record.prefill_tokens = ctx.prefill.len();
             let start = self.cache.len();
@@ -200,7 +203,11 @@ impl DecodingMethod for Speculative {
                 .drafter
                 .as_ref()
                 .is_some_and(|d| d.learns_from_prompt());
-            for (c, chunk) in context[start..root_pos].chunks(PREFILL_CHUNK).enumerate() {
+            let capture = Capture {
+                prompt: true,
+                ..Capture::default()
+            };
+            for (c, chunk) in context[start..=root_pos].chunks(PREFILL_CHUNK).enumerate() {
                 ctx.check_cancel()?;
                 let from = start + c * PREFILL_CHUNK;
                 let positions: Vec<usize> = (from..from + chunk.len()).collect();
@@ -211,27 +218,43 @@ impl DecodingMethod for Speculative {
                     1,
                     &Mask::Causal,
                     if learn { Logits::All } else { Logits::Last },
-                    &Capture::default(),
+                    &capture,
                 )?;
                 record.target_forward_calls += 1;
+                let rows = if learn { chunk.len() } else { 1 };
+                let logits: Vec<Vec<f32>> = (0..rows)
+                    .map(|i| logits_row(&out.logits, 0, i))
+                    .collect::<Result<_>>()?;
+                // The root is the prompt's last token: drafters learn from the positions before it here and
+                // from the root with the verified tree below.
+                let before_root = chunk.len().min(root_pos - from);
                 if learn && let Some(d) = self.drafter.as_mut() {
-                    let logits: Vec<Vec<f32>> = (0..chunk.len())
-                        .map(|i| logits_row(&out.logits, 0, i))
-                        .collect::<Result<_>>()?;
                     d.observe(&Observation {
-                        tokens: chunk,
-                        logits: &logits,
+                        tokens: &chunk[..before_root],
+                        logits: &logits[..before_root],
                         accepted_path: &[],
                     });
                 }
+                root_logits = logits.last().cloned();
             }
         }
-        if self.cache.len() != root_pos {
+        let root_fed = root_logits.is_some();
+        if self.cache.len() != root_pos + usize::from(root_fed) {
             return Err(Error::MethodPanicked(format!(
                 "speculative: the cache holds {} positions, expected {root_pos}",
                 self.cache.len()
             )));
         }
+        // Drafters see the cache before the root, as on every later step.
+        let before_root;
+        let draft_cache = if root_fed {
+            let mut c = self.cache.clone();
+            c.truncate(root_pos)?;
+            before_root = c;
+            &before_root
+        } else {
+            &self.cache
+        };
 
         // Draft. Never past the context window: the root and every node need a position.
         let room = self
@@ -250,7 +273,7 @@ impl DecodingMethod for Speculative {
         } else {
             let mut input = DraftInput {
                 llama: &self.llama,
-                cache: &self.cache,
+                cache: draft_cache,
                 context: &context,
                 params: &params,
                 max_len,
@@ -279,7 +302,7 @@ impl DecodingMethod for Speculative {
             ));
         }
 
-        // Verify: the root and the whole tree in one forward.
+        // Verify: the root (unless the prefill fed it) and the whole tree in one forward.
         let verify_started = Instant::now();
         let mut tokens = vec![root];
         tokens.extend(tree.nodes.iter().map(|n| n.token));
@@ -291,19 +314,28 @@ impl DecodingMethod for Speculative {
         );
         let mut positions = vec![root_pos];
         positions.extend(depths.iter().map(|&d| root_pos + d));
-        let out = self.llama.forward(
-            &mut self.cache,
-            &tokens,
-            &positions,
-            1,
-            &Mask::Tree(parents),
-            Logits::All,
-            &Capture::default(),
-        )?;
-        record.target_forward_calls += 1;
-        let logits: Vec<Vec<f32>> = (0..tokens.len())
-            .map(|i| logits_row(&out.logits, 0, i))
-            .collect::<Result<_>>()?;
+        let mut logits: Vec<Vec<f32>> = root_logits.into_iter().collect();
+        let skip = usize::from(root_fed);
+        if tokens.len() > skip {
+            // Without the root, nodes hanging off it hang off the past (which now ends with it).
+            let parents: Vec<Option<usize>> = parents[skip..]
+                .iter()
+                .map(|p| p.and_then(|p| p.checked_sub(skip)))
+                .collect();
+            let out = self.llama.forward(
+                &mut self.cache,
+                &tokens[skip..],
+                &positions[skip..],
+                1,
+                &Mask::Tree(parents),
+                Logits::All,
+                &Capture::default(),
+            )?;
+            record.target_forward_calls += 1;
+            for i in 0..tokens.len() - skip {
+                logits.push(logits_row(&out.logits, 0, i)?);
+            }
+        }
         let p: Vec<_> = logits.iter().map(|l| warp(l, &params.sampling)).collect();
         let p_refs: Vec<&_> = p.iter().collect();
         let verdict = verifier::verify(&tree, &p_refs, &params.sampling, ctx.rng)

@@ -1,0 +1,273 @@
+//! Softmax attention of the fed tokens over a layer's key/value cache, in one of two arithmetics:
+//!
+//! - [`Arithmetic::LlamaCpp`]: llama.cpp's CPU flash attention (its default), reproduced rounding for rounding
+//!   so that our greedy output is llama.cpp's. Keys and values are stored as f16, and ggml takes one of three
+//!   paths, each with its own order of operations:
+//!   - decoding one token, or a batch of 2 to 63 tokens: an online softmax over the cells in order, with the
+//!     query rounded to f16 and the weighted sum of values accumulated *in f16* ([`online`]);
+//!   - a batch of 64 or more (prompt processing, in 512-token batches): tiles of 64 keys with an f32 query, f32
+//!     sums and ggml's vector exp ([`tiled`]).
+//!
+//!   Verification forwards (several tokens, logits for each) take the one-token path for every token, so a
+//!   verified draft gives exactly the logits that decoding it token by token gives: greedy speculation stays
+//!   token-identical to greedy decoding.
+//!
+//!   We follow llama.cpp on one thread, as our reference fixtures were made and as our engine runs by default.
+//!   With more threads, a one-token step over more than 256 cells splits the cells between the threads and
+//!   merges the halves, which rounds differently.
+//! - [`Arithmetic::Exact`]: plain f32 attention, for the parity test against candle's f32 `quantized_llama`.
+
+use half::f16;
+
+use crate::ggml_float::{Flavor, round_to_f16};
+
+/// How attention rounds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arithmetic {
+    LlamaCpp(Flavor),
+    Exact,
+}
+
+impl Arithmetic {
+    /// Rounds keys or values to what the cache stores.
+    pub fn store(self, values: &mut [f32]) {
+        if let Arithmetic::LlamaCpp(_) = self {
+            round_to_f16(values, &mut Vec::new());
+        }
+    }
+}
+
+/// Tokens per batch when llama.cpp processes a prompt (our reference runs it with `batchSize: 512`).
+const PROMPT_BATCH: usize = 512;
+/// Batches of at least this many tokens take ggml's tiled path (`GGML_FA_TILE_Q`); keys come in tiles of the
+/// same size (`GGML_FA_TILE_KV`).
+const TILE: usize = 64;
+
+/// Which of ggml's paths computes a fed token's attention.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionPath {
+    /// A token of a 2–63-token batch.
+    Online,
+    /// A token of a batch of 64 or more.
+    Tiled,
+}
+
+/// The path of each of `t` fed tokens: a causal prompt chunk is processed as llama.cpp processes a prompt
+/// (512-token batches); anything else (a decoding step, drafts to verify) token by token.
+pub fn paths(t: usize, prompt_like: bool) -> Vec<AttentionPath> {
+    (0..t)
+        .map(|i| {
+            let batch = if prompt_like {
+                (t - i / PROMPT_BATCH * PROMPT_BATCH).min(PROMPT_BATCH)
+            } else {
+                1
+            };
+            if batch >= TILE {
+                AttentionPath::Tiled
+            } else {
+                AttentionPath::Online
+            }
+        })
+        .collect()
+}
+
+/// One fed token's view of the cache: the cells it sees, in cache order, each with its position.
+pub struct Cells<'a> {
+    pub keys: &'a [f32],
+    pub values: &'a [f32],
+    /// Values per cell (kv heads × head dim).
+    pub width: usize,
+    /// Cache index of every visible cell, in cache order.
+    pub visible: &'a [usize],
+}
+
+impl Cells<'_> {
+    fn key(&self, cell: usize, group: usize, d: usize) -> &[f32] {
+        let at = cell * self.width + group * d;
+        self.keys.get(at..at + d).unwrap_or_default()
+    }
+
+    fn value(&self, cell: usize, group: usize, d: usize) -> &[f32] {
+        let at = cell * self.width + group * d;
+        self.values.get(at..at + d).unwrap_or_default()
+    }
+}
+
+/// The running state of an online softmax: max score, sum of weights, unnormalised weighted sum of values.
+struct Partial {
+    max: f32,
+    sum: f32,
+    acc: Vec<f32>,
+}
+
+/// Attention output of one query head of one fed token, in llama.cpp's arithmetic.
+pub fn llama_cpp_head(
+    flavor: Flavor,
+    path: AttentionPath,
+    query: &[f32],
+    cells: &Cells,
+    group: usize,
+    out: &mut [f32],
+) {
+    match path {
+        AttentionPath::Tiled => tiled(flavor, query, cells, group, out),
+        AttentionPath::Online => {
+            let p = online(flavor, query, cells, cells.visible, group);
+            normalise(&p.acc, p.sum, out);
+        }
+    }
+}
+
+fn normalise(acc: &[f32], sum: f32, out: &mut [f32]) {
+    let inverse = if sum == 0.0 { 0.0 } else { 1.0 / sum };
+    for (o, &a) in out.iter_mut().zip(acc) {
+        *o = a * inverse;
+    }
+}
+
+/// `ggml_compute_forward_flash_attn_ext_f16_one_chunk` with f16 keys and values: the query rounded to f16, an
+/// online softmax over the cells in order, the weighted values summed in f16.
+fn online(
+    flavor: Flavor,
+    query: &[f32],
+    cells: &Cells,
+    visible: &[usize],
+    group: usize,
+) -> Partial {
+    let d = query.len();
+    let scale = 1.0 / (d as f32).sqrt();
+    let mut scratch: Vec<f16> = Vec::with_capacity(d);
+    let mut q = query.to_vec();
+    round_to_f16(&mut q, &mut scratch);
+    let mut p = Partial {
+        max: f32::NEG_INFINITY,
+        sum: 0.0,
+        acc: vec![0f32; d],
+    };
+    for &cell in visible {
+        let s = flavor.dot_f16(cells.key(cell, group, d), &q) * scale;
+        let (mut ms, mut vs) = (1f32, 1f32);
+        if s > p.max {
+            ms = (p.max - s).exp();
+            p.max = s;
+            for a in &mut p.acc {
+                *a *= ms;
+            }
+            round_to_f16(&mut p.acc, &mut scratch);
+        } else {
+            vs = (s - p.max).exp();
+        }
+        for (a, &v) in p.acc.iter_mut().zip(cells.value(cell, group, d)) {
+            *a = v.mul_add(vs, *a);
+        }
+        round_to_f16(&mut p.acc, &mut scratch);
+        // `S = S*ms + vs`, which ggml's build leaves unfused.
+        p.sum = p.sum * ms + vs;
+    }
+    p
+}
+
+/// `ggml_compute_forward_flash_attn_ext_tiled`: keys in tiles of 64 cells (by cache index), each tile's scores
+/// as f32 FMA chains over the head dimension, the tile's softmax with ggml's vector exp, the weighted values
+/// accumulated in f32.
+fn tiled(flavor: Flavor, query: &[f32], cells: &Cells, group: usize, out: &mut [f32]) {
+    let d = query.len();
+    let scale = 1.0 / (d as f32).sqrt();
+    let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
+    let mut acc = vec![0f32; d];
+    let mut scores = [f32::NEG_INFINITY; TILE];
+    let mut members = [usize::MAX; TILE];
+    let mut rest = cells.visible;
+    while let Some(&first) = rest.first() {
+        let tile_start = first / TILE * TILE;
+        let in_tile = rest.partition_point(|&cell| cell < tile_start + TILE);
+        let (tile, after) = rest.split_at(in_tile);
+        rest = after;
+        scores.fill(f32::NEG_INFINITY);
+        members.fill(usize::MAX);
+        for &cell in tile {
+            let key = cells.key(cell, group, d);
+            let dot = key
+                .iter()
+                .zip(query)
+                .fold(0f32, |acc, (&k, &q)| k.mul_add(q, acc));
+            scores[cell - tile_start] = dot * scale;
+            members[cell - tile_start] = cell;
+        }
+        let tile_max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if tile_max == f32::NEG_INFINITY {
+            continue;
+        }
+        let new_max = max.max(tile_max);
+        if new_max > max {
+            let ms = (max - new_max).exp();
+            for a in &mut acc {
+                *a *= ms;
+            }
+            sum *= ms;
+        }
+        max = new_max;
+        sum = (f64::from(sum) + flavor.soft_max(&mut scores, max)) as f32;
+        for (&weight, &cell) in scores.iter().zip(&members) {
+            if cell == usize::MAX || weight == 0.0 {
+                continue;
+            }
+            for (a, &v) in acc.iter_mut().zip(cells.value(cell, group, d)) {
+                *a = v.mul_add(weight, *a);
+            }
+        }
+    }
+    normalise(&acc, sum, out);
+}
+
+/// Plain f32 softmax attention of one query head; also returns the weights over `visible` (for capture).
+pub fn exact_head(query: &[f32], cells: &Cells, group: usize, out: &mut [f32]) -> Vec<f32> {
+    let d = query.len();
+    let scale = 1.0 / (d as f32).sqrt();
+    let mut weights: Vec<f32> = cells
+        .visible
+        .iter()
+        .map(|&cell| dot(query, cells.key(cell, group, d)) * scale)
+        .collect();
+    softmax_in_place(&mut weights);
+    out.fill(0.0);
+    for (&w, &cell) in weights.iter().zip(cells.visible) {
+        if w != 0.0 {
+            for (o, &v) in out.iter_mut().zip(cells.value(cell, group, d)) {
+                *o = w.mul_add(v, *o);
+            }
+        }
+    }
+    weights
+}
+
+/// Dot product with eight independent partial sums, so the compiler can keep them in one vector register.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a8
+        .remainder()
+        .iter()
+        .zip(b8.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in a8.zip(b8) {
+        for l in 0..8 {
+            lanes[l] = x[l].mul_add(y[l], lanes[l]);
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+fn softmax_in_place(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inverse = 1.0 / sum;
+    for v in x.iter_mut() {
+        *v *= inverse;
+    }
+}
