@@ -8,7 +8,7 @@ mod support;
 use std::path::{Path, PathBuf};
 
 use egui_kittest::Harness;
-use egui_kittest::kittest::Queryable;
+use egui_kittest::kittest::{NodeT, Queryable};
 use specula::gui::panels::tokens::display_text;
 use specula::gui::store::{final_output, output_at, removed_at};
 use specula::gui::tiles::{default_tree, is_complete};
@@ -513,4 +513,80 @@ fn a_focused_token_a_later_rollback_took_back_marks_its_position_as_replaced() {
     at_step(&mut harness, step, Pane::Compare);
     harness.get_by_label(&format!("▷ {}", taken_back.output_index + 1));
     assert!(harness.query_by_label_contains("▶").is_none());
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Short windows: every pane scrolls to its last widget
+
+/// The lowest widget with text in `pane` (the pane is a named region in the accessibility tree), and its rect.
+fn lowest_widget(harness: &Harness<'_, SpeculaApp>, pane: Pane) -> (String, egui::Rect) {
+    let name = pane.region_name();
+    let region = harness.get_by_role_and_label(egui::accesskit::Role::Region, &name);
+    region
+        .query_all_by(|n| {
+            n.bounding_box().is_some() && (n.label().is_some() || n.value().is_some())
+        })
+        .map(|n| {
+            let text = n.accesskit_node().label().or(n.value()).unwrap_or_default();
+            (text, n.rect())
+        })
+        .max_by(|a, b| a.1.bottom().total_cmp(&b.1.bottom()))
+        .expect("the pane shows some text")
+}
+
+#[test]
+fn every_pane_scrolls_to_its_lowest_widget_in_an_800_point_window() {
+    let cases = [
+        ("diverse-beam.jsonl", Pane::BeamTree),
+        ("opera.jsonl", Pane::OverTrust),
+        ("contrastive.jsonl", Pane::Contrastive),
+        ("momentum.jsonl", Pane::Momentum),
+        ("cad.jsonl", Pane::Cad),
+        ("lens-attention.jsonl", Pane::LogitLens),
+        ("lens-attention.jsonl", Pane::Attention),
+        ("speculative.jsonl", Pane::TokenStream),
+        ("speculative.jsonl", Pane::Stats),
+        ("speculative.jsonl", Pane::Candidates),
+        ("speculative.jsonl", Pane::DraftTree),
+        ("speculative.jsonl", Pane::Plots),
+        ("speculative.jsonl", Pane::Acceptance),
+        ("speculative.jsonl", Pane::Speedup),
+        ("speculative.jsonl", Pane::Sweep),
+        ("entropy-adaptive.jsonl", Pane::Plots),
+    ];
+    let mut cut_off = Vec::new();
+    for (name, pane) in cases {
+        let mut harness = open(name, SIZE);
+        let steps = load(name).steps.len();
+        for step in [steps / 3, steps - 1] {
+            at_step(&mut harness, step, pane);
+            let view = harness.state().pane_rect(pane).unwrap();
+            let (text, before) = lowest_widget(&harness, pane);
+            if before.bottom() > view.bottom() {
+                cut_off.push((pane, text.clone()));
+            }
+            // As a screen reader (or a keyboard user tabbing down) would: ask for the widget to be shown.
+            let name = pane.region_name();
+            let region = harness.get_by_role_and_label(egui::accesskit::Role::Region, &name);
+            let lowest = region
+                .query_all_by(|n| {
+                    n.bounding_box().is_some() && (n.label().is_some() || n.value().is_some())
+                })
+                .max_by(|a, b| a.rect().bottom().total_cmp(&b.rect().bottom()))
+                .unwrap();
+            lowest.scroll_to_me();
+            harness.run();
+            let (_, after) = lowest_widget(&harness, pane);
+            assert!(
+                after.bottom() <= view.bottom() + 0.5 && after.top() >= view.top() - 0.5,
+                "{name}, {pane:?} at step {}: {text:?} is at {after:?}, outside the pane {view:?}",
+                step + 1
+            );
+        }
+    }
+    // The window is short enough that the tallest panes do not fit, so the test above is about scrolling.
+    assert!(
+        cut_off.iter().any(|(p, _)| *p == Pane::OverTrust),
+        "the OPERA pane fits at 800 points; the test no longer shows scrolling (cut off: {cut_off:?})"
+    );
 }
