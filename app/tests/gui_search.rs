@@ -8,9 +8,9 @@ mod support;
 use std::path::{Path, PathBuf};
 
 use egui_kittest::Harness;
-use egui_kittest::kittest::Queryable;
+use egui_kittest::kittest::{NodeT, Queryable};
 use specula::gui::panels::tokens::display_text;
-use specula::gui::store::{output_at, removed_at};
+use specula::gui::store::{final_output, output_at, removed_at};
 use specula::gui::tiles::{default_tree, is_complete};
 use specula::gui::{Pane, SpeculaApp};
 use specula_core::trace::{StepPayload, Trace, output_tokens};
@@ -406,4 +406,187 @@ fn snapshot_entropy_adaptive() {
     let mut harness = open("entropy-adaptive.jsonl", SHOT);
     at_step(&mut harness, trace.steps.len() - 1, Pane::Plots);
     snapshot(&mut harness, "entropy_adaptive");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Compare: rows are final-output positions, clicks focus committed tokens
+
+/// A token of `run` that is the only widget labelled with its text, so a test can click it; `rows` picks the
+/// final-output positions to look at.
+fn unique_chip(
+    harness: &Harness<'_, SpeculaApp>,
+    trace: &Trace,
+    rows: impl Iterator<Item = usize>,
+) -> Option<(usize, String)> {
+    let output = final_output(trace);
+    rows.filter_map(|row| output.get(row).map(|t| (row, display_text(&t.token.token))))
+        .find(|(_, text)| text.trim().len() > 2 && harness.query_all_by_label(text).count() == 1)
+}
+
+#[test]
+fn clicking_a_compare_token_of_a_rolled_back_run_focuses_that_token_at_its_step() {
+    let mut harness = open("greedy.jsonl", SIZE);
+    harness
+        .state()
+        .send(specula::gui::Command::OpenTrace(Some(trace_path(
+            "opera.jsonl",
+        ))));
+    harness.run();
+    let opera = load("opera.jsonl");
+    let greedy = load("greedy.jsonl");
+    let opera_key = harness.state().store().selected_key().unwrap();
+    assert_eq!(
+        harness
+            .state()
+            .store()
+            .run(opera_key)
+            .unwrap()
+            .trace
+            .header
+            .method,
+        "opera"
+    );
+    harness.state_mut().show_pane(Pane::Compare);
+    harness.run();
+
+    // A row past OPERA's rollbacks: the run committed many more tokens than it kept before this one.
+    let output = final_output(&opera);
+    let after_rollbacks = (0..output.len()).filter(|&row| output[row].index != row);
+    let (row, text) = unique_chip(&harness, &opera, after_rollbacks)
+        .expect("a uniquely labelled token after a rollback");
+    let expected = output[row];
+    harness.get_by_label(&text).click();
+    harness.run();
+    let app = harness.state();
+    assert_eq!(app.store().selected_key(), Some(opera_key));
+    assert_eq!(
+        app.focus(),
+        Some(expected.index),
+        "row {} ({text:?})",
+        row + 1
+    );
+    assert_eq!(app.cursor().step, expected.step);
+    // The row marker follows the focused token to its row, not to the row numbered like its committed index.
+    harness.get_by_label(&format!("▶ {}", row + 1));
+    assert!(
+        harness
+            .query_by_label(&format!("▶ {}", expected.index + 1))
+            .is_none()
+    );
+
+    // A token of the other run selects that run and focuses the token, and the focus survives the next frames.
+    let greedy_output = final_output(&greedy);
+    // The first rows, which the pane shows without scrolling.
+    let (row, text) = unique_chip(&harness, &greedy, 0..greedy_output.len().min(10))
+        .expect("a uniquely labelled greedy token");
+    harness.get_by_label(&text).click();
+    harness.run();
+    harness.run();
+    let app = harness.state();
+    let greedy_key = app.store().selected_key().unwrap();
+    assert_ne!(greedy_key, opera_key);
+    assert_eq!(app.focus(), Some(greedy_output[row].index));
+    assert_eq!(app.cursor().step, greedy_output[row].step);
+}
+
+#[test]
+fn a_focused_token_a_later_rollback_took_back_marks_its_position_as_replaced() {
+    let mut harness = open("greedy.jsonl", SIZE);
+    harness
+        .state()
+        .send(specula::gui::Command::OpenTrace(Some(trace_path(
+            "opera.jsonl",
+        ))));
+    harness.run();
+    let opera = load("opera.jsonl");
+    let output = final_output(&opera);
+    // The last token of a step that is not in the final output: the focus the cursor gives by itself there.
+    let step = (0..opera.steps.len())
+        .rev()
+        .find(|&s| {
+            output_at(&opera, s)
+                .last()
+                .is_some_and(|t| t.step == s && !output.iter().any(|o| o.index == t.index))
+        })
+        .expect("a step whose newest token was later taken back");
+    let taken_back = *output_at(&opera, step).last().unwrap();
+    at_step(&mut harness, step, Pane::Compare);
+    harness.get_by_label(&format!("▷ {}", taken_back.output_index + 1));
+    assert!(harness.query_by_label_contains("▶").is_none());
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Short windows: every pane scrolls to its last widget
+
+/// The lowest widget with text in `pane` (the pane is a named region in the accessibility tree), and its rect.
+fn lowest_widget(harness: &Harness<'_, SpeculaApp>, pane: Pane) -> (String, egui::Rect) {
+    let name = pane.region_name();
+    let region = harness.get_by_role_and_label(egui::accesskit::Role::Region, &name);
+    region
+        .query_all_by(|n| {
+            n.bounding_box().is_some() && (n.label().is_some() || n.value().is_some())
+        })
+        .map(|n| {
+            let text = n.accesskit_node().label().or(n.value()).unwrap_or_default();
+            (text, n.rect())
+        })
+        .max_by(|a, b| a.1.bottom().total_cmp(&b.1.bottom()))
+        .expect("the pane shows some text")
+}
+
+#[test]
+fn every_pane_scrolls_to_its_lowest_widget_in_an_800_point_window() {
+    let cases = [
+        ("diverse-beam.jsonl", Pane::BeamTree),
+        ("opera.jsonl", Pane::OverTrust),
+        ("contrastive.jsonl", Pane::Contrastive),
+        ("momentum.jsonl", Pane::Momentum),
+        ("cad.jsonl", Pane::Cad),
+        ("lens-attention.jsonl", Pane::LogitLens),
+        ("lens-attention.jsonl", Pane::Attention),
+        ("speculative.jsonl", Pane::TokenStream),
+        ("speculative.jsonl", Pane::Stats),
+        ("speculative.jsonl", Pane::Candidates),
+        ("speculative.jsonl", Pane::DraftTree),
+        ("speculative.jsonl", Pane::Plots),
+        ("speculative.jsonl", Pane::Acceptance),
+        ("speculative.jsonl", Pane::Speedup),
+        ("speculative.jsonl", Pane::Sweep),
+        ("entropy-adaptive.jsonl", Pane::Plots),
+    ];
+    let mut cut_off = Vec::new();
+    for (name, pane) in cases {
+        let mut harness = open(name, SIZE);
+        let steps = load(name).steps.len();
+        for step in [steps / 3, steps - 1] {
+            at_step(&mut harness, step, pane);
+            let view = harness.state().pane_rect(pane).unwrap();
+            let (text, before) = lowest_widget(&harness, pane);
+            if before.bottom() > view.bottom() {
+                cut_off.push((pane, text.clone()));
+            }
+            // As a screen reader (or a keyboard user tabbing down) would: ask for the widget to be shown.
+            let name = pane.region_name();
+            let region = harness.get_by_role_and_label(egui::accesskit::Role::Region, &name);
+            let lowest = region
+                .query_all_by(|n| {
+                    n.bounding_box().is_some() && (n.label().is_some() || n.value().is_some())
+                })
+                .max_by(|a, b| a.rect().bottom().total_cmp(&b.rect().bottom()))
+                .unwrap();
+            lowest.scroll_to_me();
+            harness.run();
+            let (_, after) = lowest_widget(&harness, pane);
+            assert!(
+                after.bottom() <= view.bottom() + 0.5 && after.top() >= view.top() - 0.5,
+                "{name}, {pane:?} at step {}: {text:?} is at {after:?}, outside the pane {view:?}",
+                step + 1
+            );
+        }
+    }
+    // The window is short enough that the tallest panes do not fit, so the test above is about scrolling.
+    assert!(
+        cut_off.iter().any(|(p, _)| *p == Pane::OverTrust),
+        "the OPERA pane fits at 800 points; the test no longer shows scrolling (cut off: {cut_off:?})"
+    );
 }

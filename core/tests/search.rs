@@ -541,17 +541,49 @@ fn entropy_adaptive_with_threshold_zero_is_greedy_on_the_full_model() {
 }
 
 #[test]
-fn entropy_adaptive_with_a_huge_threshold_decodes_with_the_skipped_model_everywhere() {
+fn entropy_adaptive_starts_on_the_full_model_so_its_first_token_is_greedys() {
+    for &prompt in PROMPTS {
+        let first_greedy = ids(&greedy(prompt, 1));
+        // A threshold no entropy reaches wants the small model at every step it has a say in.
+        for threshold in [1.0, 1e6] {
+            let trace = adaptive(prompt, threshold, 4, 1, 2);
+            let steps = adaptive_steps(&trace);
+            assert_eq!(
+                ids(&trace)[..1],
+                first_greedy[..],
+                "{prompt:?}, τ = {threshold}"
+            );
+            assert_eq!(steps[0].rolling_entropy, None);
+            assert!(steps[0].full_model && !steps[0].switched, "{prompt:?}");
+            assert_eq!(trace.steps[0].draft_forward_calls, 0);
+            assert!(trace.steps[0].target_forward_calls >= 1);
+        }
+    }
+}
+
+#[test]
+fn entropy_adaptive_with_a_huge_threshold_hands_over_to_the_skipped_model_after_the_dwell() {
     use specula_core::model::{Capture, Logits, Mask, logits_row};
     let prompt = PROMPTS[0];
-    let trace = adaptive(prompt, 1e6, 4, 4, 12);
+    let dwell = 3;
+    let trace = adaptive(prompt, 1e6, 4, dwell, 12);
     let steps = adaptive_steps(&trace);
-    assert!(steps.iter().all(|s| !s.full_model && !s.switched));
-    assert!(
-        trace.steps.iter().all(|s| s.target_forward_calls == 0),
-        "no full-model forward"
-    );
-    // The same tokens, fed the same way, through the model with the same layers skipped.
+    // The full model starts and keeps the text for the minimum dwell; then the skipped model takes over for good.
+    for (i, s) in steps.iter().enumerate() {
+        assert_eq!(s.full_model, i < dwell, "step {i}");
+        assert_eq!(s.switched, i == dwell, "step {i}");
+        let step = &trace.steps[i];
+        if s.full_model {
+            assert_eq!(step.draft_forward_calls, 0, "step {i}");
+        } else {
+            assert_eq!(
+                step.target_forward_calls, 0,
+                "step {i}: no full-model forward"
+            );
+        }
+    }
+    assert_eq!(ids(&trace)[..dwell], ids(&greedy(prompt, dwell))[..]);
+    // From the switch on: the same tokens, fed the same way, through the model with the same layers skipped.
     let llama = &model().llama;
     let skip: std::collections::BTreeSet<usize> = steps[0].skip_layers.iter().copied().collect();
     assert!(!skip.is_empty() && skip.len() < llama.config.n_layers);
@@ -559,8 +591,10 @@ fn entropy_adaptive_with_a_huge_threshold_decodes_with_the_skipped_model_everywh
         skip_layers: skip,
         ..Capture::default()
     };
+    let generated = ids(&trace);
     let mut cache = llama.new_cache();
     let mut fed: Vec<u32> = trace.header.prompt.token_ids.clone();
+    fed.extend(&generated[..dwell]);
     let positions: Vec<usize> = (0..fed.len()).collect();
     let mut out = llama
         .forward(
@@ -573,7 +607,7 @@ fn entropy_adaptive_with_a_huge_threshold_decodes_with_the_skipped_model_everywh
             &capture,
         )
         .unwrap();
-    for id in ids(&trace) {
+    for &id in &generated[dwell..] {
         let logits = logits_row(&out.logits, 0, 0).unwrap();
         assert_eq!(specula_core::sampling::argmax(&logits), id);
         out = llama
@@ -590,7 +624,7 @@ fn entropy_adaptive_with_a_huge_threshold_decodes_with_the_skipped_model_everywh
         fed.push(id);
     }
     assert_ne!(
-        ids(&trace),
+        generated,
         ids(&greedy(prompt, 12)),
         "skipping a third of the layers changes the text"
     );
@@ -614,8 +648,10 @@ fn entropy_adaptive_switches_by_the_rolling_entropy_and_respects_the_dwell() {
         let rolling =
             (!before.is_empty()).then(|| before.iter().sum::<f32>() / before.len() as f32);
         assert_eq!(s.rolling_entropy, rolling, "step {i}");
-        let wants_full = rolling.unwrap_or(0.0) >= threshold;
-        if i > 0 {
+        let wants_full = rolling.is_none_or(|r| r >= threshold);
+        if i == 0 {
+            assert!(s.full_model && !s.switched, "the full model starts");
+        } else {
             let previous = steps[i - 1].full_model;
             let may_switch = since_switch >= dwell;
             let expected = if may_switch { wants_full } else { previous };

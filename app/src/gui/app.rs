@@ -127,6 +127,11 @@ impl SpeculaApp {
         &self.cursor
     }
 
+    /// The generated token the user focused (its index among every token the selected run committed).
+    pub fn focus(&self) -> Option<usize> {
+        self.focus
+    }
+
     pub fn notice(&self) -> Option<&Notice> {
         self.notice.as_ref()
     }
@@ -254,8 +259,10 @@ impl SpeculaApp {
         }
     }
 
-    /// Resets the cursor when another run is selected; follows the newest step; advances a playing cursor.
-    fn update_cursor(&mut self, ctx: &egui::Context) {
+    /// A cursor and focus belong to one run: when another run is selected they start over (keeping the play
+    /// rate). Called when a command selects a run, so that a focus queued right after the selection (a click
+    /// on another run's token) applies to the new run and survives the next frame.
+    pub(super) fn follow_selection(&mut self) {
         let selected = self.store.selected_key();
         if selected != self.cursor_run {
             self.cursor_run = selected;
@@ -264,6 +271,11 @@ impl SpeculaApp {
             self.cursor.apply(CursorMove::SetRate(rate), 0);
             self.focus = None;
         }
+    }
+
+    /// Resets the cursor when another run is selected; follows the newest step; advances a playing cursor.
+    fn update_cursor(&mut self, ctx: &egui::Context) {
+        self.follow_selection();
         let (len, live) = self
             .store
             .selected()

@@ -51,7 +51,10 @@ impl SpeculaApp {
                     d.cancel();
                 }
             }
-            Command::SelectRun(key) => self.store.select(key),
+            Command::SelectRun(key) => {
+                self.store.select(key);
+                self.follow_selection();
+            }
             Command::CloseRun(key) => {
                 self.with_live(key, |b, id| b.cancel(id));
                 self.store.remove(key);

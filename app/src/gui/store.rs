@@ -150,6 +150,16 @@ pub fn output_at(trace: &Trace, step: usize) -> Vec<TokenAt<'_>> {
     out
 }
 
+/// The run's output as it ended (or stands now, for a live run): every rollback applied. Position `i` of it is
+/// what a view of the final text shows at row `i`; its `index` is what focusing and forking refer to.
+pub fn final_output(trace: &Trace) -> Vec<TokenAt<'_>> {
+    trace
+        .steps
+        .len()
+        .checked_sub(1)
+        .map_or_else(Vec::new, |last| output_at(trace, last))
+}
+
 /// The tokens `step`'s rollback took back (empty when it rolled nothing back).
 pub fn removed_at(trace: &Trace, step: usize) -> Vec<TokenAt<'_>> {
     match (

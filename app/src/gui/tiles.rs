@@ -82,6 +82,17 @@ impl Pane {
         Pane::Attention,
     ];
 
+    /// Panes that are one scrolling list under a short header (the token stream sticks to its newest token, the
+    /// comparison scrolls both ways): an enclosing scroll area would only fight theirs.
+    fn scrolls_itself(self) -> bool {
+        matches!(self, Pane::TokenStream | Pane::Compare)
+    }
+
+    /// The pane's name as a region in the accessibility tree.
+    pub fn region_name(self) -> String {
+        format!("{} pane", self.title())
+    }
+
     pub fn title(self) -> &'static str {
         match self {
             Pane::TokenStream => "Token stream",
@@ -176,14 +187,8 @@ pub struct Behavior<'a, 'b> {
     pub ctx: &'a ViewCtx<'b>,
 }
 
-impl egui_tiles::Behavior<Pane> for Behavior<'_, '_> {
-    fn pane_ui(
-        &mut self,
-        ui: &mut egui::Ui,
-        _tile_id: egui_tiles::TileId,
-        pane: &mut Pane,
-    ) -> egui_tiles::UiResponse {
-        self.panels.rects.push((*pane, ui.max_rect()));
+impl Behavior<'_, '_> {
+    fn pane_contents(&mut self, ui: &mut egui::Ui, pane: Pane) {
         // Panes get a margin so text does not touch the tile edges.
         egui::Frame::new()
             .inner_margin(6.0)
@@ -205,6 +210,34 @@ impl egui_tiles::Behavior<Pane> for Behavior<'_, '_> {
                 Pane::LogitLens => self.panels.lens.ui(ui, self.ctx),
                 Pane::Attention => self.panels.attention.ui(ui, self.ctx),
             });
+    }
+}
+
+impl egui_tiles::Behavior<Pane> for Behavior<'_, '_> {
+    fn pane_ui(
+        &mut self,
+        ui: &mut egui::Ui,
+        _tile_id: egui_tiles::TileId,
+        pane: &mut Pane,
+    ) -> egui_tiles::UiResponse {
+        self.panels.rects.push((*pane, ui.max_rect()));
+        let pane = *pane;
+        // Each pane is a named region, so a screen reader (and a test) can tell which pane a widget is in; the
+        // name is not the bare title, which the tab button already carries.
+        let region = egui::UiBuilder::new()
+            .accessibility_role(egui::accesskit::Role::Region)
+            .accessibility_label(pane.region_name());
+        ui.scope_builder(region, |ui| {
+            if pane.scrolls_itself() {
+                self.pane_contents(ui, pane);
+            } else {
+                // A pane taller than its tile (a short window, a small tile) scrolls instead of being cut off.
+                egui::ScrollArea::vertical()
+                    .id_salt(("pane_scroll", pane.title()))
+                    .auto_shrink([false, false])
+                    .show(ui, |ui| self.pane_contents(ui, pane));
+            }
+        });
         egui_tiles::UiResponse::None
     }
 

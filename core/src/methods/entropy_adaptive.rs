@@ -1,8 +1,10 @@
 //! Entropy-adaptive decoding (EAD, Simonds 2025), with a layer-skipped copy of the model standing in for the
 //! paper's small model: while the rolling mean entropy of the last `window` tokens is at least τ, the full model
 //! decodes; below it, the model minus the skipped layers does. A switch waits until the current model has decoded
-//! `min_dwell` tokens (hysteresis). Before any token the rolling mean is taken as 0, so τ = 0 is plain greedy
-//! (or sampling) with the full model and any τ > 0 starts on the small model.
+//! `min_dwell` tokens (hysteresis). Before the first token there is no entropy to go by, so the full model
+//! starts: the first token is always the full model's (greedy's own first token, when greedy), and the small
+//! model can take over once the full model has decoded `min_dwell` tokens. τ = 0 is plain greedy (or sampling)
+//! with the full model throughout.
 //!
 //! The two models keep separate KV caches, as EAD's two models do: the skipped model's keys and values in the
 //! layers it keeps differ from the full model's, so sharing one cache would make the "full" model something else.
@@ -62,7 +64,7 @@ pub struct EntropyAdaptive {
     small: Side,
     /// Entropy (nats) of the distribution each generated token was chosen from.
     entropies: Vec<f32>,
-    /// The model in use: `None` before the first token.
+    /// The model in use: `None` before the first token, which the full model decodes.
     full_mode: Option<bool>,
     /// Tokens decoded since the last switch (or the start).
     dwell: usize,
@@ -102,9 +104,11 @@ impl DecodingMethod for EntropyAdaptive {
         let window = &self.entropies[self.entropies.len().saturating_sub(p.window)..];
         let rolling =
             (!window.is_empty()).then(|| window.iter().sum::<f32>() / window.len() as f32);
-        let wants_full = rolling.unwrap_or(0.0) >= p.threshold;
+        // An empty window says nothing about the text: counting it as entropy 0 would start every run with
+        // τ > 0 on the small model and spoil its first token, so the full model starts.
+        let wants_full = rolling.is_none_or(|r| r >= p.threshold);
         let (full, switched) = match self.full_mode {
-            None => (wants_full, false),
+            None => (true, false),
             Some(current) if current != wants_full && self.dwell >= p.min_dwell => {
                 (wants_full, true)
             }

@@ -24,7 +24,8 @@ pub struct MethodParams {
 
 /// Entropy-adaptive decoding: the full model decodes while the rolling mean entropy of the last `window` tokens is
 /// at least `threshold`, a layer-skipped copy of it otherwise; a switch waits for `min_dwell` tokens on the current
-/// model. The skipped layers are `speculative.skip_layers` (empty = the middle third).
+/// model. The full model decodes the first token (no entropy is known yet). The skipped layers are
+/// `speculative.skip_layers` (empty = the middle third).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct AdaptiveParams {

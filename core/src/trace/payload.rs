@@ -228,7 +228,7 @@ pub struct EntropyAdaptiveStep {
     pub window: usize,
     pub min_dwell: usize,
     /// Rolling mean of the entropies of the last `window` tokens (nats) that made the decision; `None` before
-    /// the first token (taken as 0).
+    /// the first token, which the full model decodes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rolling_entropy: Option<f32>,
     /// True when the full model decoded this step, false when the layer-skipped one did.

@@ -254,33 +254,24 @@ fn finished_ui(ui: &mut egui::Ui, step: &BeamStep) {
         ui.label(RichText::new("None yet: no hypothesis has ended so far.").weak());
         return;
     }
-    egui::ScrollArea::vertical()
-        .id_salt("beam_finished")
-        .auto_shrink([false, false])
+    // No scroll area of its own: the pane scrolls, and a nested one would end below a short pane's edge.
+    egui::Grid::new("beam_finished_grid")
+        .striped(true)
+        .num_columns(4)
+        .spacing([12.0, 4.0])
         .show(ui, |ui| {
-            egui::Grid::new("beam_finished_grid")
-                .striped(true)
-                .num_columns(4)
-                .spacing([12.0, 4.0])
-                .show(ui, |ui| {
-                    ui.strong("score");
-                    ui.strong("log p");
-                    ui.strong("group");
-                    ui.strong("text");
-                    ui.end_row();
-                    for h in &step.finished {
-                        ui.label(format!("{:.3}", h.score));
-                        ui.label(format!("{:.3}", h.logprob));
-                        ui.label(
-                            RichText::new(format!("{}", h.group + 1)).color(group_colour(h.group)),
-                        );
-                        ui.add(
-                            egui::Label::new(RichText::new(display_text(&h.text)).monospace())
-                                .wrap(),
-                        );
-                        ui.end_row();
-                    }
-                });
+            ui.strong("score");
+            ui.strong("log p");
+            ui.strong("group");
+            ui.strong("text");
+            ui.end_row();
+            for h in &step.finished {
+                ui.label(format!("{:.3}", h.score));
+                ui.label(format!("{:.3}", h.logprob));
+                ui.label(RichText::new(format!("{}", h.group + 1)).color(group_colour(h.group)));
+                ui.add(egui::Label::new(RichText::new(display_text(&h.text)).monospace()).wrap());
+                ui.end_row();
+            }
         });
 }
 

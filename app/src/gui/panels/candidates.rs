@@ -124,11 +124,8 @@ impl CandidatesPanel {
             }
         });
         ui.separator();
-        egui::ScrollArea::vertical()
-            .auto_shrink([false, true])
-            .show(ui, |ui| {
-                candidates_grid(ui, token, ("panel", t.index));
-            });
+        // No scroll area of its own: the pane scrolls, and a nested one would end below a short pane's edge.
+        candidates_grid(ui, token, ("panel", t.index));
     }
 }
 

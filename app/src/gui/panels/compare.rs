@@ -9,7 +9,7 @@ use specula_core::trace::TokenRecord;
 use super::tokens::token_chip;
 use super::{ViewCtx, empty_state, readable_axes};
 use crate::gui::command::Command;
-use crate::gui::store::{RunEntry, RunKey};
+use crate::gui::store::{RunEntry, RunKey, TokenAt, final_output};
 
 const RUN_COLORS: &[Color32] = &[
     Color32::from_rgb(69, 117, 180),
@@ -118,24 +118,27 @@ impl ComparePanel {
             ui.label("Tick at least two runs above.");
             return;
         }
-        let tokens: Vec<Vec<&TokenRecord>> = runs
+        // Rows are positions in each run's final output. A run that rolled tokens back (OPERA, a beam switch)
+        // committed more tokens than it kept, so a row is not a committed-token index: each shown token keeps
+        // its own, which is what clicking focuses.
+        let outputs: Vec<Vec<TokenAt<'_>>> =
+            runs.iter().map(|(_, r)| final_output(&r.trace)).collect();
+        let tokens: Vec<Vec<&TokenRecord>> = outputs
             .iter()
-            .map(|(_, r)| r.trace.tokens().collect())
+            .map(|out| out.iter().map(|t| t.token).collect())
             .collect();
         let divergence = first_divergence(&tokens);
         ui.label(match divergence {
             Some(i) => format!("The runs part at token {} (marked with a diamond).", i + 1),
             None => "The runs produced the same tokens.".to_owned(),
         });
-        let focus_row = ctx
-            .selected()
-            .and_then(|_| ctx.focused_token().map(|t| t.index));
+        let focus = focus_row(ctx, &runs, &outputs);
         let cursor_x = match self.overlay {
             Overlay::StepTime => ctx.selected().map(|_| ctx.cursor.step + 1),
-            _ => focus_row.map(|f| f + 1),
+            _ => focus.map(|f| f.row + 1),
         };
         self.overlay_ui(ui, &runs, &tokens, cursor_x);
-        self.rows_ui(ui, ctx, &runs, &tokens, divergence, focus_row);
+        self.rows_ui(ui, ctx, &runs, &outputs, divergence, focus);
     }
 
     fn pick_runs_ui(&mut self, ui: &mut egui::Ui, ctx: &ViewCtx<'_>) {
@@ -205,11 +208,11 @@ impl ComparePanel {
         ui: &mut egui::Ui,
         ctx: &ViewCtx<'_>,
         runs: &[(RunKey, &RunEntry)],
-        tokens: &[Vec<&TokenRecord>],
+        outputs: &[Vec<TokenAt<'_>>],
         divergence: Option<usize>,
-        focus: Option<usize>,
+        focus: Option<FocusRow>,
     ) {
-        let rows = tokens.iter().map(Vec::len).max().unwrap_or(0);
+        let rows = outputs.iter().map(Vec::len).max().unwrap_or(0);
         let selected = ctx.store.selected_key();
         egui::ScrollArea::both()
             .auto_shrink([false, false])
@@ -232,20 +235,30 @@ impl ComparePanel {
                             if divergence == Some(row) {
                                 marker = format!("◆ {marker}");
                             }
-                            if focus == Some(row) {
-                                marker = format!("▶ {marker}");
+                            let focused_here = focus.filter(|f| f.row == row);
+                            match focused_here {
+                                Some(f) if f.shown => marker = format!("▶ {marker}"),
+                                // The focused token stood here but a later rollback replaced it.
+                                Some(_) => marker = format!("▷ {marker}"),
+                                None => {}
                             }
                             let differs = divergence.is_some_and(|d| row >= d);
                             let marker = RichText::new(marker).monospace();
-                            ui.label(if focus == Some(row) {
+                            let marker = ui.label(if focused_here.is_some() {
                                 marker.strong()
                             } else {
                                 marker
                             });
-                            for ((key, _), toks) in runs.iter().zip(tokens) {
-                                match toks.get(row) {
+                            if focused_here.is_some_and(|f| !f.shown) {
+                                marker.on_hover_text(
+                                    "The focused token stood at this position when it was committed; a later \
+                                     rollback took it back, so the final output shows another token here.",
+                                );
+                            }
+                            for ((key, _), out) in runs.iter().zip(outputs) {
+                                match out.get(row) {
                                     Some(t) => {
-                                        let chip = token_chip(t);
+                                        let chip = token_chip(t.token);
                                         let chip = if differs && divergence == Some(row) {
                                             chip.strong()
                                         } else {
@@ -259,7 +272,7 @@ impl ComparePanel {
                                             if selected != Some(*key) {
                                                 ctx.send(Command::SelectRun(*key));
                                             }
-                                            ctx.send(Command::FocusToken(row));
+                                            ctx.send(Command::FocusToken(t.index));
                                         }
                                     }
                                     None => {
@@ -272,6 +285,30 @@ impl ComparePanel {
                     });
             });
     }
+}
+
+/// The row of the selected run's focused token: the position it was committed at, and whether the final output
+/// still shows it there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FocusRow {
+    row: usize,
+    shown: bool,
+}
+
+fn focus_row(
+    ctx: &ViewCtx<'_>,
+    runs: &[(RunKey, &RunEntry)],
+    outputs: &[Vec<TokenAt<'_>>],
+) -> Option<FocusRow> {
+    let (selected, _) = ctx.selected()?;
+    let focused = ctx.focused_token()?;
+    let column = runs.iter().position(|(k, _)| *k == selected)?;
+    let row = focused.output_index;
+    let shown = outputs
+        .get(column)
+        .and_then(|out| out.get(row))
+        .is_some_and(|t| t.index == focused.index);
+    Some(FocusRow { row, shown })
 }
 
 #[cfg(test)]

@@ -140,39 +140,35 @@ impl MomentumPanel {
             });
         });
         ui.separator();
-        egui::ScrollArea::vertical()
-            .id_salt("momentum_candidates")
-            .auto_shrink([false, false])
+        // No scroll area of its own: the pane scrolls, and a nested one would end below a short pane's edge.
+        egui::Grid::new("momentum_grid")
+            .striped(true)
+            .num_columns(5)
+            .spacing([14.0, 4.0])
             .show(ui, |ui| {
-                egui::Grid::new("momentum_grid")
-                    .striped(true)
-                    .num_columns(5)
-                    .spacing([14.0, 4.0])
-                    .show(ui, |ui| {
-                        for h in ["token", "p", "loop length L", "R(L)", "score"] {
-                            ui.strong(h);
-                        }
-                        ui.end_row();
-                        for (i, c) in step.candidates.iter().enumerate() {
-                            let chosen = i == step.chosen;
-                            let mark = |s: String| {
-                                let t = RichText::new(s);
-                                if chosen { t.strong().underline() } else { t }
-                            };
-                            ui.label(mark(format!("'{}'", display_text(&c.token))).monospace());
-                            ui.label(mark(format!("{:.3}", c.prob)));
-                            ui.label(mark(c.loop_len.to_string()));
-                            ui.label(
-                                mark(c.resistance.map_or("∞".to_owned(), |r| format!("{r}")))
-                                    .color(resistance_colour(c.resistance)),
-                            );
-                            ui.label(mark(match c.score {
-                                Some(s) => format!("{s:.3}{}", if chosen { " chosen" } else { "" }),
-                                None => "barred".to_owned(),
-                            }));
-                            ui.end_row();
-                        }
-                    });
+                for h in ["token", "p", "loop length L", "R(L)", "score"] {
+                    ui.strong(h);
+                }
+                ui.end_row();
+                for (i, c) in step.candidates.iter().enumerate() {
+                    let chosen = i == step.chosen;
+                    let mark = |s: String| {
+                        let t = RichText::new(s);
+                        if chosen { t.strong().underline() } else { t }
+                    };
+                    ui.label(mark(format!("'{}'", display_text(&c.token))).monospace());
+                    ui.label(mark(format!("{:.3}", c.prob)));
+                    ui.label(mark(c.loop_len.to_string()));
+                    ui.label(
+                        mark(c.resistance.map_or("∞".to_owned(), |r| format!("{r}")))
+                            .color(resistance_colour(c.resistance)),
+                    );
+                    ui.label(mark(match c.score {
+                        Some(s) => format!("{s:.3}{}", if chosen { " chosen" } else { "" }),
+                        None => "barred".to_owned(),
+                    }));
+                    ui.end_row();
+                }
             });
     }
 }

@@ -14,6 +14,8 @@ use super::{ViewCtx, empty_state};
 use crate::gui::search::beams;
 use crate::gui::store::output_at;
 
+/// The over-trust map's least height (points); a shorter pane scrolls instead.
+const MIN_MAP_H: f32 = 200.0;
 const WINNER: Color32 = Color32::from_rgb(255, 64, 64);
 const LABEL_W: f32 = 96.0;
 
@@ -148,7 +150,11 @@ impl OperaPanel {
                 .weak(),
             );
         };
-        let area = ui.available_size();
+        // The pane scrolls, so in a short pane the map keeps a readable height rather than shrinking to nothing.
+        let area = egui::vec2(
+            ui.available_width(),
+            ui.available_height().max(MIN_MAP_H + 40.0),
+        );
         if area.x >= 640.0 {
             // Side by side: the map gets the whole height, which a long window needs.
             ui.horizontal_top(|ui| {
@@ -167,7 +173,7 @@ impl OperaPanel {
                 ui.vertical(|ui| candidates_ui(ui, map, alpha));
             });
         } else {
-            let map_h = (area.y * 0.6).max(140.0);
+            let map_h = (area.y * 0.6).max(MIN_MAP_H);
             egui::ScrollArea::both()
                 .id_salt("opera_map")
                 .max_height(map_h)
@@ -257,44 +263,38 @@ fn candidates_ui(ui: &mut egui::Ui, map: &OverTrustMap, alpha: f32) {
     ui.label("score = log p (of the hypothesis) − α·over-trust penalty");
     // The candidates are sorted by score, so the first is the newest token of the hypothesis in the map.
     let chosen = map.candidates.first().map(|c| c.token_id);
-    egui::ScrollArea::vertical()
-        .id_salt("opera_candidates")
-        .auto_shrink([false, false])
+    // No scroll area of its own: the pane scrolls, and a nested one would end below a short pane's edge.
+    egui::Grid::new("opera_candidates_grid")
+        .striped(true)
+        .num_columns(5)
+        .spacing([14.0, 4.0])
         .show(ui, |ui| {
-            egui::Grid::new("opera_candidates_grid")
-                .striped(true)
-                .num_columns(5)
-                .spacing([14.0, 4.0])
-                .show(ui, |ui| {
-                    ui.strong("token");
-                    ui.strong("log p");
-                    ui.strong("penalty");
-                    ui.strong("α·penalty");
-                    ui.strong("score");
-                    ui.end_row();
-                    for c in &map.candidates {
-                        let mark = |s: String| {
-                            if Some(c.token_id) == chosen {
-                                RichText::new(s).strong().underline()
-                            } else {
-                                RichText::new(s)
-                            }
-                        };
-                        ui.label(mark(format!("'{}'", display_text(&c.token))).monospace());
-                        ui.label(mark(format!("{:.3}", c.logprob)));
-                        ui.label(mark(format!("{:.3e}", c.penalty)));
-                        ui.label(mark(format!("{:.3}", alpha * c.penalty)));
-                        ui.label(mark(format!("{:.3}", c.score)));
-                        ui.end_row();
+            ui.strong("token");
+            ui.strong("log p");
+            ui.strong("penalty");
+            ui.strong("α·penalty");
+            ui.strong("score");
+            ui.end_row();
+            for c in &map.candidates {
+                let mark = |s: String| {
+                    if Some(c.token_id) == chosen {
+                        RichText::new(s).strong().underline()
+                    } else {
+                        RichText::new(s)
                     }
-                });
-            if chosen.is_some() {
-                ui.label(
-                    RichText::new(
-                        "Underlined: the best score, the token the hypothesis in the map took.",
-                    )
-                    .weak(),
-                );
+                };
+                ui.label(mark(format!("'{}'", display_text(&c.token))).monospace());
+                ui.label(mark(format!("{:.3}", c.logprob)));
+                ui.label(mark(format!("{:.3e}", c.penalty)));
+                ui.label(mark(format!("{:.3}", alpha * c.penalty)));
+                ui.label(mark(format!("{:.3}", c.score)));
+                ui.end_row();
             }
         });
+    if chosen.is_some() {
+        ui.label(
+            RichText::new("Underlined: the best score, the token the hypothesis in the map took.")
+                .weak(),
+        );
+    }
 }

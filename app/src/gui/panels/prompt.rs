@@ -220,7 +220,7 @@ fn adaptive_ui(ui: &mut egui::Ui, settings: &mut RunSettings) {
     ui.add(egui::Slider::new(&mut p.threshold, 0.0..=6.0).text("Entropy threshold (nats)"))
         .on_hover_text(
             "The full model decodes while the rolling mean entropy is at least this; below it, the model with \
-             its middle third of layers skipped does. 0 = always the full model",
+             its middle third of layers skipped does. The full model decodes the first token. 0 = always the full model",
         );
     ui.add(egui::Slider::new(&mut p.window, 1..=32).text("Entropy window"))
         .on_hover_text("Tokens the rolling mean entropy covers");

@@ -102,6 +102,13 @@ impl TimelinePanel {
             .map(|s| s.tokens.len())
             .max()
             .unwrap_or(1);
+        // A hairline gap between marks keeps them countable when they are wide enough.
+        let gap = if width > 3.0 { 1.0 } else { 0.0 };
+        // Without gaps, neighbouring marks of one colour are painted as one rect: a long run's marks are narrower
+        // than a pixel, and two thousand sliver rects cost more to tessellate than the rest of the window.
+        let mut pending: Option<(Rect, Color32)> = None;
+        // Rollback bars and rejection ticks go over every mark, so a merged mark painted late never covers them.
+        let mut overlays: Vec<(Rect, Color32)> = Vec::new();
         for (i, step) in run.trace.steps.iter().enumerate() {
             let color = if stopped_at_eos && i + 1 == len {
                 STOP
@@ -125,13 +132,21 @@ impl TimelinePanel {
                 .and_then(|p| p.rejection.as_ref())
                 .is_some_and(|r| !r.bonus);
             let x = rect.left() + i as f32 * width;
-            // A hairline gap between marks keeps them countable when they are wide enough.
-            let gap = if width > 3.0 { 1.0 } else { 0.0 };
             let mark = Rect::from_min_max(
                 pos2(x, rect.top() + 4.0),
                 pos2(x + width - gap, rect.bottom() - 4.0),
             );
-            painter.rect_filled(mark, 0.0, color);
+            pending = match pending {
+                Some((run_rect, run_color)) if gap == 0.0 && run_color == color => {
+                    Some((run_rect.union(mark), color))
+                }
+                other => {
+                    if let Some((run_rect, run_color)) = other {
+                        painter.rect_filled(run_rect, 0.0, run_color);
+                    }
+                    Some((mark, color))
+                }
+            };
             if step.rollback.is_some() {
                 // A rollback: a violet bar over the mark, as wide as at least a few points so it stays visible.
                 let w = mark.width().max(3.0);
@@ -139,15 +154,18 @@ impl TimelinePanel {
                     pos2(mark.center().x - w / 2.0, rect.top()),
                     pos2(mark.center().x + w / 2.0, rect.top() + 6.0),
                 );
-                painter.rect_filled(bar, 0.0, ROLLBACK);
+                overlays.push((bar, ROLLBACK));
             }
             if rejected {
                 let tick = Rect::from_min_max(
                     pos2(mark.left(), rect.bottom() - 4.0),
                     pos2(mark.right(), rect.bottom()),
                 );
-                painter.rect_filled(tick, 0.0, CORRECTED);
+                overlays.push((tick, CORRECTED));
             }
+        }
+        for (r, c) in pending.into_iter().chain(overlays) {
+            painter.rect_filled(r, 0.0, c);
         }
         let x = rect.left() + (ctx.cursor.step as f32 + 0.5) * width;
         let stroke = Stroke::new(2.0, ui.visuals().strong_text_color());

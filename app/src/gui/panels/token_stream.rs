@@ -2,7 +2,10 @@
 //! (accepted draft, corrected, bonus); hovering shows its candidates, clicking focuses it (and moves the cursor
 //! to its step) so it can be forked.
 
+use std::sync::Arc;
+
 use egui::{RichText, Sense};
+use specula_core::trace::{TokenRecord, Trace};
 
 use super::colouring::{ColourBy, chip, legend};
 use super::model_panel;
@@ -10,12 +13,13 @@ use super::tokens::{candidates_table, display_text, newlines};
 use super::{ViewCtx, empty_state};
 use crate::gui::command::Command;
 use crate::gui::spec::is_speculative;
-use crate::gui::store::{ModelState, TokenAt, output_at, removed_at};
+use crate::gui::store::{ModelState, RunKey, TokenAt, output_at, removed_at, tokens_with_steps};
 
 #[derive(Default)]
 pub struct TokenStreamPanel {
     /// The scale the user picked; `None` = automatic (source for speculative runs, probability otherwise).
     pub colour_by: Option<ColourBy>,
+    chip_sizes: ChipSizes,
 }
 
 impl TokenStreamPanel {
@@ -44,6 +48,7 @@ impl TokenStreamPanel {
         ui.separator();
         let focused = ctx.focused_token().map(|t| t.index);
         let items = stream_items(&run.trace, ctx.cursor.step);
+        let sizes = self.chip_sizes.of(ui, key, &run.trace);
         egui::ScrollArea::vertical()
             .auto_shrink([false, false])
             .stick_to_bottom(true)
@@ -56,38 +61,20 @@ impl TokenStreamPanel {
                 ui.spacing_mut().item_spacing = egui::vec2(1.0, 3.0);
                 ui.horizontal_wrapped(|ui| {
                     for (t, kind) in items {
-                        let mut text = match kind {
-                            Shown::Output => chip(t.token, by),
-                            // Taken back by this step's rollback: still readable, visibly not part of the text.
-                            Shown::TakenBack => RichText::new(display_text(&t.token.token))
-                                .monospace()
-                                .strikethrough()
-                                .color(ui.visuals().error_fg_color),
-                            // Tokens after the cursor are the run's future: plain and faded, still clickable.
-                            Shown::Future => RichText::new(display_text(&t.token.token))
-                                .monospace()
-                                .weak(),
+                        let Some(&ChipSize { size, newlines }) = sizes.get(t.index) else {
+                            continue;
                         };
-                        if focused == Some(t.index) {
-                            text = text.strong();
-                        }
-                        // A token is never split across lines; the row wraps between tokens.
-                        let galley = egui::WidgetText::from(text).into_galley(
-                            ui,
-                            Some(egui::TextWrapMode::Extend),
-                            f32::INFINITY,
-                            egui::TextStyle::Body,
-                        );
-                        // A chip far from the visible area only reserves its space: building, hit-testing and
-                        // painting two thousand labels every frame would blow the frame budget.
-                        let slot = egui::Rect::from_min_size(ui.cursor().min, galley.size());
+                        // A chip far from the visible area only reserves its space: building, laying out,
+                        // hit-testing and painting two thousand labels every frame would blow the frame budget.
+                        let slot = egui::Rect::from_min_size(ui.cursor().min, size);
                         if !ui.clip_rect().expand(48.0).intersects(slot) {
-                            ui.allocate_space(galley.size());
-                            for _ in 0..newlines(&t.token.token) {
+                            ui.allocate_space(size);
+                            for _ in 0..newlines {
                                 ui.end_row();
                             }
                             continue;
                         }
+                        let galley = chip_galley(ui, t.token, kind, by, focused == Some(t.index));
                         let chip = egui::Label::new(galley)
                             .selectable(false)
                             .sense(Sense::click());
@@ -117,7 +104,7 @@ impl TokenStreamPanel {
                         if response.clicked() {
                             ctx.send(Command::FocusToken(t.index));
                         }
-                        for _ in 0..newlines(&t.token.token) {
+                        for _ in 0..newlines {
                             ui.end_row();
                         }
                     }
@@ -135,7 +122,7 @@ impl TokenStreamPanel {
                     );
                 }
                 ui.add_space(8.0);
-                self.fork_ui(ui, ctx, key);
+                fork_ui(ui, ctx, key);
             });
     }
 
@@ -157,29 +144,28 @@ impl TokenStreamPanel {
             _ => model_panel::no_model_ui(ui, ctx),
         }
     }
+}
 
-    /// The focused token's candidates with a Fork button each.
-    fn fork_ui(&mut self, ui: &mut egui::Ui, ctx: &ViewCtx<'_>, key: crate::gui::store::RunKey) {
-        let Some(t) = ctx.focused_token() else { return };
-        ui.separator();
+/// The focused token's candidates with a Fork button each.
+fn fork_ui(ui: &mut egui::Ui, ctx: &ViewCtx<'_>, key: RunKey) {
+    let Some(t) = ctx.focused_token() else { return };
+    ui.separator();
+    ui.label(
+        RichText::new(format!(
+            "Token {} of step {}: what else could have come here?",
+            t.output_index + 1,
+            t.step + 1
+        ))
+        .strong(),
+    );
+    let can_fork = ctx.store.model.info().is_some();
+    if !can_fork {
         ui.label(
-            RichText::new(format!(
-                "Token {} of step {}: what else could have come here?",
-                t.output_index + 1,
-                t.step + 1
-            ))
-            .strong(),
-        );
-        let can_fork = ctx.store.model.info().is_some();
-        if !can_fork {
-            ui.label(
-                RichText::new(
-                    "Forking runs the model from the chosen token: load a model to fork.",
-                )
+            RichText::new("Forking runs the model from the chosen token: load a model to fork.")
                 .weak(),
-            );
-        }
-        egui::Grid::new(("fork", key, t.index)).striped(true).num_columns(4).spacing([12.0, 4.0]).show(ui, |ui| {
+        );
+    }
+    egui::Grid::new(("fork", key, t.index)).striped(true).num_columns(4).spacing([12.0, 4.0]).show(ui, |ui| {
             for (i, c) in t.token.top_logprobs.iter().enumerate().take(10) {
                 ui.label(RichText::new(super::tokens::quoted(&c.token)).monospace());
                 ui.label(super::tokens::percent(c.logprob.exp()));
@@ -196,6 +182,74 @@ impl TokenStreamPanel {
                 ui.end_row();
             }
         });
+}
+
+/// A chip laid out for the stream: a token is never split across lines, the row wraps between tokens.
+fn chip_galley(
+    ui: &egui::Ui,
+    token: &TokenRecord,
+    kind: Shown,
+    by: ColourBy,
+    focused: bool,
+) -> Arc<egui::Galley> {
+    let mut text = match kind {
+        Shown::Output => chip(token, by),
+        // Taken back by this step's rollback: still readable, visibly not part of the text.
+        Shown::TakenBack => RichText::new(display_text(&token.token))
+            .monospace()
+            .strikethrough()
+            .color(ui.visuals().error_fg_color),
+        // Tokens after the cursor are the run's future: plain and faded, still clickable.
+        Shown::Future => RichText::new(display_text(&token.token)).monospace().weak(),
+    };
+    if focused {
+        text = text.strong();
+    }
+    egui::WidgetText::from(text).into_galley(
+        ui,
+        Some(egui::TextWrapMode::Extend),
+        f32::INFINITY,
+        egui::TextStyle::Body,
+    )
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct ChipSize {
+    size: egui::Vec2,
+    /// Rows the token's own newlines end after the chip.
+    newlines: usize,
+}
+
+/// Every chip's size for one run, by token index. Colour, weight and strike-through never change a monospace
+/// chip's size, so the size depends only on the token's text and the font: measured once per token, it lets
+/// the off-screen chips (nearly all of a long run) reserve their space without being built or laid out.
+#[derive(Default)]
+struct ChipSizes {
+    run: Option<RunKey>,
+    /// The monospace font and the scale the sizes were measured at; a change of either measures again.
+    font: Option<(egui::FontId, f32)>,
+    sizes: Vec<ChipSize>,
+}
+
+impl ChipSizes {
+    /// The sizes of every token `trace` committed so far; a live run's new tokens are measured as they come.
+    fn of(&mut self, ui: &egui::Ui, run: RunKey, trace: &Trace) -> &[ChipSize] {
+        let font = (
+            egui::TextStyle::Monospace.resolve(ui.style()),
+            ui.ctx().pixels_per_point(),
+        );
+        if self.run != Some(run) || self.font.as_ref() != Some(&font) {
+            self.run = Some(run);
+            self.font = Some(font);
+            self.sizes.clear();
+        }
+        let known = self.sizes.len();
+        self.sizes
+            .extend(tokens_with_steps(trace).skip(known).map(|t| ChipSize {
+                size: chip_galley(ui, t.token, Shown::Output, ColourBy::Probability, false).size(),
+                newlines: newlines(&t.token.token),
+            }));
+        &self.sizes
     }
 }
 
@@ -252,5 +306,62 @@ fn prompt_line(prompt: &str) -> String {
         format!("Prompt: {short} …")
     } else {
         format!("Prompt: {short}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::cell::Cell;
+    use std::path::Path;
+
+    use super::*;
+
+    fn example(name: &str) -> Trace {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../assets/traces")
+            .join(name);
+        Trace::load(&path).unwrap().remove(0)
+    }
+
+    /// Off-screen chips reserve the measured size while on-screen ones are laid out in full: if the two ever
+    /// differed, scrolling would shift the stream as chips cross the edge of the view.
+    #[test]
+    fn every_chip_is_as_large_as_measured_whatever_its_kind_colour_or_focus() {
+        let checked = Cell::new(0usize);
+        for name in ["greedy.jsonl", "opera.jsonl", "speculative.jsonl"] {
+            let trace = example(name);
+            let mut half = trace.clone();
+            half.steps.truncate(trace.steps.len() / 2);
+            let mut harness = egui_kittest::Harness::new_ui(|ui| {
+                let mut grown = ChipSizes::default();
+                grown.of(ui, 7, &half);
+                let grown = grown.of(ui, 7, &trace).to_vec();
+                let fresh = ChipSizes::default().of(ui, 7, &trace).to_vec();
+                assert_eq!(
+                    grown, fresh,
+                    "{name}: a growing run measures as a whole one"
+                );
+                assert_eq!(fresh.len(), tokens_with_steps(&trace).count());
+                for t in tokens_with_steps(&trace) {
+                    for kind in [Shown::Output, Shown::TakenBack, Shown::Future] {
+                        for by in ColourBy::ALL {
+                            for focused in [false, true] {
+                                let laid_out = chip_galley(ui, t.token, kind, by, focused).size();
+                                assert_eq!(
+                                    laid_out, fresh[t.index].size,
+                                    "{name}: token {} {:?}",
+                                    t.index, t.token.token
+                                );
+                            }
+                        }
+                    }
+                    checked.set(checked.get() + 1);
+                }
+            });
+            harness.run();
+        }
+        assert!(checked.get() > 100, "only {} tokens checked", checked.get());
     }
 }
