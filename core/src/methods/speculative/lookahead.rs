@@ -54,27 +54,27 @@ pub struct Lookahead {
 
 impl Lookahead {
     /// Makes the pending rows the newest iteration: argmax without `draw`, else a token sampled from each row's
-    /// warped distribution, which is kept as the token's q.
-    fn iterate(&mut self, draw: Option<(&SamplingParams, &mut RunRng)>) {
+    /// warped distribution, which is kept as the token's q. Positions before `from` are committed already and
+    /// only the pool reads them, so they take the argmax there too (no warp, no draw).
+    fn iterate(&mut self, from: usize, draw: Option<(&SamplingParams, &mut RunRng)>) {
         let Some((start, rows)) = self.pending.take() else {
             return;
         };
-        let (tokens, qs): (Vec<u32>, Vec<Warped>) = match draw {
-            None => rows
-                .iter()
-                .map(|row| {
-                    let t = argmax(row);
-                    (t, Warped::point(t))
-                })
-                .unzip(),
-            Some((sampling, rng)) => rows
-                .iter()
-                .map(|row| {
+        let mut draw = draw;
+        let (tokens, qs): (Vec<u32>, Vec<Warped>) = rows
+            .iter()
+            .enumerate()
+            .map(|(i, row)| match draw.as_mut() {
+                Some((sampling, rng)) if start + i >= from => {
                     let q = warp(row, sampling);
                     (q.sample(rng), q)
-                })
-                .unzip(),
-        };
+                }
+                _ => {
+                    let t = argmax(row);
+                    (t, Warped::point(t))
+                }
+            })
+            .unzip();
         self.levels.push_back((start, tokens));
         self.newest_q = qs;
         while self.levels.len() > NGRAM {
@@ -174,8 +174,8 @@ impl Drafter for Lookahead {
     fn draft(&mut self, input: &mut DraftInput<'_>) -> Result<Draft> {
         let sampling = input.params.sampling;
         let greedy = sampling.is_greedy();
-        self.iterate((!greedy).then_some((&sampling, &mut *input.rng)));
         let root = input.root_position();
+        self.iterate(root + 1, (!greedy).then_some((&sampling, &mut *input.rng)));
         let window_len = WINDOW.min(input.max_len);
         let (window, iterated) = self.guesses(input.context, root + 1, window_len);
         let mut nodes = Vec::new();
@@ -216,7 +216,7 @@ impl Drafter for Lookahead {
     fn observe(&mut self, obs: &Observation<'_>) {
         // A draft that never ran (no room left in the context) leaves its rows; make them an argmax iteration,
         // since there is no random stream here.
-        self.iterate(None);
+        self.iterate(0, None);
         // The target's logits after the root and after each window guess: the next Jacobi iterate for the
         // positions window_at ..= window_at + window_len.
         let rows: Vec<Vec<f32>> = obs
@@ -254,8 +254,11 @@ mod tests {
             pending: Some((7, rows())),
             ..Lookahead::default()
         };
-        la.iterate(Some((&sampling, &mut rng_from_seed(1))));
-        // The root is at 7 now: the row for position 7 is spent, 8 and 9 are guessed, 10 is padded.
+        la.iterate(8, Some((&sampling, &mut rng_from_seed(1))));
+        // The root is at 7 now: position 7 is committed (the argmax, for the pool), 8 and 9 are guessed, 10 is
+        // padded.
+        assert_eq!(la.levels.back().map(|l| l.1[0]), Some(3));
+        assert_eq!(la.newest_q[0], Warped::point(3));
         let (window, iterated) = la.guesses(&[9, 8], 8, 3);
         assert_eq!(iterated, 2);
         for (i, (t, q)) in window.iter().take(2).enumerate() {
@@ -286,7 +289,7 @@ mod tests {
             pending: Some((7, rows())),
             ..Lookahead::default()
         };
-        la.iterate(None);
+        la.iterate(8, None);
         let (window, iterated) = la.guesses(&[9, 8], 8, 2);
         assert_eq!(iterated, 2);
         assert_eq!(window, vec![(0, Warped::point(0)), (2, Warped::point(2))]);
