@@ -1,5 +1,5 @@
 //! End-to-end tests of the `specula` binary on the real default model: the `specula run` contract, clear errors
-//! on bad input, `specula bench`, and the real window under Xvfb.
+//! on bad input, `specula bench`, lookahead's SJD under sampling, and the real window under Xvfb.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
@@ -219,6 +219,64 @@ fn bench_prints_its_figures() {
             "no {k}-token forward time: {v}"
         );
     }
+}
+
+/// Lookahead under sampling follows SJD: `--json` reports acceptance, and in the trace the Jacobi window's
+/// guesses carry the q they were sampled from (greedy lookahead's guesses are point masses, q = 1).
+#[test]
+fn lookahead_sampling_reports_acceptance_and_records_q() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("sjd.jsonl");
+    let v = json_line(&specula(&[
+        "run",
+        "--chat",
+        "--prompt",
+        "Explain how a bicycle works.",
+        "--max-tokens",
+        "48",
+        "--method",
+        "speculative",
+        "--drafter",
+        "lookahead",
+        "--temperature",
+        "0.8",
+        "--top-p",
+        "0.95",
+        "--seed",
+        "7",
+        "--json",
+        "--trace",
+        trace.to_str().unwrap(),
+    ]));
+    for key in [
+        "draft_n",
+        "draft_n_accepted",
+        "acceptance_rate",
+        "mean_accepted_tokens",
+        "mean_alpha",
+    ] {
+        assert!(v[key].is_number(), "--json lacks `{key}`: {v}");
+    }
+    assert!(v["draft_n"].as_u64().is_some_and(|n| n > 0), "{v}");
+    let runs = specula_core::Trace::load(&trace).unwrap();
+    let run = runs
+        .iter()
+        .find(|r| r.header.method == "speculative")
+        .expect("the speculative run is in the trace");
+    let mut sampled = 0;
+    for step in &run.steps {
+        let Some(specula_core::trace::StepPayload::Speculative(p)) = &step.payload else {
+            continue;
+        };
+        assert_eq!(p.verifier, "sampling");
+        assert!(p.note.starts_with("SJD window"), "{}", p.note);
+        sampled += p
+            .nodes
+            .iter()
+            .filter(|n| n.q < 1.0 && n.status != specula_core::trace::DraftStatus::Unverified)
+            .count();
+    }
+    assert!(sampled > 0, "no verified window guess had q below 1");
 }
 
 /// The real window under Xvfb: loads the default model, decodes 32 greedy tokens, saves a screenshot. The test

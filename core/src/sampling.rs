@@ -188,11 +188,26 @@ pub fn warp(logits: &[f32], params: &SamplingParams) -> Warped {
         .map(|(i, &w)| (i as u32, w / total))
         .filter(|(_, p)| *p > 0.0)
         .collect();
-    sort_desc(&mut support);
-
+    // Top-k and top-p keep only the head of the sorted order, so only the head is sorted: a full sort of the
+    // vocabulary costs more than the rest of the warp, and the drafters and the verifier warp many rows a step.
+    // The head is exactly the full sort's (a total order: ties go to the lower id), so the result is the same.
     if params.top_k > 0 && params.top_k < support.len() {
+        sort_head(&mut support, params.top_k);
         support.truncate(params.top_k);
         renormalize(&mut support);
+    } else if params.typical_p < 1.0 || params.top_p >= 1.0 {
+        sort_desc(&mut support);
+    } else {
+        // Only top-p cuts next. The tokens lighter than (1 - top_p) / n weigh less than 1 - top_p together, so
+        // the top-p prefix lies among the heavier ones; rounding can leave it short, and then everything is sorted.
+        let floor = (1.0 - f64::from(params.top_p)) / support.len() as f64;
+        let mut head: Vec<(u32, f64)> = support.iter().copied().filter(|w| w.1 >= floor).collect();
+        sort_desc(&mut head);
+        if reaching_within(&head, f64::from(params.top_p)).is_some() {
+            support = head;
+        } else {
+            sort_desc(&mut support);
+        }
     }
     if params.typical_p < 1.0 {
         // Locally typical sampling: keep the tokens whose surprisal is closest to the entropy.
@@ -227,8 +242,25 @@ pub fn warp(logits: &[f32], params: &SamplingParams) -> Warped {
     }
 }
 
+fn by_weight_desc(a: &(u32, f64), b: &(u32, f64)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
 fn sort_desc(v: &mut [(u32, f64)]) {
-    v.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    v.sort_unstable_by(by_weight_desc);
+}
+
+/// Puts the `n` heaviest entries first, sorted as `sort_desc` would; the rest follow in no order.
+fn sort_head(v: &mut [(u32, f64)], n: usize) {
+    if n == 0 {
+        return;
+    }
+    if n < v.len() {
+        v.select_nth_unstable_by(n - 1, by_weight_desc);
+    }
+    if let Some(head) = v.get_mut(..n) {
+        sort_desc(head);
+    }
 }
 
 fn renormalize(v: &mut [(u32, f64)]) {
@@ -242,14 +274,19 @@ fn renormalize(v: &mut [(u32, f64)]) {
 
 /// Length of the shortest prefix whose mass reaches `mass` (at least 1).
 fn prefix_reaching(v: &[(u32, f64)], mass: f64) -> usize {
+    reaching_within(v, mass).unwrap_or(v.len().max(1))
+}
+
+/// Length of the shortest prefix whose mass reaches `mass`, if one does.
+fn reaching_within(v: &[(u32, f64)], mass: f64) -> Option<usize> {
     let mut cum = 0.0;
     for (i, (_, p)) in v.iter().enumerate() {
         cum += p;
         if cum >= mass {
-            return i + 1;
+            return Some(i + 1);
         }
     }
-    v.len().max(1)
+    None
 }
 
 /// What the model thought at one position, computed once from the logits and reused for every choice made there.
@@ -389,6 +426,98 @@ mod tests {
         );
         assert_eq!(w.support.len(), 2, "0.125 < 0.3 * 0.5");
         assert_eq!(warp(&logits, &params(0.0)), Warped::point(0));
+    }
+
+    /// `warp` as it was before the partial sort: the whole support sorted first.
+    fn warp_full_sort(logits: &[f32], params: &SamplingParams) -> Warped {
+        let t = f64::from(params.temperature);
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let weights: Vec<f64> = logits
+            .iter()
+            .map(|&l| (f64::from(l - max) / t).exp())
+            .collect();
+        let total: f64 = weights.iter().sum();
+        let mut support: Vec<(u32, f64)> = weights
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| (i as u32, w / total))
+            .filter(|(_, p)| *p > 0.0)
+            .collect();
+        sort_desc(&mut support);
+        if params.top_k > 0 && params.top_k < support.len() {
+            support.truncate(params.top_k);
+            renormalize(&mut support);
+        }
+        if params.typical_p < 1.0 {
+            let h: f64 = support.iter().map(|(_, p)| -p * p.ln()).sum();
+            let mut by_typicality = support.clone();
+            by_typicality.sort_by(|a, b| {
+                (-a.1.ln() - h)
+                    .abs()
+                    .total_cmp(&(-b.1.ln() - h).abs())
+                    .then(a.0.cmp(&b.0))
+            });
+            let keep = prefix_reaching(&by_typicality, f64::from(params.typical_p));
+            by_typicality.truncate(keep);
+            support = by_typicality;
+            sort_desc(&mut support);
+            renormalize(&mut support);
+        }
+        if params.top_p < 1.0 {
+            let keep = prefix_reaching(&support, f64::from(params.top_p));
+            support.truncate(keep);
+            renormalize(&mut support);
+        }
+        if params.min_p > 0.0
+            && let Some(&(_, p_max)) = support.first()
+        {
+            let floor = p_max * f64::from(params.min_p);
+            support.retain(|(_, p)| *p >= floor);
+            renormalize(&mut support);
+        }
+        Warped {
+            support: support.into_iter().map(|(id, p)| (id, p as f32)).collect(),
+        }
+    }
+
+    #[test]
+    fn sorting_only_the_head_changes_nothing() {
+        let mut rng = rng_from_seed(5);
+        for case in 0..60 {
+            // Vocabulary-sized rows, flat or peaked, with repeated values so ties are exercised.
+            let spread = [2.0f32, 8.0, 30.0][case % 3];
+            let logits: Vec<f32> = (0..49_152)
+                .map(|_| (rng.random::<f32>() * spread * 64.0).round() / 64.0)
+                .collect();
+            for p in [
+                SamplingParams {
+                    top_p: 0.95,
+                    ..params(0.8)
+                },
+                SamplingParams {
+                    top_p: 0.999,
+                    ..params(1.3)
+                },
+                SamplingParams {
+                    top_k: 40,
+                    top_p: 0.9,
+                    ..params(1.0)
+                },
+                SamplingParams {
+                    top_p: 0.9,
+                    min_p: 0.05,
+                    ..params(0.7)
+                },
+                SamplingParams {
+                    top_p: 0.9,
+                    typical_p: 0.8,
+                    ..params(1.0)
+                },
+                params(1.0),
+            ] {
+                assert_eq!(warp(&logits, &p), warp_full_sort(&logits, &p), "{p:?}");
+            }
+        }
     }
 
     #[test]

@@ -1,22 +1,26 @@
 //! Exactness of speculative decoding's sampling verifier on the real default model: goodness of fit of the first
-//! two generated tokens against the exact target distribution for a chain, a tree and point masses (and the same
-//! test catching a deliberately broken verifier), and measured acceptance against the verifier's alpha.
+//! two generated tokens against the exact target distribution for a chain, a tree, point masses and the lookahead
+//! drafter's SJD window (and the same test catching a deliberately broken verifier), and measured acceptance
+//! against the verifier's alpha.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
 use std::collections::BTreeMap;
 use std::rc::Rc;
+use std::sync::atomic::AtomicBool;
 
 use common::{model, spec, speculative_params};
+use specula_core::methods::speculative::drafter::{DraftInput, Drafter, Observation};
+use specula_core::methods::speculative::lookahead::Lookahead;
 use specula_core::methods::speculative::prompt_lookup;
 use specula_core::methods::speculative::verifier::{
-    DraftTree, DraftTreeNode, Verdict, verify, verify_broken_for_tests,
+    DraftTree, DraftTreeNode, Verdict, overlap, verify, verify_broken_for_tests,
 };
 use specula_core::model::{Capture, KvCache, Logits, Mask, logits_row};
-use specula_core::sampling::{RunRng, Warped, rng_from_seed, warp};
-use specula_core::trace::StepPayload;
-use specula_core::{SamplingParams, generate};
+use specula_core::sampling::{RunRng, Warped, argmax, rng_from_seed, top_n, warp};
+use specula_core::trace::{SpeculativeParams, StepPayload};
+use specula_core::{MethodParams, SamplingParams, generate};
 
 // ------------------------------------------------------------------------------------------------------------
 // Lossless sampling: the pure verifier against exact target distributions memoized from the real model.
@@ -50,6 +54,14 @@ struct Oracle {
 
 impl Oracle {
     fn new(prompt: &str, skip: std::ops::Range<usize>) -> Self {
+        let mut oracle = Self::target_only(prompt);
+        oracle.skip.skip_layers = skip.collect();
+        oracle.precompute();
+        oracle
+    }
+
+    /// The target's distributions only, computed as they are asked for (no layer-skip q).
+    fn target_only(prompt: &str) -> Self {
         let llama = &model().llama;
         let prompt = model().tokenizer.encode(prompt).unwrap();
         let mut base = llama.new_cache();
@@ -65,26 +77,20 @@ impl Oracle {
                 &Capture::default(),
             )
             .unwrap();
-        let mut oracle = Self {
+        Self {
             prompt,
             base,
-            skip: Capture {
-                skip_layers: skip.collect(),
-                ..Capture::default()
-            },
+            skip: Capture::default(),
             params: lossless_sampling(),
             p: BTreeMap::new(),
             q: BTreeMap::new(),
             placeholder: Rc::new(Warped::point(0)),
             forwards: 0,
-        };
-        oracle.precompute();
-        oracle
+        }
     }
 
     /// Every first token the verifier can emit or a drafter can propose lies in supp(p) or supp(q) after the
-    /// prompt; the distributions after each of them come from a few tree forwards (all candidates as siblings
-    /// of the last prompt token) instead of one forward each.
+    /// prompt; the distributions after each of them come from a few tree forwards instead of one forward each.
     fn precompute(&mut self) {
         let p0 = self.dist(&[], false);
         let q0 = self.dist(&[], true);
@@ -92,45 +98,60 @@ impl Oracle {
         firsts.extend(q0.support.iter().map(|&(t, _)| t));
         firsts.sort_unstable();
         firsts.dedup();
+        for draft in [false, true] {
+            self.after_each(&firsts, draft, false);
+        }
+    }
+
+    /// Memoizes the distribution after the prompt and each token of `firsts` (the layer-skip one with `draft`),
+    /// from tree forwards with up to 64 of them as siblings of the last prompt token. With `raw` it also returns
+    /// the logits.
+    fn after_each(
+        &mut self,
+        firsts: &[u32],
+        draft: bool,
+        raw: bool,
+    ) -> BTreeMap<u32, Rc<Vec<f32>>> {
         let llama = &model().llama;
         let root = *self.prompt.last().unwrap();
         let at = self.prompt.len() - 1;
-        for draft in [false, true] {
-            let capture = if draft {
-                self.skip.clone()
-            } else {
-                Capture::default()
-            };
-            for chunk in firsts.chunks(64) {
-                let mut cache = self.base.clone();
-                let mut tokens = vec![root];
-                tokens.extend_from_slice(chunk);
-                let mut parents = vec![None];
-                parents.extend(chunk.iter().map(|_| Some(0)));
-                let mut positions = vec![at];
-                positions.extend(chunk.iter().map(|_| at + 1));
-                let out = llama
-                    .forward(
-                        &mut cache,
-                        &tokens,
-                        &positions,
-                        1,
-                        &Mask::Tree(parents),
-                        Logits::All,
-                        &capture,
-                    )
-                    .unwrap();
-                self.forwards += 1;
-                for (i, &t) in chunk.iter().enumerate() {
-                    let w = Rc::new(warp(
-                        &logits_row(&out.logits, 0, i + 1).unwrap(),
-                        &self.params,
-                    ));
-                    let memo = if draft { &mut self.q } else { &mut self.p };
-                    memo.insert(vec![t], w);
+        let capture = if draft {
+            self.skip.clone()
+        } else {
+            Capture::default()
+        };
+        let mut logits = BTreeMap::new();
+        for chunk in firsts.chunks(64) {
+            let mut cache = self.base.clone();
+            let mut tokens = vec![root];
+            tokens.extend_from_slice(chunk);
+            let mut parents = vec![None];
+            parents.extend(chunk.iter().map(|_| Some(0)));
+            let mut positions = vec![at];
+            positions.extend(chunk.iter().map(|_| at + 1));
+            let out = llama
+                .forward(
+                    &mut cache,
+                    &tokens,
+                    &positions,
+                    1,
+                    &Mask::Tree(parents),
+                    Logits::All,
+                    &capture,
+                )
+                .unwrap();
+            self.forwards += 1;
+            for (i, &t) in chunk.iter().enumerate() {
+                let row = logits_row(&out.logits, 0, i + 1).unwrap();
+                let w = Rc::new(warp(&row, &self.params));
+                let memo = if draft { &mut self.q } else { &mut self.p };
+                memo.insert(vec![t], w);
+                if raw {
+                    logits.insert(t, Rc::new(row));
                 }
             }
         }
+        logits
     }
 
     fn dist(&mut self, suffix: &[u32], draft: bool) -> Rc<Warped> {
@@ -261,24 +282,30 @@ fn point_tree_draft(o: &mut Oracle, done: &[u32], _rng: &mut RunRng) -> DraftTre
 
 type VerifyFn = fn(&DraftTree, &[&Warped], &SamplingParams, &mut RunRng) -> Option<Verdict>;
 
+/// The verifier's p: the target after `done`, then after each node's path.
+fn target_at_nodes(o: &mut Oracle, done: &[u32], tree: &DraftTree) -> Vec<Rc<Warped>> {
+    let mut p = vec![o.dist(done, false)];
+    for i in 0..tree.nodes.len() {
+        let mut path = vec![tree.nodes[i].token];
+        let mut cur = tree.nodes[i].parent;
+        while let Some(c) = cur {
+            path.push(tree.nodes[c].token);
+            cur = tree.nodes[c].parent;
+        }
+        path.reverse();
+        let mut ctx = done.to_vec();
+        ctx.extend(path);
+        p.push(o.dist(&ctx, false));
+    }
+    p
+}
+
 /// The first two generated tokens of speculative decoding with `draft` and `verify`.
 fn first_two(o: &mut Oracle, draft: DraftFn, check: VerifyFn, rng: &mut RunRng) -> (u32, u32) {
     let mut out: Vec<u32> = Vec::new();
     while out.len() < 2 {
         let tree = draft(o, &out, rng);
-        let mut p = vec![o.dist(&out, false)];
-        for i in 0..tree.nodes.len() {
-            let mut path = vec![tree.nodes[i].token];
-            let mut cur = tree.nodes[i].parent;
-            while let Some(c) = cur {
-                path.push(tree.nodes[c].token);
-                cur = tree.nodes[c].parent;
-            }
-            path.reverse();
-            let mut ctx = out.clone();
-            ctx.extend(path);
-            p.push(o.dist(&ctx, false));
-        }
+        let p = target_at_nodes(o, &out, &tree);
         let p_refs: Vec<&Warped> = p.iter().map(|w| &**w).collect();
         let v = check(&tree, &p_refs, &o.params, rng).unwrap();
         out.extend(v.accepted_path.iter().map(|&i| tree.nodes[i].token));
@@ -397,21 +424,38 @@ fn lossless_case(
 ) {
     let started = std::time::Instant::now();
     let mut oracle = Oracle::new(prompt, skip);
-    let oracle_s = started.elapsed().as_secs_f64();
+    lossless_fit(
+        name,
+        &mut oracle,
+        started,
+        |o, check, rng| first_two(o, draft, check, rng),
+        broken_must_fail,
+    );
+}
+
+/// Samples the first two tokens `LOSSLESS_SAMPLES` times with the real verifier and with the broken one, fits
+/// both against the exact p(a) p(b | a) and asserts the first fits and (when asked) the second does not.
+/// Returns both p-values.
+fn lossless_fit(
+    name: &str,
+    oracle: &mut Oracle,
+    started: std::time::Instant,
+    mut sample: impl FnMut(&mut Oracle, VerifyFn, &mut RunRng) -> (u32, u32),
+    broken_must_fail: bool,
+) -> (f64, f64) {
+    let setup_s = started.elapsed().as_secs_f64();
     let mut run = |check: VerifyFn, seed: u64| {
         let mut rng = rng_from_seed(seed);
         let mut counts: BTreeMap<(u32, u32), usize> = BTreeMap::new();
         for _ in 0..LOSSLESS_SAMPLES {
-            *counts
-                .entry(first_two(&mut oracle, draft, check, &mut rng))
-                .or_default() += 1;
+            *counts.entry(sample(oracle, check, &mut rng)).or_default() += 1;
         }
-        pair_fit(&mut oracle, &counts, LOSSLESS_SAMPLES)
+        pair_fit(oracle, &counts, LOSSLESS_SAMPLES)
     };
     let (good, bins) = run(verify, 12);
     let (bad, _) = run(verify_broken_for_tests, 11);
     eprintln!(
-        "{name}: p-value {good:.4} ({bins} bins); broken verifier {bad:.2e}; {} forwards ({oracle_s:.1} s); {:.1} s",
+        "{name}: p-value {good:.4} ({bins} bins); broken verifier {bad:.2e}; {} forwards ({setup_s:.1} s); {:.1} s",
         oracle.forwards,
         started.elapsed().as_secs_f64()
     );
@@ -425,6 +469,7 @@ fn lossless_case(
             "{name}: the test cannot tell a broken verifier (p-value {bad})"
         );
     }
+    (good, bad)
 }
 
 #[test]
@@ -464,6 +509,289 @@ fn lossless_sampling_point_masses() {
         10..20,
         point_tree_draft,
         true,
+    );
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// SJD: the lookahead drafter itself, under sampling. Its window guesses were drawn from the target's distribution
+// in the previous iteration, whose context held that iteration's guesses; they carry it as q, so q != p here.
+
+/// The target's logits the lookahead drafter is shown after its verification forwards.
+struct SjdRows {
+    /// The warm-up step's window: the tokens an empty drafter pads it with, and the tokens whose logits it is
+    /// shown instead.
+    warm_window: Vec<u32>,
+    shown_window: Vec<u32>,
+    /// The logits after the prompt minus its last token, then after each token of `shown_window`.
+    warm: Vec<Vec<f32>>,
+    /// After the prompt.
+    prompt: Rc<Vec<f32>>,
+    /// After the prompt and one more token: every token the first SJD guess can be, computed up front.
+    after: BTreeMap<u32, Rc<Vec<f32>>>,
+    /// Sampled window nodes (q not a point mass) the verifier tested, and how many it rejected, over the runs
+    /// with both verifiers.
+    tested: usize,
+    rejected: usize,
+    /// Sum and count of alpha = sum min(p, q) at depth 1 when the first guess was sampled.
+    alpha: f64,
+    alpha_n: usize,
+}
+
+/// Draft length of the SJD test: the window then covers exactly the two tokens tested.
+const SJD_DRAFT_LEN: usize = 2;
+
+/// A draft of the real lookahead drafter on `context`. Lookahead never runs the model while drafting, so the
+/// cache (which the interface asks for) is the oracle's, whatever the context.
+fn lookahead_draft(la: &mut Lookahead, o: &Oracle, context: &[u32], rng: &mut RunRng) -> DraftTree {
+    let params = MethodParams {
+        sampling: o.params,
+        speculative: SpeculativeParams {
+            drafter: "lookahead".into(),
+            draft_len: SJD_DRAFT_LEN,
+            ..SpeculativeParams::default()
+        },
+        ..MethodParams::default()
+    };
+    let cancel = AtomicBool::new(false);
+    let mut input = DraftInput {
+        llama: &model().llama,
+        cache: &o.base,
+        context,
+        params: &params,
+        max_len: SJD_DRAFT_LEN,
+        acceptance: 0.5,
+        rng,
+        cancel: &cancel,
+    };
+    la.draft(&mut input).unwrap().tree
+}
+
+/// The logits after each of `tokens[from..]`, from one causal forward.
+fn causal_rows(tokens: &[u32], from: usize) -> Vec<Vec<f32>> {
+    let llama = &model().llama;
+    let out = llama
+        .forward(
+            &mut llama.new_cache(),
+            tokens,
+            &(0..tokens.len()).collect::<Vec<_>>(),
+            1,
+            &Mask::Causal,
+            Logits::All,
+            &Capture::default(),
+        )
+        .unwrap();
+    (from..tokens.len())
+        .map(|i| logits_row(&out.logits, 0, i).unwrap())
+        .collect()
+}
+
+impl SjdRows {
+    fn new(o: &mut Oracle) -> Self {
+        let n = o.prompt.len();
+        let before = o.prompt[..n - 1].to_vec();
+        // An empty drafter draws nothing: its first window is context tokens.
+        let warm_window: Vec<u32> =
+            lookahead_draft(&mut Lookahead::default(), o, &before, &mut rng_from_seed(0))
+                .nodes
+                .iter()
+                .map(|node| node.token)
+                .collect();
+        // Iterating from that padding would give nonsense contexts ("and and") whose q hardly overlaps p, and a
+        // broken verifier hides there. The drafter is shown the forward of a likely window instead, the state it
+        // is in after an iteration that guessed those tokens there, as it does mid-run: of the model's 8
+        // favourites at the prompt's last position (the prompt's own token excluded), the one whose q the broken
+        // verifier gets most wrong, then the model's favourite after it.
+        let last = o.prompt[n - 1];
+        let at_last = causal_rows(&before, n - 2).remove(0);
+        let p0 = o.dist(&[], false);
+        let error = |t: u32| {
+            let mut with_t = before.clone();
+            with_t.push(t);
+            broken_error(&p0, &warp(&causal_rows(&with_t, n - 1)[0], &o.params))
+        };
+        let candidates: Vec<u32> = top_n(&at_last, 9)
+            .into_iter()
+            .filter(|&t| t != last)
+            .take(8)
+            .collect();
+        let b = candidates
+            .iter()
+            .map(|&t| (t, error(t)))
+            .max_by(|x, y| x.1.total_cmp(&y.1))
+            .unwrap()
+            .0;
+        let mut with_b = before.clone();
+        with_b.push(b);
+        let c = argmax(&causal_rows(&with_b, n - 1)[0]);
+        let shown_window = vec![b, c];
+        let mut tokens = before.clone();
+        tokens.extend_from_slice(&shown_window);
+        let warm = causal_rows(&tokens, n - 2);
+        let prompt = Rc::new(causal_rows(&o.prompt, n - 1).remove(0));
+        o.forwards += 4 + candidates.len();
+        // The first SJD guess is drawn from the warm-up's distribution after its first window token.
+        let firsts: Vec<u32> = warp(&warm[1], &o.params)
+            .support
+            .iter()
+            .map(|&(t, _)| t)
+            .collect();
+        let after = o.after_each(&firsts, false, true);
+        Self {
+            warm_window,
+            shown_window,
+            warm,
+            prompt,
+            after,
+            tested: 0,
+            rejected: 0,
+            alpha: 0.0,
+            alpha_n: 0,
+        }
+    }
+}
+
+/// Total variation between p and what a verifier that redraws from p after a rejection outputs for a draft from
+/// q: min(p, q) + (1 - alpha) p, alpha = sum min(p, q). Zero when q = p and when they are disjoint.
+fn broken_error(p: &Warped, q: &Warped) -> f64 {
+    let alpha = overlap(p, q);
+    let mut tokens: Vec<u32> = p
+        .support
+        .iter()
+        .chain(&q.support)
+        .map(|&(t, _)| t)
+        .collect();
+    tokens.sort_unstable();
+    tokens.dedup();
+    tokens
+        .iter()
+        .map(|&t| {
+            let (pt, qt) = (f64::from(p.prob(t)), f64::from(q.prob(t)));
+            (pt.min(qt) - alpha * pt).abs()
+        })
+        .sum::<f64>()
+        / 2.0
+}
+
+/// The first two generated tokens of speculative decoding with the lookahead drafter. A warm-up step on the
+/// prompt minus its last token, which committed that token, leaves the drafter with an iteration whose context
+/// differed from the prompt's: the first step's window is drawn from it (q = p after the warm-up's guesses), the
+/// second step's from the first step's forward (q = p after the first step's guess, where that was rejected).
+fn first_two_sjd(
+    o: &mut Oracle,
+    rows: &mut SjdRows,
+    check: VerifyFn,
+    rng: &mut RunRng,
+) -> (u32, u32) {
+    let n = o.prompt.len();
+    let mut la = Lookahead::default();
+    let before = o.prompt[..n - 1].to_vec();
+    let warm = lookahead_draft(&mut la, o, &before, rng);
+    assert_eq!(
+        warm.nodes.iter().map(|node| node.token).collect::<Vec<_>>(),
+        rows.warm_window
+    );
+    let mut fed = vec![o.prompt[n - 2]];
+    fed.extend_from_slice(&rows.shown_window);
+    la.observe(&Observation {
+        tokens: &fed,
+        logits: &rows.warm,
+        accepted_path: &[],
+    });
+    let mut out: Vec<u32> = Vec::new();
+    while out.len() < 2 {
+        let mut context = o.prompt.clone();
+        context.extend_from_slice(&out);
+        let tree = lookahead_draft(&mut la, o, &context, rng);
+        let p = target_at_nodes(o, &out, &tree);
+        let p_refs: Vec<&Warped> = p.iter().map(|w| &**w).collect();
+        let v = check(&tree, &p_refs, &o.params, rng).unwrap();
+        for (i, node) in tree.nodes.iter().enumerate() {
+            if node.q.support.len() > 1 {
+                let rejected = v.rejected.contains(&i);
+                rows.tested += usize::from(rejected || v.accepted_path.contains(&i));
+                rows.rejected += usize::from(rejected);
+            }
+        }
+        if tree
+            .nodes
+            .first()
+            .is_some_and(|node| node.q.support.len() > 1)
+            && let Some(&a) = v.alpha.first()
+        {
+            rows.alpha += f64::from(a);
+            rows.alpha_n += 1;
+        }
+        let root = *context.last().unwrap();
+        out.extend(v.accepted_path.iter().map(|&i| tree.nodes[i].token));
+        out.push(v.token);
+        if out.len() < 2 {
+            // Only the first step gets here (it committed one token): show the drafter its forward. Rows past
+            // depth 1 would only decide the third token, so the prompt's row stands in for them.
+            let mut fed = vec![root];
+            let mut logits = vec![(*rows.prompt).clone()];
+            for node in &tree.nodes {
+                fed.push(node.token);
+                let row = if node.parent.is_none() {
+                    match rows.after.get(&node.token) {
+                        Some(row) => row.clone(),
+                        None => o
+                            .after_each(&[node.token], false, true)
+                            .remove(&node.token)
+                            .unwrap(),
+                    }
+                } else {
+                    rows.prompt.clone()
+                };
+                logits.push((*row).clone());
+            }
+            la.observe(&Observation {
+                tokens: &fed,
+                logits: &logits,
+                accepted_path: &v.accepted_path,
+            });
+        }
+    }
+    (out[0], out[1])
+}
+
+#[test]
+fn lossless_sampling_sjd_lookahead() {
+    let started = std::time::Instant::now();
+    let mut oracle = Oracle::target_only("She opened the door and saw");
+    let mut rows = SjdRows::new(&mut oracle);
+    let support = rows.after.len();
+    let window: Vec<String> = rows
+        .shown_window
+        .iter()
+        .map(|&t| model().tokenizer.token_text(t))
+        .collect();
+    lossless_fit(
+        "SJD lookahead",
+        &mut oracle,
+        started,
+        |o, check, rng| first_two_sjd(o, &mut rows, check, rng),
+        true,
+    );
+    let steps = 2 * LOSSLESS_SAMPLES;
+    eprintln!(
+        "SJD lookahead: {} sampled window guesses tested, {} rejected ({:.2}); first guess supported on {support} \
+         tokens; mean alpha at depth 1 {:.3}; warm-up window shown {window:?}",
+        rows.tested,
+        rows.rejected,
+        rows.rejected as f64 / rows.tested as f64,
+        rows.alpha / rows.alpha_n.max(1) as f64
+    );
+    // Every first step tests a sampled guess whose q came from another context (q != p), and many are rejected.
+    assert!(
+        rows.tested >= steps,
+        "only {} SJD guesses tested",
+        rows.tested
+    );
+    assert!(
+        rows.rejected as f64 >= 0.1 * rows.tested as f64,
+        "SJD guesses were hardly ever rejected ({} of {}): q and p barely differ, the test proves little",
+        rows.rejected,
+        rows.tested
     );
 }
 

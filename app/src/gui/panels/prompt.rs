@@ -112,7 +112,9 @@ fn speculative_ui(ui: &mut egui::Ui, settings: &mut RunSettings) {
             .on_hover_text(
                 "prompt-lookup copies what followed the last words earlier in the text; layer-skip runs the \
                  model with some layers skipped; token-recycling reuses candidates from earlier steps as a tree; \
-                 early-exit drafts with the first layers only; lookahead runs Jacobi iterations and reuses the n-grams they find; model drafts with a second, smaller GGUF",
+                 early-exit drafts with the first layers only; lookahead runs Jacobi iterations and reuses the n-grams \
+                 they find (when sampling, its guesses are drawn from the model's last iteration: Speculative Jacobi \
+                 Decoding); model drafts with a second, smaller GGUF",
             );
     });
     if settings.drafter == "model" {

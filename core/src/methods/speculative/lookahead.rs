@@ -1,21 +1,31 @@
 //! `lookahead` (Lookahead decoding, Fu et al. 2024): Jacobi iterations over a window of guessed future tokens run
 //! inside the verification forward and harvest an n-gram pool; pool n-grams that start with the last committed
-//! token are verified in the same forward.
+//! token are verified in the same forward. When sampling, the window follows Speculative Jacobi Decoding (SJD,
+//! Teng et al. 2024).
 //!
-//! Each step drafts one tree: the Jacobi window as a chain off the root (guesses for the next `WINDOW` positions;
-//! where a guess equals the target's argmax it is accepted like any draft, which is Jacobi decoding's own
-//! acceptance), and the pool's continuations of the root token as further branches. After the forward the target's
-//! argmax at every window position becomes the next iteration's guesses, and the last `NGRAM - 1` iterations, read
-//! along diagonals (iteration l at position i + l), give the n-grams the pool keeps: each token of such an n-gram
-//! was the model's pick right after the one before it. All drafts are point masses, so the shared verifier keeps
-//! sampling lossless too.
+//! Each step drafts one tree: the Jacobi window as a chain off the root (guesses for the next `WINDOW` positions),
+//! and the pool's continuations of the root token as further branches. The target's distribution at every window
+//! position of the forward gives the next iteration's guesses:
+//! - greedy: its argmax (Jacobi decoding). A guess equal to the target's argmax is accepted like any draft, which
+//!   is Jacobi decoding's own acceptance; the guesses are point masses.
+//! - sampling (SJD): a token drawn from its warped distribution, which stays with the guess as its q. The context
+//!   that distribution saw was the previous iteration's guesses, not what the verifier then committed, so q is not
+//!   the p the target gives the guess now; the shared verifier accepts it with min(1, p/q) and draws a rejection's
+//!   replacement from norm(max(0, p - q)), which is SJD's acceptance rule and keeps the output exactly p.
+//!
+//! The last `NGRAM - 1` iterations, read along diagonals (iteration l at position i + l), give the n-grams the pool
+//! keeps: each token of such an n-gram was the model's pick right after the one before it. Pool n-grams and the
+//! guesses padded from the context are point masses, which the verifier tests against p(x) (lossless for any
+//! token). Pool paths are inserted after the window, so a pool path that shares the window's first tokens shares
+//! its nodes (and their q) and only adds point-mass siblings after them.
 
 use std::collections::{BTreeMap, VecDeque};
 
 use super::drafter::{Draft, DraftInput, Drafter, Observation};
 use super::verifier::{DraftTree, DraftTreeNode};
 use crate::error::Result;
-use crate::sampling::{Warped, argmax};
+use crate::sampling::{RunRng, Warped, argmax, warp};
+use crate::trace::SamplingParams;
 
 /// Guessed positions per Jacobi iteration (the paper's W; small, since every guess is a row of the forward).
 const WINDOW: usize = 5;
@@ -28,19 +38,56 @@ const CANDIDATES: usize = 3;
 pub struct Lookahead {
     /// The last iterations' guesses, oldest first; each (position of its first token, tokens).
     levels: VecDeque<(usize, Vec<u32>)>,
+    /// The distribution each token of the newest iteration was drawn from (point masses for argmax iterations).
+    newest_q: Vec<Warped>,
     /// Key token → continuations (NGRAM - 1 tokens each), most recent first. A BTreeMap: its order reaches the
     /// trace through the drafts.
     pool: BTreeMap<u32, Vec<Vec<u32>>>,
+    /// The target's logits at the last window's positions (position of the first row, rows), not yet made into
+    /// an iteration. `observe` has no random stream, so the next draft draws the iteration; that is the same place
+    /// in the run's stream (right after the verifier's draws), and a draft never sees tokens drawn before it ran.
+    pending: Option<(usize, Vec<Vec<f32>>)>,
     /// Position of the first window guess in the last draft, and how many window nodes it had.
     window_at: usize,
     window_len: usize,
 }
 
 impl Lookahead {
-    /// Guesses for `len` positions from `from` on: the newest iteration's, padded with earlier context tokens
-    /// (the paper starts from random prompt tokens; these are deterministic).
-    fn guesses(&self, context: &[u32], from: usize, len: usize) -> Vec<u32> {
-        let mut out: Vec<u32> = self
+    /// Makes the pending rows the newest iteration: argmax without `draw`, else a token sampled from each row's
+    /// warped distribution, which is kept as the token's q. Positions before `from` are committed already and
+    /// only the pool reads them, so they take the argmax there too (no warp, no draw).
+    fn iterate(&mut self, from: usize, draw: Option<(&SamplingParams, &mut RunRng)>) {
+        let Some((start, rows)) = self.pending.take() else {
+            return;
+        };
+        let mut draw = draw;
+        let (tokens, qs): (Vec<u32>, Vec<Warped>) = rows
+            .iter()
+            .enumerate()
+            .map(|(i, row)| match draw.as_mut() {
+                Some((sampling, rng)) if start + i >= from => {
+                    let q = warp(row, sampling);
+                    (q.sample(rng), q)
+                }
+                _ => {
+                    let t = argmax(row);
+                    (t, Warped::point(t))
+                }
+            })
+            .unzip();
+        self.levels.push_back((start, tokens));
+        self.newest_q = qs;
+        while self.levels.len() > NGRAM {
+            self.levels.pop_front();
+        }
+        self.harvest();
+    }
+
+    /// Guesses for `len` positions from `from` on, each with the distribution it was drawn from: the newest
+    /// iteration's, padded with earlier context tokens as point masses (the paper starts from random prompt
+    /// tokens; these are deterministic). Also returns how many came from the iteration.
+    fn guesses(&self, context: &[u32], from: usize, len: usize) -> (Vec<(u32, Warped)>, usize) {
+        let mut out: Vec<(u32, Warped)> = self
             .levels
             .back()
             .map(|(start, tokens)| {
@@ -48,19 +95,23 @@ impl Lookahead {
                     .iter()
                     .enumerate()
                     .filter(|(i, _)| start + i >= from)
-                    .map(|(_, &t)| t)
+                    .map(|(i, &t)| {
+                        let q = self.newest_q.get(i).cloned();
+                        (t, q.unwrap_or_else(|| Warped::point(t)))
+                    })
                     .take(len)
                     .collect()
             })
             .unwrap_or_default();
+        let iterated = out.len();
         let mut fill = context.iter().rev().cycle();
         while out.len() < len {
             match fill.next() {
-                Some(&t) => out.push(t),
+                Some(&t) => out.push((t, Warped::point(t))),
                 None => break,
             }
         }
-        out
+        (out, iterated)
     }
 
     /// Adds the n-grams read along the diagonals of the kept iterations.
@@ -90,22 +141,29 @@ impl Lookahead {
     }
 }
 
-/// Inserts `tokens` as a path from the root into `nodes`, sharing existing prefixes (a trie of point masses).
-fn insert_path(nodes: &mut Vec<DraftTreeNode>, tokens: &[u32]) {
+/// Inserts `tokens` as a path from the root into `nodes`, sharing existing nodes (a trie), each new node with its
+/// q. An existing node keeps its own q: the window goes in first, so a shared node is a window guess whose q is
+/// what it was drawn from.
+fn insert_path(nodes: &mut Vec<DraftTreeNode>, tokens: &[(u32, Warped)]) {
     let mut parent = None;
-    for &token in tokens {
+    for (token, q) in tokens {
         let existing = nodes
             .iter()
-            .position(|n| n.parent == parent && n.token == token);
+            .position(|n| n.parent == parent && n.token == *token);
         parent = Some(existing.unwrap_or_else(|| {
             nodes.push(DraftTreeNode {
-                token,
+                token: *token,
                 parent,
-                q: Warped::point(token),
+                q: q.clone(),
             });
             nodes.len() - 1
         }));
     }
+}
+
+/// A pool n-gram as point masses.
+fn points(tokens: &[u32]) -> Vec<(u32, Warped)> {
+    tokens.iter().map(|&t| (t, Warped::point(t))).collect()
 }
 
 impl Drafter for Lookahead {
@@ -114,9 +172,12 @@ impl Drafter for Lookahead {
     }
 
     fn draft(&mut self, input: &mut DraftInput<'_>) -> Result<Draft> {
+        let sampling = input.params.sampling;
+        let greedy = sampling.is_greedy();
         let root = input.root_position();
+        self.iterate(root + 1, (!greedy).then_some((&sampling, &mut *input.rng)));
         let window_len = WINDOW.min(input.max_len);
-        let window = self.guesses(input.context, root + 1, window_len);
+        let (window, iterated) = self.guesses(input.context, root + 1, window_len);
         let mut nodes = Vec::new();
         insert_path(&mut nodes, &window);
         self.window_at = root + 1;
@@ -128,13 +189,23 @@ impl Drafter for Lookahead {
             .unwrap_or_default();
         let depth = (NGRAM - 1).min(input.max_len);
         for gram in &candidates {
-            insert_path(&mut nodes, gram.get(..depth).unwrap_or(gram));
+            insert_path(&mut nodes, &points(gram.get(..depth).unwrap_or(gram)));
         }
+        let window_note = if greedy {
+            format!("Jacobi window of {window_len}")
+        } else {
+            // The window is the tree's top chain; say which of its nodes carry a real q.
+            format!(
+                "SJD window of {window_len} (the top chain): {iterated} sampled from the target's p in the last \
+                 iteration, which is their q, {} context token(s) as point masses",
+                window.len().saturating_sub(iterated)
+            )
+        };
         Ok(Draft {
             tree: DraftTree { nodes },
             forward_calls: 0,
             note: format!(
-                "Jacobi window of {window_len}; {} pool n-gram(s) start with the last token; pool holds {} key \
+                "{window_note}; {} pool n-gram(s) (point masses) start with the last token; pool holds {} key \
                  tokens",
                 candidates.len(),
                 self.pool.len()
@@ -143,26 +214,87 @@ impl Drafter for Lookahead {
     }
 
     fn observe(&mut self, obs: &Observation<'_>) {
-        // The target's argmax after the root and after each window guess: the next Jacobi iterate for the
+        // A draft that never ran (no room left in the context) leaves its rows; make them an argmax iteration,
+        // since there is no random stream here.
+        self.iterate(0, None);
+        // The target's logits after the root and after each window guess: the next Jacobi iterate for the
         // positions window_at ..= window_at + window_len.
-        let Some(after_root) = obs.logits.first() else {
-            return;
-        };
-        let mut next = vec![argmax(after_root)];
-        for logits in obs.logits.iter().skip(1).take(self.window_len) {
-            next.push(argmax(logits));
+        let rows: Vec<Vec<f32>> = obs
+            .logits
+            .iter()
+            .take(self.window_len + 1)
+            .cloned()
+            .collect();
+        if !rows.is_empty() {
+            self.pending = Some((self.window_at, rows));
         }
-        self.levels.push_back((self.window_at, next));
-        while self.levels.len() > NGRAM {
-            self.levels.pop_front();
-        }
-        self.harvest();
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sampling::rng_from_seed;
+
+    fn rows() -> Vec<Vec<f32>> {
+        vec![
+            vec![0.0, 1.0, 2.0, 3.0],
+            vec![3.0, 0.0, 0.5, 0.1],
+            vec![1.0, 1.0, 1.2, 1.0],
+        ]
+    }
+
+    #[test]
+    fn sampled_guesses_keep_their_q_and_pool_paths_stay_point_masses() {
+        let sampling = SamplingParams {
+            temperature: 1.0,
+            ..SamplingParams::greedy()
+        };
+        let mut la = Lookahead {
+            pending: Some((7, rows())),
+            ..Lookahead::default()
+        };
+        la.iterate(8, Some((&sampling, &mut rng_from_seed(1))));
+        // The root is at 7 now: position 7 is committed (the argmax, for the pool), 8 and 9 are guessed, 10 is
+        // padded.
+        assert_eq!(la.levels.back().map(|l| l.1[0]), Some(3));
+        assert_eq!(la.newest_q[0], Warped::point(3));
+        let (window, iterated) = la.guesses(&[9, 8], 8, 3);
+        assert_eq!(iterated, 2);
+        for (i, (t, q)) in window.iter().take(2).enumerate() {
+            assert_eq!(*q, warp(&rows()[i + 1], &sampling));
+            assert!(q.prob(*t) > 0.0, "a guess outside the q it was drawn from");
+        }
+        assert_eq!(window[2], (8, Warped::point(8)));
+        // A pool path through the first guess shares its node, q included; its continuation is a point mass.
+        let mut nodes = Vec::new();
+        insert_path(&mut nodes, &window);
+        let other = (0..4).find(|&t| t != window[1].0).unwrap_or(0);
+        insert_path(&mut nodes, &points(&[window[0].0, other]));
+        assert_eq!(nodes.len(), 4);
+        assert_eq!(nodes[0].q, window[0].1);
+        assert_eq!(
+            nodes[3],
+            DraftTreeNode {
+                token: other,
+                parent: Some(0),
+                q: Warped::point(other)
+            }
+        );
+    }
+
+    #[test]
+    fn greedy_guesses_are_the_argmax_as_point_masses() {
+        let mut la = Lookahead {
+            pending: Some((7, rows())),
+            ..Lookahead::default()
+        };
+        la.iterate(8, None);
+        let (window, iterated) = la.guesses(&[9, 8], 8, 2);
+        assert_eq!(iterated, 2);
+        assert_eq!(window, vec![(0, Warped::point(0)), (2, Warped::point(2))]);
+        assert_eq!(la.levels.back(), Some(&(7, vec![3, 0, 2])));
+    }
 
     #[test]
     fn diagonals_of_the_iterations_become_ngrams() {
@@ -190,9 +322,9 @@ mod tests {
     #[test]
     fn pool_paths_share_prefixes_with_the_window() {
         let mut nodes = Vec::new();
-        insert_path(&mut nodes, &[5, 6, 7]);
-        insert_path(&mut nodes, &[5, 6, 8]);
-        insert_path(&mut nodes, &[9]);
+        insert_path(&mut nodes, &points(&[5, 6, 7]));
+        insert_path(&mut nodes, &points(&[5, 6, 8]));
+        insert_path(&mut nodes, &points(&[9]));
         let tokens: Vec<(u32, Option<usize>)> = nodes.iter().map(|n| (n.token, n.parent)).collect();
         assert_eq!(
             tokens,
