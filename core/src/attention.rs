@@ -17,9 +17,11 @@
 //!   merges the halves, which rounds differently.
 //! - [`Arithmetic::Exact`]: plain f32 attention, for the parity test against candle's f32 `quantized_llama`.
 
-use half::f16;
+use std::sync::{Arc, Mutex, PoisonError};
 
-use crate::ggml_float::{Flavor, round_to_f16};
+use crate::ggml_float::Flavor;
+use crate::kernels::f16::round_to_f16;
+use crate::kernels::pool::Job;
 
 /// How attention rounds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,7 +34,7 @@ impl Arithmetic {
     /// Rounds keys or values to what the cache stores.
     pub fn store(self, values: &mut [f32]) {
         if let Arithmetic::LlamaCpp(_) = self {
-            round_to_f16(values, &mut Vec::new());
+            round_to_f16(values);
         }
     }
 }
@@ -79,6 +81,44 @@ pub struct Cells<'a> {
     pub width: usize,
     /// Cache index of every visible cell, in cache order.
     pub visible: &'a [usize],
+    /// The keys in tiles, for the tiled path.
+    pub tiles: Option<&'a KeyTiles>,
+}
+
+/// Keys transposed tile by tile (tile, then head dimension, then the tile's 64 cells), as ggml packs them for its
+/// tiled path: one query's 64 scores in a tile are then 64 independent FMA chains, run side by side in vector
+/// lanes instead of one after another.
+pub struct KeyTiles {
+    d: usize,
+    tiles_per_group: usize,
+    data: Vec<f32>,
+}
+
+impl KeyTiles {
+    /// Tiles of the first `cells` keys of a cache row holding `groups` kv heads of `d` values per cell.
+    pub fn new(keys: &[f32], groups: usize, d: usize, cells: usize) -> Self {
+        let tiles_per_group = cells.div_ceil(TILE);
+        let mut data = vec![0f32; groups * tiles_per_group * d * TILE];
+        for (cell, key) in keys.chunks_exact(groups * d).take(cells).enumerate() {
+            let (tile, lane) = (cell / TILE, cell % TILE);
+            for (group, key) in key.chunks_exact(d).enumerate() {
+                let base = (group * tiles_per_group + tile) * d * TILE;
+                for (dk, &k) in key.iter().enumerate() {
+                    data[base + dk * TILE + lane] = k;
+                }
+            }
+        }
+        Self {
+            d,
+            tiles_per_group,
+            data,
+        }
+    }
+
+    fn tile(&self, group: usize, tile: usize) -> Option<&[f32]> {
+        let at = (group * self.tiles_per_group + tile) * self.d * TILE;
+        self.data.get(at..at + self.d * TILE)
+    }
 }
 
 impl Cells<'_> {
@@ -136,9 +176,8 @@ fn online(
 ) -> Partial {
     let d = query.len();
     let scale = 1.0 / (d as f32).sqrt();
-    let mut scratch: Vec<f16> = Vec::with_capacity(d);
     let mut q = query.to_vec();
-    round_to_f16(&mut q, &mut scratch);
+    round_to_f16(&mut q);
     let mut p = Partial {
         max: f32::NEG_INFINITY,
         sum: 0.0,
@@ -153,14 +192,14 @@ fn online(
             for a in &mut p.acc {
                 *a *= ms;
             }
-            round_to_f16(&mut p.acc, &mut scratch);
+            round_to_f16(&mut p.acc);
         } else {
             vs = (s - p.max).exp();
         }
         for (a, &v) in p.acc.iter_mut().zip(cells.value(cell, group, d)) {
             *a = v.mul_add(vs, *a);
         }
-        round_to_f16(&mut p.acc, &mut scratch);
+        round_to_f16(&mut p.acc);
         // `S = S*ms + vs`, which ggml's build leaves unfused.
         p.sum = p.sum * ms + vs;
     }
@@ -185,13 +224,27 @@ fn tiled(flavor: Flavor, query: &[f32], cells: &Cells, group: usize, out: &mut [
         rest = after;
         scores.fill(f32::NEG_INFINITY);
         members.fill(usize::MAX);
+        let mut dots = [0f32; TILE];
+        match cells.tiles.and_then(|t| t.tile(group, tile_start / TILE)) {
+            Some(keys) => {
+                for (row, &q) in keys.chunks_exact(TILE).zip(query) {
+                    for (dot, &k) in dots.iter_mut().zip(row) {
+                        *dot = k.mul_add(q, *dot);
+                    }
+                }
+            }
+            None => {
+                for &cell in tile {
+                    dots[cell - tile_start] = cells
+                        .key(cell, group, d)
+                        .iter()
+                        .zip(query)
+                        .fold(0f32, |acc, (&k, &q)| k.mul_add(q, acc));
+                }
+            }
+        }
         for &cell in tile {
-            let key = cells.key(cell, group, d);
-            let dot = key
-                .iter()
-                .zip(query)
-                .fold(0f32, |acc, (&k, &q)| k.mul_add(q, acc));
-            scores[cell - tile_start] = dot * scale;
+            scores[cell - tile_start] = dots[cell - tile_start] * scale;
             members[cell - tile_start] = cell;
         }
         let tile_max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -269,5 +322,129 @@ fn softmax_in_place(x: &mut [f32]) {
     let inverse = 1.0 / sum;
     for v in x.iter_mut() {
         *v *= inverse;
+    }
+}
+
+/// One layer's attention in llama.cpp's arithmetic for every fed token and query head, split across the compute
+/// pool's threads (each (token, head) is computed exactly as on one thread).
+pub struct AttentionJob {
+    pub flavor: Flavor,
+    /// Per batch row: the cache's keys and values, and their tiles when some token takes the tiled path.
+    pub keys: Vec<Arc<Vec<f32>>>,
+    pub values: Vec<Arc<Vec<f32>>>,
+    pub tiles: Vec<Option<KeyTiles>>,
+    /// (b·t) × heads × d queries.
+    pub queries: Vec<f32>,
+    /// `visible[i * t + j]`: whether fed token i sees fed token j.
+    pub visible: Vec<bool>,
+    pub paths: Vec<AttentionPath>,
+    pub t: usize,
+    pub past: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub d: usize,
+    results: Vec<Mutex<Vec<f32>>>,
+}
+
+/// (token, head) pairs per chunk: enough chunks for two threads to share evenly.
+const UNITS_PER_CHUNK: usize = 4;
+
+impl AttentionJob {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        flavor: Flavor,
+        keys: Vec<Arc<Vec<f32>>>,
+        values: Vec<Arc<Vec<f32>>>,
+        queries: Vec<f32>,
+        visible: Vec<bool>,
+        paths: Vec<AttentionPath>,
+        (t, past): (usize, usize),
+        (heads, kv_heads, d): (usize, usize, usize),
+    ) -> Self {
+        let tiles = keys
+            .iter()
+            .map(|k| {
+                paths
+                    .contains(&AttentionPath::Tiled)
+                    .then(|| KeyTiles::new(k, kv_heads, d, past + t))
+            })
+            .collect();
+        let units = keys.len() * t * heads;
+        Self {
+            flavor,
+            keys,
+            values,
+            tiles,
+            queries,
+            visible,
+            paths,
+            t,
+            past,
+            heads,
+            kv_heads,
+            d,
+            results: (0..units.div_ceil(UNITS_PER_CHUNK))
+                .map(|_| Mutex::new(Vec::new()))
+                .collect(),
+        }
+    }
+
+    /// The (b·t) × heads × d outputs, once the pool has run every chunk.
+    pub fn output(&self) -> Vec<f32> {
+        let mut y = Vec::with_capacity(self.queries.len());
+        for chunk in &self.results {
+            y.extend_from_slice(&chunk.lock().unwrap_or_else(PoisonError::into_inner));
+        }
+        y
+    }
+}
+
+impl Job for AttentionJob {
+    fn chunks(&self) -> usize {
+        self.results.len()
+    }
+
+    fn run_chunk(&self, index: usize) {
+        let (t, heads, d) = (self.t, self.heads, self.d);
+        let units = self.keys.len() * t * heads;
+        let first = index * UNITS_PER_CHUNK;
+        let last = (first + UNITS_PER_CHUNK).min(units);
+        let group = heads / self.kv_heads.max(1);
+        let mut out = vec![0f32; (last - first) * d];
+        let mut visible = Vec::new();
+        let mut visible_for = usize::MAX;
+        for (unit, out) in (first..last).zip(out.chunks_exact_mut(d)) {
+            let (token, head) = (unit / heads, unit % heads);
+            let (row, i) = (token / t, token % t);
+            let (Some(keys), Some(values)) = (self.keys.get(row), self.values.get(row)) else {
+                continue;
+            };
+            if visible_for != token {
+                visible.clear();
+                visible.extend(0..self.past);
+                visible.extend(
+                    (0..t)
+                        .filter(|&j| self.visible.get(i * t + j).copied().unwrap_or(false))
+                        .map(|j| self.past + j),
+                );
+                visible_for = token;
+            }
+            let cells = Cells {
+                keys,
+                values,
+                width: self.kv_heads * d,
+                visible: &visible,
+                tiles: self.tiles.get(row).and_then(Option::as_ref),
+            };
+            let at = unit * d;
+            let Some(query) = self.queries.get(at..at + d) else {
+                continue;
+            };
+            let path = self.paths.get(i).copied().unwrap_or(AttentionPath::Online);
+            llama_cpp_head(self.flavor, path, query, &cells, head / group, out);
+        }
+        if let Some(slot) = self.results.get(index) {
+            *slot.lock().unwrap_or_else(PoisonError::into_inner) = out;
+        }
     }
 }

@@ -6,9 +6,6 @@
 //! with the vector code's exact sequence of roundings (`mul_add` where ggml uses an FMA instruction), checked
 //! against values dumped from llama.cpp itself (see `core/tests/reference.rs`).
 
-use half::f16;
-use half::slice::HalfFloatSliceExt;
-
 /// The ggml CPU variant whose arithmetic we follow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Flavor {
@@ -42,6 +39,7 @@ impl Flavor {
 
     /// Sum of one register's lanes in the order ggml reduces it (`_mm512_reduce_add_ps`: halves, then halves
     /// again; AVX2: the two 128-bit halves, then two horizontal adds).
+    #[inline]
     pub fn reduce(self, lanes: &[f32]) -> f32 {
         match self {
             Flavor::Avx512 => {
@@ -86,8 +84,9 @@ impl Flavor {
                 if n.abs() > 192.0 {
                     return if n <= 0.0 { 0.0 } else { f32::INFINITY };
                 }
-                // `_mm512_scalef_ps(j, n)`: j·2ⁿ rounded once (exact in f64, |n| ≤ 192).
-                (f64::from(j) * 2f64.powi(n as i32)) as f32
+                // `_mm512_scalef_ps(j, n)`: j·2ⁿ rounded once (exact in f64, |n| ≤ 192; 2ⁿ built from its bits).
+                let two_to_n = f64::from_bits(((n as i64 + 1023) as u64) << 52);
+                (f64::from(j) * two_to_n) as f32
             }
             Flavor::Avx2 => {
                 let j = poly.mul_add(u, c(0x3f7f_fff6) * b);
@@ -114,7 +113,20 @@ impl Flavor {
 
     /// `ggml_vec_dot_f16` on values already rounded to f16: four accumulators of one register each, then
     /// [`Flavor::reduce`]; leftovers beyond a multiple of four registers are added in f64.
+    #[inline]
     pub fn dot_f16(self, x: &[f32], y: &[f32]) -> f32 {
+        // The common case, a head of exactly four registers: f16 products are exact in f32, so the four
+        // accumulators are plain products and only the pairing of the sums matters.
+        if let (Flavor::Avx512, Ok(x), Ok(y)) =
+            (self, <&[f32; 64]>::try_from(x), <&[f32; 64]>::try_from(y))
+        {
+            let mut r = [0f32; 16];
+            for l in 0..16 {
+                r[l] = (x[l] * y[l] + x[32 + l] * y[32 + l])
+                    + (x[16 + l] * y[16 + l] + x[48 + l] * y[48 + l]);
+            }
+            return self.reduce(&r);
+        }
         let lanes = self.lanes();
         let step = 4 * lanes;
         let full = x.len().min(y.len()) / step * step;
@@ -161,12 +173,29 @@ impl Flavor {
     }
 }
 
-/// Rounds every value to the nearest f16 (ties to even), as ggml's f16 stores do; F16C does 8 at a time.
-pub fn round_to_f16(values: &mut [f32], scratch: &mut Vec<f16>) {
-    scratch.clear();
-    scratch.resize(values.len(), f16::ZERO);
-    scratch.convert_from_f32_slice(values);
-    scratch.convert_to_f32_slice(values);
+/// The nearest f16 of `x` (ties to even; overflow to infinity), as an f32. Integer arithmetic on the bits, so
+/// that loops over it vectorise; tested equal to `half`'s conversion (F16C) below.
+#[inline]
+pub fn round_f16(x: f32) -> f32 {
+    let bits = x.to_bits();
+    let sign = bits & 0x8000_0000;
+    let abs = bits & 0x7fff_ffff;
+    // Normal f16 range (from 2^-14): keep 10 mantissa bits, ties to even, carrying into the exponent.
+    let kept = (abs + 0x0fff + ((abs >> 13) & 1)) & 0xffff_e000;
+    let normal = if kept > 0x477f_e000 {
+        0x7f80_0000
+    } else {
+        kept
+    };
+    // Below 2^-14 f16 is subnormal: a fixed step of 2^-24, and x·2^24 < 2^10 is exact, so rounding it is too.
+    let tiny = (f32::from_bits(abs) * 16_777_216.0).round_ties_even() * (1.0 / 16_777_216.0);
+    let rounded = if abs >= 0x3880_0000 {
+        normal
+    } else {
+        tiny.to_bits()
+    };
+    // NaN stays NaN (the arithmetic above could turn its payload into infinity).
+    f32::from_bits(sign | if abs > 0x7f80_0000 { abs } else { rounded })
 }
 
 #[cfg(test)]
@@ -202,9 +231,27 @@ mod tests {
     }
 
     #[test]
+    fn rounding_to_f16_equals_the_conversion_to_f16() {
+        let mut bits = 0u32;
+        // Every 97th bit pattern: all exponents, normal and subnormal f16, overflow, infinities, NaN.
+        while let Some(next) = bits.checked_add(97) {
+            let x = f32::from_bits(bits);
+            let want = half::f16::from_f32(x).to_f32();
+            let got = round_f16(x);
+            assert!(
+                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                "{x:e} ({bits:#x}): {got:e}, f16 conversion {want:e}"
+            );
+            bits = next;
+        }
+    }
+
+    #[test]
     fn rounding_to_f16_keeps_representable_values() {
-        let mut v = vec![1.0, 0.5, 1.000_976_6, 65504.0, 1.0e-3, std::f32::consts::PI];
-        round_to_f16(&mut v, &mut Vec::new());
+        let v: Vec<f32> = [1.0, 0.5, 1.000_976_6, 65504.0, 1.0e-3, std::f32::consts::PI]
+            .into_iter()
+            .map(round_f16)
+            .collect();
         assert_eq!(&v[..4], &[1.0, 0.5, 1.000_976_6, 65504.0]);
         assert_eq!(v[5], 3.140625);
     }

@@ -20,7 +20,7 @@ use candle_core::quantized::{QMatMul, QTensor, gguf_file};
 use crate::kernels::QuantMatrix;
 use candle_core::{DType, Device, Module, Tensor};
 
-use crate::attention::{self, Arithmetic, AttentionPath, Cells};
+use crate::attention::{self, Arithmetic, AttentionJob, AttentionPath, Cells, KeyTiles};
 use crate::error::{Error, Result};
 use crate::ggml_float::Flavor;
 pub use crate::kv_cache::KvCache;
@@ -656,12 +656,28 @@ impl Llama {
     ) -> (Vec<f32>, Option<Vec<f32>>) {
         let cfg = &self.config;
         let (heads, kv, d) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
+        if let (Arithmetic::LlamaCpp(flavor), false) = (self.arithmetic, keep_probs) {
+            let job = Arc::new(AttentionJob::new(
+                flavor,
+                cache.keys.iter().take(b).cloned().collect(),
+                cache.values.iter().take(b).cloned().collect(),
+                q.to_vec(),
+                visible.to_vec(),
+                paths.to_vec(),
+                (t, past),
+                (heads, kv, d),
+            ));
+            crate::kernels::compute_pool().run(job.clone());
+            return (job.output(), None);
+        }
         let group = heads / kv.max(1);
         let (s, width) = (past + t, kv * d);
         let mut y = vec![0f32; b * t * heads * d];
         let mut probs = keep_probs.then(|| vec![0f32; b * heads * t * s]);
         let mut cells_seen = Vec::with_capacity(s);
+        let tiled = paths.contains(&AttentionPath::Tiled);
         for (row, (keys, values)) in cache.keys.iter().zip(&cache.values).enumerate().take(b) {
+            let tiles = tiled.then(|| KeyTiles::new(keys, kv, d, s));
             for i in 0..t {
                 let token = row * t + i;
                 cells_seen.clear();
@@ -672,6 +688,7 @@ impl Llama {
                     values,
                     width,
                     visible: &cells_seen,
+                    tiles: tiles.as_ref(),
                 };
                 let path = paths.get(i).copied().unwrap_or(AttentionPath::Online);
                 for head in 0..heads {

@@ -10,9 +10,11 @@
 //! - [`blocks`]: block layouts and activation quantization.
 //! - [`dot`]: scalar reference dot products and their AVX2 versions (bit-identical).
 //! - [`pool`]: the thread split.
+//! - [`f16`]: rounding to f16 (llama.cpp's attention arithmetic).
 
 pub mod blocks;
 pub mod dot;
+pub mod f16;
 pub mod pool;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -193,7 +195,7 @@ pub fn set_threads(threads: usize) {
     THREADS.store(threads.max(1), Ordering::SeqCst);
 }
 
-fn compute_pool() -> &'static ComputePool {
+pub(crate) fn compute_pool() -> &'static ComputePool {
     POOL.get_or_init(|| {
         let configured = THREADS.load(Ordering::SeqCst);
         let threads = if configured > 0 {
