@@ -137,16 +137,16 @@ impl QuantMatrix {
                 .collect(),
         });
         pool.run(job.clone());
-        // Chunks hold (rows of the chunk) × t values; the output is t × rows.
+        // Chunks hold t runs of their rows' values (activation row-major), so each lands with one copy.
         let mut out = vec![0f32; t * self.rows];
         for (c, chunk) in job.results.iter().enumerate() {
             let chunk = chunk.lock().unwrap_or_else(PoisonError::into_inner);
-            for (i, values) in chunk.chunks_exact(t).enumerate() {
-                let row = c * chunk_rows + i;
-                for (r, &v) in values.iter().enumerate() {
-                    if let Some(slot) = out.get_mut(r * self.rows + row) {
-                        *slot = v;
-                    }
+            let first = c * chunk_rows;
+            let len = chunk.len() / t.max(1);
+            for (r, values) in chunk.chunks_exact(len.max(1)).enumerate() {
+                if let Some(slot) = out.get_mut(r * self.rows + first..r * self.rows + first + len)
+                {
+                    slot.copy_from_slice(values);
                 }
             }
         }
@@ -173,12 +173,21 @@ impl Job for MatmulJob {
         let first = index * self.chunk_rows;
         let last = (first + self.chunk_rows).min(m.rows);
         let act_rows: Vec<&[ActivationBlock]> = self.activations.chunks_exact(per_row).collect();
-        let mut values = vec![0f32; (last - first) * self.t];
-        for (row, out) in (first..last).zip(values.chunks_exact_mut(self.t)) {
+        let len = last - first;
+        let mut values = vec![0f32; len * self.t];
+        let mut row_out = vec![0f32; self.t];
+        for (i, row) in (first..last).enumerate() {
             let range = row * per_row..(row + 1) * per_row;
             match &m.blocks {
-                Blocks::Q4_1(b) => dot::q4_1_rows(b.get(range).unwrap_or(&[]), &act_rows, out),
-                Blocks::Q8_0(b) => dot::q8_0_rows(b.get(range).unwrap_or(&[]), &act_rows, out),
+                Blocks::Q4_1(b) => {
+                    dot::q4_1_rows(b.get(range).unwrap_or(&[]), &act_rows, &mut row_out)
+                }
+                Blocks::Q8_0(b) => {
+                    dot::q8_0_rows(b.get(range).unwrap_or(&[]), &act_rows, &mut row_out)
+                }
+            }
+            for (r, &v) in row_out.iter().enumerate() {
+                values[r * len + i] = v;
             }
         }
         if let Some(slot) = self.results.get(index) {
