@@ -1,8 +1,8 @@
 //! Softmax attention of the fed tokens over a layer's key/value cache, in one of two arithmetics:
 //!
 //! - [`Arithmetic::LlamaCpp`]: llama.cpp's CPU flash attention (its default), reproduced rounding for rounding
-//!   so that our greedy output is llama.cpp's. Keys and values are stored as f16, and ggml takes one of three
-//!   paths, each with its own order of operations:
+//!   so that our logits are llama.cpp's to the last bit. Keys and values are stored as f16, and ggml takes one
+//!   of two paths, each with its own order of operations:
 //!   - decoding one token, or a batch of 2 to 63 tokens: an online softmax over the cells in order, with the
 //!     query rounded to f16 and the weighted sum of values accumulated *in f16* ([`online`]);
 //!   - a batch of 64 or more (prompt processing, in 512-token batches): tiles of 64 keys with an f32 query, f32
@@ -48,7 +48,7 @@ const TILE: usize = 64;
 /// Which of ggml's paths computes a fed token's attention.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttentionPath {
-    /// A token of a 2–63-token batch.
+    /// A token decoded alone, verified with drafts, or in a prompt batch under 64 tokens.
     Online,
     /// A token of a batch of 64 or more.
     Tiled,
@@ -73,7 +73,7 @@ pub fn paths(t: usize, prompt_like: bool) -> Vec<AttentionPath> {
         .collect()
 }
 
-/// One fed token's view of the cache: the cells it sees, in cache order, each with its position.
+/// One fed token's view of the cache: the cells it sees, in cache order.
 pub struct Cells<'a> {
     pub keys: &'a [f32],
     pub values: &'a [f32],
