@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use egui::{Color32, FontId, Rect, RichText, Sense, Stroke, StrokeKind, pos2, vec2};
-use specula_core::trace::{Inspection, SparseRow};
+use specula_core::trace::{AttentionMap, SparseRow};
 
 use super::beam_tree::clip;
 use super::colouring::{heat, heat_legend};
@@ -40,13 +40,13 @@ impl HeadMode {
         }
     }
 
-    /// The row in `LayerAttention::heads`: the heads, then max, then mean.
-    fn row(self, heads: &[SparseRow]) -> Option<&SparseRow> {
-        let n = heads.len().checked_sub(2)?;
+    /// This mode's row of the layer at `layer_index` of `map`: a map holds the heads, then max, then mean.
+    fn row(self, map: &AttentionMap, layer_index: usize) -> Option<SparseRow> {
+        let n = map.heads();
         match self {
-            HeadMode::Max => heads.get(n),
-            HeadMode::Mean => heads.get(n + 1),
-            HeadMode::Head(h) if h < n => heads.get(h),
+            HeadMode::Max => map.row(layer_index, n),
+            HeadMode::Mean => map.row(layer_index, n + 1),
+            HeadMode::Head(h) if h < n => map.row(layer_index, h),
             HeadMode::Head(_) => None,
         }
     }
@@ -94,7 +94,9 @@ impl AttentionPanel {
             .rev()
             .find(|i| Some(i.position) == position)
             .or_else(|| step.inspection.last());
-        let Some(inspection) = inspection.filter(|i| !i.attention.is_empty()) else {
+        let Some((inspection, map)) =
+            inspection.and_then(|i| i.attention_map.as_ref().map(|m| (i, m)))
+        else {
             empty_state(
                 ui,
                 &format!("Step {} recorded no attention", at + 1),
@@ -102,11 +104,8 @@ impl AttentionPanel {
             );
             return;
         };
-        let layers = inspection.attention.len();
-        let n_heads = inspection
-            .attention
-            .first()
-            .map_or(0, |l| l.heads.len().saturating_sub(2));
+        let layers = map.layers().len();
+        let n_heads = map.heads();
         let layer_index = self
             .layer
             .unwrap_or(layers.saturating_sub(1))
@@ -127,10 +126,9 @@ impl AttentionPanel {
         );
         ui.horizontal_wrapped(|ui| {
             let layer_name = |l: usize| {
-                inspection
-                    .attention
+                map.layers()
                     .get(l)
-                    .map_or_else(|| format!("{l}"), |a| format!("layer {}", a.layer))
+                    .map_or_else(|| format!("{l}"), |layer| format!("layer {layer}"))
             };
             egui::ComboBox::from_label("Layer")
                 .selected_text(layer_name(layer_index))
@@ -161,20 +159,16 @@ impl AttentionPanel {
         egui::ScrollArea::vertical()
             .auto_shrink([false, false])
             .show(ui, |ui| {
-                self.heat_map_ui(ui, inspection, &texts, layer_index);
+                self.heat_map_ui(ui, map, &texts, layer_index);
                 ui.add_space(6.0);
-                let Some(row) = inspection
-                    .attention
-                    .get(layer_index)
-                    .and_then(|l| self.head.row(&l.heads))
-                else {
+                let Some(row) = self.head.row(map, layer_index) else {
                     ui.label("This head is not recorded at this layer.");
                     return;
                 };
                 ui.label(
                     RichText::new(format!(
                         "Layer {}, {}: the {} largest weights{}",
-                        inspection.attention[layer_index].layer,
+                        map.layers().get(layer_index).copied().unwrap_or_default(),
                         self.head.name(),
                         row.keys.len(),
                         // The max over heads is no distribution: its weights sum to more than 1.
@@ -186,7 +180,7 @@ impl AttentionPanel {
                     ))
                     .strong(),
                 );
-                strip_ui(ui, row, inspection.position, prompt_len, &texts);
+                strip_ui(ui, &row, inspection.position, prompt_len, &texts);
                 ui.horizontal_wrapped(|ui| {
                     ui.label(RichText::new("■").monospace().color(PROMPT));
                     ui.label("prompt");
@@ -226,15 +220,13 @@ impl AttentionPanel {
     fn heat_map_ui(
         &mut self,
         ui: &mut egui::Ui,
-        inspection: &Inspection,
+        map: &AttentionMap,
         texts: &[String],
         picked: usize,
     ) {
-        let rows: Vec<Option<BTreeMap<u32, f32>>> = inspection
-            .attention
-            .iter()
+        let rows: Vec<Option<BTreeMap<u32, f32>>> = (0..map.layers().len())
             .map(|l| {
-                self.head.row(&l.heads).map(|r| {
+                self.head.row(map, l).map(|r| {
                     r.keys
                         .iter()
                         .copied()
@@ -289,7 +281,7 @@ impl AttentionPanel {
                     let y = top + r as f32 * CELL_H;
                     let label_rect =
                         Rect::from_min_size(pos2(rect.left(), y), vec2(LABEL_W - 4.0, CELL_H));
-                    let layer = inspection.attention[r].layer;
+                    let layer = map.layers().get(r).copied().unwrap_or_default();
                     painter.text(
                         label_rect.right_center(),
                         egui::Align2::RIGHT_CENTER,
