@@ -357,6 +357,22 @@ fn the_lens_grid_and_the_attention_view_read_the_recorded_inspection() {
     harness.run();
     harness.get_by_label_contains(&format!("Layer {layer}, head 3: the"));
     harness.get_by_label_contains("of the row");
+    // Back from the cursor's token, position by position, into the prompt, whose every position was recorded.
+    let prompt_len = trace.header.prompt.token_ids.len();
+    let query = inspection.position - 1;
+    for _ in 0..query + 2 - prompt_len {
+        harness.get_by_label("Earlier").click();
+        harness.run();
+    }
+    harness.get_by_label_contains(&format!(
+        "the attention of prompt position {} (\"",
+        prompt_len - 2
+    ));
+    harness.get_by_label("The cursor's token").click();
+    harness.run();
+    harness.get_by_label_contains(&format!(
+        "the attention of position {query} while it predicted"
+    ));
 }
 
 #[test]

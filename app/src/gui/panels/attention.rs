@@ -1,18 +1,19 @@
 //! Attention at the cursor: where the position that predicted the cursor's token looked, for any layer and any
 //! head (or the max or mean over heads). A layers × keys heat map shows every layer at once (click a row to pick
-//! the layer); a strip over the whole sequence (prompt, then output) and a list show the picked layer. The trace
-//! keeps the largest weights of each row only, so the view costs the same on 2,000 tokens as on 20.
+//! the layer); a strip over the whole sequence (prompt, then output) and a list show the picked layer. Any other
+//! recorded position (every prompt position, every earlier token) can be picked instead of the cursor's token.
+//! The trace keeps the largest weights of each row only, so the view costs the same on 2,000 tokens as on 20.
 
 use std::collections::BTreeMap;
 
 use egui::{Color32, FontId, Rect, RichText, Sense, Stroke, StrokeKind, pos2, vec2};
-use specula_core::trace::{AttentionMap, SparseRow};
+use specula_core::trace::{AttentionMap, Inspection, SparseRow};
 
 use super::beam_tree::clip;
 use super::colouring::{heat, heat_legend};
-use super::tokens::{display_text, percent};
+use super::tokens::{display_text, percent, quoted};
 use super::{ViewCtx, empty_state};
-use crate::gui::search::{has_attention, position_texts};
+use crate::gui::search::{has_attention, inspections_at, position_texts};
 
 const CELL_W: f32 = 44.0;
 const CELL_H: f32 = 14.0;
@@ -56,6 +57,9 @@ impl HeadMode {
 pub struct AttentionPanel {
     pub layer: Option<usize>,
     pub head: HeadMode,
+    /// A position picked in the panel (the token it predicts) and the step it was picked at: moving the cursor
+    /// goes back to the cursor's token, as every other panel follows the cursor.
+    pub picked: Option<(usize, usize)>,
 }
 
 impl AttentionPanel {
@@ -87,13 +91,21 @@ impl AttentionPanel {
             );
             return;
         };
-        let position = ctx.focused_token().map(|t| t.token.position);
-        let inspection = step
-            .inspection
-            .iter()
-            .rev()
-            .find(|i| Some(i.position) == position)
-            .or_else(|| step.inspection.last());
+        let cursor_position = ctx
+            .focused_token()
+            .map(|t| t.token.position)
+            .or_else(|| step.inspection.last().map(|i| i.position));
+        let recorded: BTreeMap<usize, &Inspection> = inspections_at(&run.trace, at)
+            .into_iter()
+            .filter(|(_, i)| i.attention_map.is_some())
+            .collect();
+        let picked = self
+            .picked
+            .filter(|&(s, p)| s == at && recorded.contains_key(&p))
+            .map(|(_, p)| p);
+        let inspection = picked
+            .or(cursor_position)
+            .and_then(|p| recorded.get(&p).copied());
         let Some((inspection, map)) =
             inspection.and_then(|i| i.attention_map.as_ref().map(|m| (i, m)))
         else {
@@ -112,18 +124,68 @@ impl AttentionPanel {
             .min(layers.saturating_sub(1));
         let texts = position_texts(&run.trace, at);
         let prompt_len = run.trace.header.prompt.token_ids.len();
-        let predicted = texts
-            .get(inspection.position)
-            .map_or_else(String::new, |t| display_text(t));
+        // Quoted, not `display_text`: the proportional font has no glyph for its newline mark.
+        let text_at = |p: usize| texts.get(p).map_or_else(String::new, |t| quoted(t));
+        let query = inspection.position - 1;
         ui.label(
-            RichText::new(format!(
-                "Step {}: the attention of position {} while it predicted '{predicted}' (position {})",
-                at + 1,
-                inspection.position - 1,
-                inspection.position
-            ))
+            RichText::new(if inspection.position < prompt_len {
+                format!(
+                    "Step {}: the attention of prompt position {query} ({}), followed by {}",
+                    at + 1,
+                    text_at(query),
+                    text_at(inspection.position)
+                )
+            } else {
+                format!(
+                    "Step {}: the attention of position {query} while it predicted {} (position {})",
+                    at + 1,
+                    text_at(inspection.position),
+                    inspection.position
+                )
+            })
             .strong(),
         );
+        ui.horizontal_wrapped(|ui| {
+            let current = inspection.position;
+            let earlier = recorded.range(..current).next_back().map(|(&p, _)| p);
+            let later = recorded.range(current + 1..).next().map(|(&p, _)| p);
+            let mut pick = None;
+            ui.label("Query position");
+            if ui
+                .add_enabled(earlier.is_some(), egui::Button::new("Earlier").small())
+                .on_hover_text("The position before")
+                .clicked()
+            {
+                pick = earlier;
+            }
+            let (first, last) = (
+                recorded.keys().next().map_or(1, |p| p - 1),
+                recorded.keys().next_back().map_or(1, |p| p - 1),
+            );
+            let mut shown = query;
+            if ui
+                .add(egui::DragValue::new(&mut shown).range(first..=last))
+                .on_hover_text("Any recorded position: the prompt's, or an earlier token's")
+                .changed()
+            {
+                pick = Some(shown + 1);
+            }
+            if ui
+                .add_enabled(later.is_some(), egui::Button::new("Later").small())
+                .on_hover_text("The position after")
+                .clicked()
+            {
+                pick = later;
+            }
+            if picked.is_some() && ui.button("The cursor's token").clicked() {
+                self.picked = None;
+                ui.ctx().request_repaint();
+            }
+            if let Some(p) = pick.filter(|p| recorded.contains_key(p)) {
+                self.picked = Some((at, p));
+                ui.ctx().request_repaint();
+            }
+        });
         ui.horizontal_wrapped(|ui| {
             let layer_name = |l: usize| {
                 map.layers()
