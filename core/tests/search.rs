@@ -915,3 +915,43 @@ fn attention_covers_every_prefill_chunk_of_a_long_prompt() {
         start += chunk.len();
     }
 }
+
+#[test]
+fn bad_attention_settings_are_refused_with_their_name() {
+    for (inspect, name) in [
+        (
+            specula_core::trace::InspectParams {
+                attention: true,
+                attention_layers: vec![0, 99],
+                ..Default::default()
+            },
+            "attention_layers",
+        ),
+        (
+            specula_core::trace::InspectParams {
+                attention: true,
+                attention_top_k: 0,
+                ..Default::default()
+            },
+            "attention_top_k",
+        ),
+    ] {
+        let spec = RunSpec {
+            method: "greedy".into(),
+            params: MethodParams {
+                inspect,
+                ..MethodParams::default()
+            },
+            prompt: PromptSpec {
+                text: "Hi".into(),
+                ..PromptSpec::default()
+            },
+            ..RunSpec::default()
+        };
+        match specula_core::Run::new(model(), spec) {
+            Err(Error::BadParameter { name: n, .. }) => assert_eq!(n, name),
+            Err(e) => panic!("{name}: {e}"),
+            Ok(_) => panic!("{name} was accepted"),
+        }
+    }
+}
