@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 missing=()
-for tool in Xvfb xdotool import; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+for tool in Xvfb xdotool import identify compare convert; do command -v "$tool" >/dev/null || missing+=("$tool"); done
 if (( ${#missing[@]} )); then
   if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
     apt-get update -qq && apt-get install -y -qq --no-install-recommends xvfb xdotool imagemagick >/dev/null

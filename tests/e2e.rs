@@ -279,26 +279,53 @@ fn lookahead_sampling_reports_acceptance_and_records_q() {
     assert!(sampled > 0, "no verified window guess had q below 1");
 }
 
-/// The real window under Xvfb: loads the default model, decodes 32 greedy tokens, saves a screenshot. The test
-/// script (scripts/test.sh) and CI install Xvfb, xdotool and ImageMagick.
+/// The real window under Xvfb: loads the default model, decodes 32 greedy tokens, exports the Plots panel as PNG
+/// through the app's export command (what kittest cannot check: the real window's screenshot, cropped in its
+/// pixels), saves a screenshot. The script checks the PNG against the screen; this checks it decodes at the size
+/// the app reported. The test script (scripts/test.sh) and CI install Xvfb, xdotool and ImageMagick.
 #[test]
-fn real_window_under_xvfb_runs_greedy() {
+fn real_window_under_xvfb_runs_greedy_and_exports_a_panel_as_png() {
     let dir = tempfile::tempdir().unwrap();
     let shot = dir.path().join("xvfb-greedy.png");
+    let png = dir.path().join("plots.png");
     let out = Command::new("bash")
         .arg(repo().join("scripts/xvfb_smoke.sh"))
         .arg(&shot)
+        .arg(format!("Plots={}", png.display()))
         .env("SPECULA_BIN", env!("CARGO_BIN_EXE_specula"))
         .output()
         .expect("bash runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
-        "xvfb smoke test failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
+        "xvfb smoke test failed:\n{stdout}\n{}",
         stderr(&out)
     );
     assert!(
         std::fs::metadata(&shot).unwrap().len() > 10_000,
         "the screenshot is empty"
+    );
+    // "specula-export: pane="Plots" x=.. y=.. width=W height=H ok: Exported Plots (W×H pixels) to ..."
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("specula-export:"))
+        .expect("the app reported the export");
+    let field = |name: &str| -> u32 {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{name}=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {line}"))
+    };
+    let (width, height) = (field("width"), field("height"));
+    let image = image::open(&png).expect("the export is a PNG").to_rgba8();
+    assert_eq!(image.dimensions(), (width, height), "{line}");
+    assert!(
+        width >= 200 && height >= 100 && width <= 1280 && height <= 800,
+        "{line}"
+    );
+    let first = image.get_pixel(0, 0);
+    assert!(
+        image.pixels().filter(|p| *p != first).count() > (width * height / 10) as usize,
+        "the exported panel is nearly blank"
     );
 }

@@ -345,19 +345,34 @@ fn the_lens_grid_and_the_attention_view_read_the_recorded_inspection() {
     harness.get_by_label_contains(&format!("Step {}: what each layer would predict", step + 1));
     at_step(&mut harness, step, Pane::Attention);
     let inspection = trace.steps[step].inspection.last().unwrap();
-    let layer = inspection.attention.last().unwrap();
-    let max = &layer.heads[layer.heads.len() - 2];
+    let map = inspection.attention_map.as_ref().unwrap();
+    let layer = *map.layers().last().unwrap();
     harness.get_by_label_contains(&format!(
-        "Layer {}, max over heads: the {} largest weights (each key's strongest head)",
-        layer.layer,
-        max.keys.len()
+        "Layer {layer}, max over heads: the {} largest weights (each key's strongest head)",
+        map.width()
     ));
     harness.get_by_label("Heads").click();
     harness.run();
     harness.get_by_label("head 3").click();
     harness.run();
-    harness.get_by_label_contains(&format!("Layer {}, head 3: the", layer.layer));
+    harness.get_by_label_contains(&format!("Layer {layer}, head 3: the"));
     harness.get_by_label_contains("of the row");
+    // Back from the cursor's token, position by position, into the prompt, whose every position was recorded.
+    let prompt_len = trace.header.prompt.token_ids.len();
+    let query = inspection.position - 1;
+    for _ in 0..query + 2 - prompt_len {
+        harness.get_by_label("Earlier").click();
+        harness.run();
+    }
+    harness.get_by_label_contains(&format!(
+        "the attention of prompt position {} (\"",
+        prompt_len - 2
+    ));
+    harness.get_by_label("The cursor's token").click();
+    harness.run();
+    harness.get_by_label_contains(&format!(
+        "the attention of position {query} while it predicted"
+    ));
 }
 
 #[test]

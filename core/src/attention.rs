@@ -276,13 +276,7 @@ fn tiled(flavor: Flavor, query: &[f32], cells: &Cells, group: usize, out: &mut [
 /// Plain f32 softmax attention of one query head; also returns the weights over `visible` (for capture).
 pub fn exact_head(query: &[f32], cells: &Cells, group: usize, out: &mut [f32]) -> Vec<f32> {
     let d = query.len();
-    let scale = 1.0 / (d as f32).sqrt();
-    let mut weights: Vec<f32> = cells
-        .visible
-        .iter()
-        .map(|&cell| dot(query, cells.key(cell, group, d)) * scale)
-        .collect();
-    softmax_in_place(&mut weights);
+    let weights = exact_weights(query, cells, group);
     out.fill(0.0);
     for (&w, &cell) in weights.iter().zip(cells.visible) {
         if w != 0.0 {
@@ -291,6 +285,20 @@ pub fn exact_head(query: &[f32], cells: &Cells, group: usize, out: &mut [f32]) -
             }
         }
     }
+    weights
+}
+
+/// The plain f32 softmax weights of one query head over `visible`, without the weighted sum of values: what
+/// capture shows beside llama.cpp's arithmetic, whose online softmax never holds them.
+pub fn exact_weights(query: &[f32], cells: &Cells, group: usize) -> Vec<f32> {
+    let d = query.len();
+    let scale = 1.0 / (d as f32).sqrt();
+    let mut weights: Vec<f32> = cells
+        .visible
+        .iter()
+        .map(|&cell| dot(query, cells.key(cell, group, d)) * scale)
+        .collect();
+    softmax_in_place(&mut weights);
     weights
 }
 

@@ -138,6 +138,7 @@ impl Run {
             .speculative
             .validate(model.llama.config.n_layers)?;
         spec.params.search.validate(&spec.method)?;
+        spec.params.inspect.validate(model.llama.config.n_layers)?;
         if spec.method == "entropy-adaptive" {
             spec.params.adaptive.validate()?;
         }

@@ -1,6 +1,11 @@
 //! Recording the model's insides for the panels: the logit lens and every layer's attention at the position that
 //! predicted each committed token. The inspector keeps a KV cache of its own and feeds each step's new tokens once
 //! more, so any method can be inspected without knowing it, and the method's own forwards stay as they were.
+//!
+//! Attention is recorded for every position of the prompt (every prefill chunk) and of the output, each as an
+//! [`AttentionMap`] of the largest weights per row, reduced inside the forward as each layer is computed. The
+//! lens costs an LM-head product per layer and position, so it covers the output and only the prompt's last
+//! positions.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -11,9 +16,9 @@ use crate::error::{Error, Result};
 use crate::methods::PREFILL_CHUNK;
 use crate::model::{Capture, KvCache, Logits, Mask};
 use crate::sampling::{argmax, log_softmax, top_n};
-use crate::trace::{InspectParams, Inspection, LayerAttention, LensCell, SparseRow};
+use crate::trace::{AttentionMap, InspectParams, Inspection, LensCell};
 
-/// Prompt positions inspected at the first step, so the lens grid starts with some context.
+/// Prompt positions whose lens is recorded at the first step, so the lens grid starts with some context.
 const PROMPT_POSITIONS: usize = 8;
 
 pub struct Inspector {
@@ -31,7 +36,8 @@ impl Inspector {
     }
 
     /// Inspects the tokens at positions `new_from..sequence.len()` of `sequence` (prompt then output): for each,
-    /// the lens and attention of the position before it. At the first call, the last prompt positions too.
+    /// the lens and attention of the position before it. At the first call, the earlier positions too: the
+    /// attention of every one, the lens of the last few.
     pub fn inspect(
         &mut self,
         model: &Model,
@@ -55,111 +61,81 @@ impl Inspector {
         let keep = common.min(new_from - 1);
         self.cache.truncate(keep)?;
         self.fed.truncate(keep);
-        // Fed in the chunks the methods feed (`Sequence`), so that the lens's last layer is the decoding's own
-        // output and not a rounding away from it; only the last chunk is captured (a 2,000-token prompt's
-        // attention at every layer would not fit in memory).
-        let chunks: Vec<&[u32]> = sequence[keep..sequence.len() - 1]
-            .chunks(PREFILL_CHUNK)
-            .collect();
-        let Some((last, before)) = chunks.split_last() else {
-            return Ok(Vec::new());
-        };
-        for chunk in before {
-            self.feed(model, chunk, &Capture::default(), cancel)?;
-        }
-        let chunk_start = self.fed.len();
-        let capture_from = if first {
-            (new_from - 1).saturating_sub(PROMPT_POSITIONS - 1)
+        // The first query position (the one before the token it predicts) each kind of record covers.
+        let new_query = new_from - 1;
+        let lens_from = if first {
+            new_query.saturating_sub(PROMPT_POSITIONS - 1)
         } else {
-            new_from - 1
-        }
-        .max(chunk_start);
-        let offset = capture_from - chunk_start;
-        let capture = Capture {
-            attention_layers: if params.attention {
-                (0..llama.config.n_layers).collect()
-            } else {
-                Default::default()
-            },
-            hidden_states: params.lens,
-            ..Capture::default()
+            new_query
         };
-        let out = self.feed(model, last, &capture, cancel)?;
-        let mut inspections: Vec<Inspection> = (0..sequence.len() - 1 - capture_from)
-            .map(|r| Inspection {
-                position: capture_from + r + 1,
-                lens: Vec::new(),
-                attention: Vec::new(),
-            })
-            .collect();
-        if params.lens {
-            for (r, inspection) in inspections.iter_mut().enumerate() {
-                let actual = sequence[inspection.position];
-                let states: Vec<Tensor> = out
-                    .hidden_states
-                    .iter()
-                    .map(|h| h.narrow(1, offset + r, 1))
-                    .collect::<candle_core::Result<_>>()?;
-                // One LM-head product for every depth: (layers + 1, 1, vocab).
-                let logits = llama
-                    .head(&Tensor::cat(&states, 0)?)?
-                    .squeeze(1)?
-                    .to_vec2::<f32>()?;
-                inspection.lens = logits
-                    .iter()
-                    .map(|row| {
-                        let logprobs = log_softmax(row);
-                        let id = argmax(&logprobs);
-                        LensCell {
-                            token_id: id,
-                            token: model.tokenizer.token_text(id),
-                            prob: logprobs[id as usize].exp(),
-                            actual_prob: logprobs.get(actual as usize).map_or(0.0, |lp| lp.exp()),
-                        }
-                    })
-                    .collect();
-            }
-        }
-        if params.attention {
-            let k = params.attention_top_k.max(1);
-            for (layer, probs) in &out.attention {
-                // (1, heads, rows, keys) -> [heads][rows][keys]
-                let probs = probs.squeeze(0)?.to_vec3::<f32>()?;
-                for (r, inspection) in inspections.iter_mut().enumerate() {
-                    let keys = capture_from + r + 1;
-                    let per_head: Vec<&[f32]> = probs
-                        .iter()
-                        .map(|h| h[offset + r].get(..keys).unwrap_or_default())
-                        .collect();
-                    let n_heads = per_head.len().max(1) as f32;
-                    let max: Vec<f32> = (0..keys)
-                        .map(|j| {
-                            per_head
-                                .iter()
-                                .map(|h| h.get(j).copied().unwrap_or(0.0))
-                                .fold(0.0, f32::max)
-                        })
-                        .collect();
-                    let mean: Vec<f32> = (0..keys)
-                        .map(|j| {
-                            per_head
-                                .iter()
-                                .map(|h| h.get(j).copied().unwrap_or(0.0))
-                                .sum::<f32>()
-                                / n_heads
-                        })
-                        .collect();
-                    let mut heads: Vec<SparseRow> = per_head.iter().map(|h| sparse(h, k)).collect();
-                    heads.push(sparse(&max, k));
-                    heads.push(sparse(&mean, k));
-                    inspection.attention.push(LayerAttention {
-                        layer: *layer,
-                        heads,
-                    });
+        let attention_from = if first { 0 } else { new_query };
+        let inspect_from = match (params.lens, params.attention) {
+            (true, true) => lens_from.min(attention_from),
+            (true, false) => lens_from,
+            _ => attention_from,
+        };
+        let layers = params.recorded_layers(llama.config.n_layers);
+        let mut inspections = Vec::new();
+        // Fed in the chunks the methods feed (`Sequence`), so that the lens's last layer is the decoding's own
+        // output and not a rounding away from it.
+        let end = sequence.len() - 1;
+        for chunk in sequence[keep..end].chunks(PREFILL_CHUNK) {
+            let start = self.fed.len();
+            let stop = start + chunk.len();
+            let capture = Capture {
+                attention_layers: if params.attention && stop > attention_from {
+                    layers.iter().copied().collect()
+                } else {
+                    Default::default()
+                },
+                attention_top_k: Some(params.attention_top_k.max(1)),
+                hidden_states: params.lens && stop > lens_from,
+                ..Capture::default()
+            };
+            let out = self.feed(model, chunk, &capture, cancel)?;
+            let mut maps = out.attention_maps.into_iter();
+            for query in start..stop {
+                let map = maps.next();
+                if query < inspect_from {
+                    continue;
                 }
+                let mut inspection = Inspection {
+                    position: query + 1,
+                    lens: Vec::new(),
+                    attention: Vec::new(),
+                    attention_map: map.filter(|_| params.attention && query >= attention_from),
+                };
+                if params.lens && query >= lens_from {
+                    let actual = sequence[query + 1];
+                    let states: Vec<Tensor> = out
+                        .hidden_states
+                        .iter()
+                        .map(|h| h.narrow(1, query - start, 1))
+                        .collect::<candle_core::Result<_>>()?;
+                    // One LM-head product for every depth: (layers + 1, 1, vocab).
+                    let logits = llama
+                        .head(&Tensor::cat(&states, 0)?)?
+                        .squeeze(1)?
+                        .to_vec2::<f32>()?;
+                    inspection.lens = logits
+                        .iter()
+                        .map(|row| {
+                            let logprobs = log_softmax(row);
+                            let id = argmax(&logprobs);
+                            LensCell {
+                                token_id: id,
+                                token: model.tokenizer.token_text(id),
+                                prob: logprobs[id as usize].exp(),
+                                actual_prob: logprobs
+                                    .get(actual as usize)
+                                    .map_or(0.0, |lp| lp.exp()),
+                            }
+                        })
+                        .collect();
+                }
+                inspections.push(inspection);
             }
         }
-        // The prompt positions are inspected once only, at the first step.
         Ok(inspections)
     }
 
@@ -189,17 +165,46 @@ impl Inspector {
     }
 }
 
-/// The `k` largest weights of a row, rounded to 1e-4 (ties to the lower position).
-fn sparse(row: &[f32], k: usize) -> SparseRow {
-    let keys = top_n(row, k.min(row.len()));
-    let weights: Vec<f32> = keys.iter().map(|&j| round4(row[j as usize])).collect();
-    SparseRow {
-        covered: round4(keys.iter().map(|&j| row[j as usize]).sum()),
-        keys,
-        weights,
+/// Adds one layer of a fed token's attention to its map: `heads` holds each head's weights over `cells` (the
+/// positions the token sees); the map keeps each head's, the max's and the mean's largest weights.
+pub(crate) fn push_layer(
+    map: &mut AttentionMap,
+    layer: usize,
+    heads: &[Vec<f32>],
+    cells: &[usize],
+) -> Result<()> {
+    let width = map.width();
+    let n = cells.len();
+    let mut max = vec![0f32; n];
+    let mut mean = vec![0f32; n];
+    for head in heads {
+        for ((m, s), &w) in max.iter_mut().zip(mean.iter_mut()).zip(head) {
+            *m = m.max(w);
+            *s += w;
+        }
     }
-}
-
-fn round4(x: f32) -> f32 {
-    (x * 1e4).round() / 1e4
+    let inverse = 1.0 / heads.len().max(1) as f32;
+    mean.iter_mut().for_each(|s| *s *= inverse);
+    let rows = heads.len() + 2;
+    let mut keys = Vec::with_capacity(rows * width);
+    let mut weights = Vec::with_capacity(rows * width);
+    let mut covered = Vec::with_capacity(rows);
+    for row in heads
+        .iter()
+        .map(Vec::as_slice)
+        .chain([max.as_slice(), mean.as_slice()])
+    {
+        // Ties go to the earlier position.
+        let top = top_n(row, width);
+        let mut kept = 0.0;
+        for &j in &top {
+            let w = row.get(j as usize).copied().unwrap_or(0.0);
+            kept += w;
+            weights.push(w);
+            keys.push(cells.get(j as usize).map_or(0, |&c| c as u32));
+        }
+        covered.push(kept);
+    }
+    map.push_layer(layer, &keys, &weights, &covered)
+        .map_err(Error::InvalidInput)
 }

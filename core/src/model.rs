@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 use crate::ggml_float::Flavor;
 pub use crate::kv_cache::KvCache;
 use crate::kv_cache::LayerCache;
-use crate::trace::ModelInfo;
+use crate::trace::{AttentionMap, ModelInfo};
 
 /// Hyper-parameters read from the GGUF metadata.
 #[derive(Clone, Debug, PartialEq)]
@@ -234,6 +234,10 @@ pub enum Logits {
 pub struct Capture {
     /// Layers whose attention probabilities to return.
     pub attention_layers: BTreeSet<usize>,
+    /// With `attention_layers`: instead of whole (b, h, t, s) tensors, reduce each fed token's attention to an
+    /// [`AttentionMap`] of its `k` largest weights per row as it is computed, since a long prompt's rows at
+    /// every layer take gigabytes (30 layers × 9 heads × 512 × 2,000 f32 for one 512-token chunk).
+    pub attention_top_k: Option<usize>,
     /// Return the residual stream after the embeddings and after every layer.
     pub hidden_states: bool,
     /// Layers to skip (self-speculative drafting). Skipped layers add nothing to the KV cache.
@@ -244,11 +248,25 @@ pub struct Capture {
     pub prompt: bool,
 }
 
+/// What `attend` keeps of the attention weights.
+enum Keep<'a> {
+    Nothing,
+    /// Whole rows, as (b, h, t, s).
+    Dense,
+    /// Each fed token's rows, reduced into its map as layer `layer`.
+    Maps {
+        layer: usize,
+        maps: &'a mut [AttentionMap],
+    },
+}
+
 pub struct ForwardOutput {
     /// (b, n, vocab), n = 1 for [`Logits::Last`], t for [`Logits::All`].
     pub logits: Tensor,
-    /// (layer, probabilities of shape (b, h, t, s)) for each captured layer.
+    /// (layer, probabilities of shape (b, h, t, s)) for each captured layer, unless `attention_top_k` was set.
     pub attention: Vec<(usize, Tensor)>,
+    /// With `attention_top_k`: one map per fed token (b·t, row-major), every captured layer in order.
+    pub attention_maps: Vec<AttentionMap>,
     /// (b, t, dim) residual streams: index 0 after the embeddings, index i+1 after layer i (skipped layers repeat
     /// their input). Empty unless captured.
     pub hidden_states: Vec<Tensor>,
@@ -525,8 +543,28 @@ impl Llama {
         let mut out = ForwardOutput {
             logits: Tensor::zeros(1, DType::F32, dev)?,
             attention: vec![],
+            attention_maps: vec![],
             hidden_states: vec![],
         };
+        let top_k = capture
+            .attention_top_k
+            .filter(|_| !capture.attention_layers.is_empty());
+        if let Some(k) = top_k {
+            // A map's rows share one width, so every captured layer must see the same keys.
+            if !capture.skip_layers.is_empty() {
+                return Err(Error::InvalidInput(
+                    "attention maps cannot be captured while layers are skipped".into(),
+                ));
+            }
+            let past = cache.layer_len(0);
+            out.attention_maps = (0..rows)
+                .map(|r| {
+                    let i = r % t;
+                    let seen = past + (0..t).filter(|&j| visible[i * t + j]).count();
+                    AttentionMap::new(positions[r], cfg.n_heads, k.max(1).min(seen))
+                })
+                .collect();
+        }
         if capture.hidden_states {
             out.hidden_states.push(as_tensor(&x)?);
         }
@@ -550,12 +588,19 @@ impl Llama {
             self.arithmetic.store(&mut k);
             self.arithmetic.store(&mut v);
             cache.append(i, b, t, &k, &v)?;
-            let keep_probs = capture.attention_layers.contains(&i);
             let layer_cache = cache
                 .layers
                 .get(i)
                 .ok_or_else(|| Error::InvalidInput(format!("no cache slot for layer {i}")))?;
-            let (y, probs) = self.attend(layer_cache, &q, &visible, &paths, b, t, past, keep_probs);
+            let keep = match top_k {
+                _ if !capture.attention_layers.contains(&i) => Keep::Nothing,
+                Some(_) => Keep::Maps {
+                    layer: i,
+                    maps: &mut out.attention_maps,
+                },
+                None => Keep::Dense,
+            };
+            let (y, probs) = self.attend(layer_cache, &q, &visible, &paths, b, t, past, keep)?;
             if let Some(probs) = probs {
                 let s = past + t;
                 out.attention
@@ -641,7 +686,7 @@ impl Llama {
     }
 
     /// Attention of the `t` fed tokens of each of `b` rows over the layer's cache (which already holds them).
-    /// Returns the (b·t) × (h·d) outputs and, when asked, the probabilities as (b, h, t, s).
+    /// Returns the (b·t) × (h·d) outputs and, with [`Keep::Dense`], the probabilities as (b, h, t, s).
     #[allow(clippy::too_many_arguments)]
     fn attend(
         &self,
@@ -652,8 +697,8 @@ impl Llama {
         b: usize,
         t: usize,
         past: usize,
-        keep_probs: bool,
-    ) -> (Vec<f32>, Option<Vec<f32>>) {
+        mut keep: Keep<'_>,
+    ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
         let cfg = &self.config;
         let (heads, kv, d) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
         if let (Arithmetic::LlamaCpp(flavor), false) = (self.arithmetic, keep_probs) {
@@ -673,7 +718,10 @@ impl Llama {
         let group = heads / kv.max(1);
         let (s, width) = (past + t, kv * d);
         let mut y = vec![0f32; b * t * heads * d];
-        let mut probs = keep_probs.then(|| vec![0f32; b * heads * t * s]);
+        let keep_probs = !matches!(keep, Keep::Nothing);
+        let mut probs = matches!(keep, Keep::Dense).then(|| vec![0f32; b * heads * t * s]);
+        // A token's weights, head by head, while its map is built.
+        let mut token_weights: Vec<Vec<f32>> = Vec::new();
         let mut cells_seen = Vec::with_capacity(s);
         let tiled = paths.contains(&AttentionPath::Tiled);
         for (row, (keys, values)) in cache.keys.iter().zip(&cache.values).enumerate().take(b) {
@@ -691,6 +739,7 @@ impl Llama {
                     tiles: tiles.as_ref(),
                 };
                 let path = paths.get(i).copied().unwrap_or(AttentionPath::Online);
+                token_weights.clear();
                 for head in 0..heads {
                     let at = (token * heads + head) * d;
                     let (Some(query), Some(out)) = (q.get(at..at + d), y.get_mut(at..at + d))
@@ -708,31 +757,35 @@ impl Llama {
                                 out,
                             );
                             // The weights are not part of the online softmax: computed apart, for display.
-                            keep_probs.then(|| {
-                                attention::exact_head(
-                                    query,
-                                    &cells,
-                                    head / group,
-                                    &mut vec![0.0; d],
-                                )
-                            })
+                            keep_probs
+                                .then(|| attention::exact_weights(query, &cells, head / group))
                         }
                         Arithmetic::Exact => {
                             Some(attention::exact_head(query, &cells, head / group, out))
                         }
                     };
-                    if let (Some(probs), Some(weights)) = (probs.as_mut(), weights) {
-                        let at = ((row * heads + head) * t + i) * s;
-                        for (&w, &cell) in weights.iter().zip(&cells_seen) {
-                            if let Some(slot) = probs.get_mut(at + cell) {
-                                *slot = w;
+                    match (probs.as_mut(), weights) {
+                        (Some(probs), Some(weights)) => {
+                            let at = ((row * heads + head) * t + i) * s;
+                            for (&w, &cell) in weights.iter().zip(&cells_seen) {
+                                if let Some(slot) = probs.get_mut(at + cell) {
+                                    *slot = w;
+                                }
                             }
                         }
+                        (None, Some(weights)) => token_weights.push(weights),
+                        _ => {}
                     }
+                }
+                if let Keep::Maps { layer, maps } = &mut keep {
+                    let map = maps.get_mut(token).ok_or_else(|| {
+                        Error::InvalidInput(format!("no attention map for fed token {token}"))
+                    })?;
+                    crate::inspect::push_layer(map, *layer, &token_weights, &cells_seen)?;
                 }
             }
         }
-        (y, probs)
+        Ok((y, probs))
     }
 }
 

@@ -194,7 +194,9 @@ fn trace_files_round_trip_and_bad_files_say_where() {
     let err = Trace::read_jsonl(lines[1..].join("\n").as_bytes()).unwrap_err();
     assert!(matches!(err, TraceError::NoHeader { line: 1, .. }), "{err}");
     // A newer schema is refused clearly; an unknown payload kind from a newer minor version is tolerated.
-    let newer = lines[0].replace("\"schema_version\":1", "\"schema_version\":99");
+    let current = format!("\"schema_version\":{}", specula_core::trace::SCHEMA_VERSION);
+    assert!(lines[0].contains(&current), "{}", lines[0]);
+    let newer = lines[0].replace(&current, "\"schema_version\":99");
     assert!(matches!(
         Trace::read_jsonl(newer.as_bytes()).unwrap_err(),
         TraceError::TooNew { found: 99, .. }

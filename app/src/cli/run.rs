@@ -109,6 +109,9 @@ pub struct RunArgs {
     /// With --record-attention: the largest weights kept per attention row (default 8).
     #[arg(long)]
     pub attention_top_k: Option<usize>,
+    /// With --record-attention: the layers to record, e.g. 28,29 (default: every layer).
+    #[arg(long, value_delimiter = ',')]
+    pub attention_layers: Vec<usize>,
     /// speculative: who drafts (prompt-lookup, layer-skip, token-recycling, early-exit, lookahead, model).
     #[arg(long, default_value = "prompt-lookup")]
     pub drafter: String,
@@ -224,6 +227,7 @@ impl RunArgs {
         let mut i = InspectParams {
             lens: self.record_lens,
             attention: self.record_attention,
+            attention_layers: self.attention_layers.clone(),
             ..InspectParams::default()
         };
         if let Some(k) = self.attention_top_k {

@@ -19,7 +19,7 @@ use super::panels::timeline::TimelinePanel;
 use super::panels::top_bar::TopBar;
 use super::picker::FilePicker;
 use super::settings::Settings;
-use super::store::{ModelState, Notice, RunKey, RunStore};
+use super::store::{ModelState, Notice, RunKey, RunStatus, RunStore};
 use super::sweep::Sweep;
 use super::tiles::{Behavior, Pane, Panels, default_tree, is_complete};
 
@@ -28,6 +28,15 @@ const LAYOUT_KEY: &str = "specula_layout";
 /// How long one frame may spend applying worker events before it draws what it has (rerun uses a similar
 /// budget), so a burst of events never freezes the window.
 const EVENT_BUDGET: Duration = Duration::from_millis(8);
+
+/// Where the smoke test's export stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum SmokeExport {
+    /// Waiting for the selected run to finish.
+    Waiting(Pane),
+    /// The export command was sent; its outcome is printed when it ends.
+    Exporting,
+}
 
 /// What the app is built from; tests pass fakes for the picker and the backend.
 pub struct AppOptions {
@@ -63,6 +72,8 @@ pub struct SpeculaApp {
     pub(super) sweep: Option<Sweep>,
     pub(super) notice: Option<Notice>,
     pub(super) autorun: Option<String>,
+    /// The Xvfb smoke test's export (`SPECULA_SMOKE_EXPORT`).
+    pub(super) smoke_export: Option<SmokeExport>,
     pub(super) commands: CommandQueue,
     pub(super) egui_ctx: egui::Context,
     title: String,
@@ -113,6 +124,7 @@ impl SpeculaApp {
             sweep: None,
             notice: None,
             autorun: options.autorun,
+            smoke_export: None,
             commands: CommandQueue::default(),
             egui_ctx: cc.egui_ctx.clone(),
             title: String::new(),
@@ -189,6 +201,26 @@ impl SpeculaApp {
                 self.commands.send(Command::LoadModel(Some(path)));
             }
             Err(e) => self.notice = Some(Notice::error(e)),
+        }
+    }
+
+    /// Exports `pane` as PNG once the selected run finished, through [`Command::ExportPanel`], and prints the
+    /// outcome on stdout (the Xvfb smoke test reads it); the picker decides where the file goes.
+    pub fn export_when_finished(&mut self, pane: Pane) {
+        self.smoke_export = Some(SmokeExport::Waiting(pane));
+    }
+
+    fn start_smoke_export(&mut self) {
+        let Some(SmokeExport::Waiting(pane)) = self.smoke_export else {
+            return;
+        };
+        if self
+            .store
+            .selected()
+            .is_some_and(|run| matches!(run.status, RunStatus::Finished(_)))
+        {
+            self.commands.send(Command::ExportPanel(pane));
+            self.smoke_export = Some(SmokeExport::Exporting);
         }
     }
 
@@ -305,6 +337,7 @@ impl eframe::App for SpeculaApp {
         self.advance_sweep();
         self.poll_download();
         self.start_autorun();
+        self.start_smoke_export();
         self.take_dropped_files(ctx);
         self.keyboard(ctx);
         self.update_cursor(ctx);

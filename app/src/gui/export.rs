@@ -18,7 +18,7 @@ use image::ImageEncoder;
 use image::codecs::png::PngEncoder;
 use specula_core::trace::write_atomically;
 
-use super::app::SpeculaApp;
+use super::app::{SmokeExport, SpeculaApp};
 use super::handle::{file_stem, with_extension_if_missing};
 use super::store::Notice;
 use super::tiles::Pane;
@@ -60,6 +60,27 @@ impl PanelExport {
 
     pub fn pane(&self) -> Pane {
         self.pane
+    }
+
+    /// The panel's rect in the window's pixels (x, y, width, height) once the screenshot was asked for, rounded
+    /// as [`crop`] rounds it: the size the PNG must have.
+    pub fn pixel_rect(&self) -> Option<[usize; 4]> {
+        let Stage::Waiting {
+            rect,
+            pixels_per_point,
+            ..
+        } = &self.stage
+        else {
+            return None;
+        };
+        let px = |v: f32| (v * pixels_per_point).round().max(0.0) as usize;
+        let (x0, y0) = (px(rect.min.x), px(rect.min.y));
+        Some([
+            x0,
+            y0,
+            px(rect.max.x).saturating_sub(x0),
+            px(rect.max.y).saturating_sub(y0),
+        ])
     }
 
     /// Moves the export on after the panes were drawn; `pane_rect` is where this frame drew the panel. Returns
@@ -213,6 +234,16 @@ impl SpeculaApp {
         };
         let rect = self.panels.rect_of(export.pane());
         if let Some(notice) = export.poll(ctx, rect) {
+            if self.smoke_export == Some(SmokeExport::Exporting) {
+                let [x, y, width, height] = export.pixel_rect().unwrap_or_default();
+                println!(
+                    "specula-export: pane={:?} x={x} y={y} width={width} height={height} {}: {}",
+                    export.pane().title(),
+                    if notice.is_error { "error" } else { "ok" },
+                    notice.text
+                );
+                self.smoke_export = None;
+            }
             self.notice = Some(notice);
             self.export = None;
         }

@@ -43,6 +43,34 @@ pub use tiles::Pane;
 /// test uses it; the window title says when the run finished.
 pub const AUTORUN_ENV: &str = "SPECULA_AUTORUN";
 
+/// Environment variable, for the Xvfb smoke test only: `PANE=PATH` (a pane's title, e.g. `Plots=/tmp/p.png`)
+/// exports that pane as PNG to PATH once the selected run finished, through the command File → Export panel as
+/// PNG sends (only the save dialog is answered by PATH), and prints the outcome on stdout as one
+/// `specula-export:` line.
+pub const SMOKE_EXPORT_ENV: &str = "SPECULA_SMOKE_EXPORT";
+
+/// The pane and path `SPECULA_SMOKE_EXPORT` asks for.
+fn smoke_export() -> anyhow::Result<Option<(Pane, PathBuf)>> {
+    let Some(value) = std::env::var_os(SMOKE_EXPORT_ENV).filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    let value = value.to_string_lossy();
+    let (title, path) = value
+        .split_once('=')
+        .ok_or_else(|| anyhow::anyhow!("{SMOKE_EXPORT_ENV} must be PANE=PATH, not {value:?}"))?;
+    let pane = Pane::ALL
+        .into_iter()
+        .find(|p| p.title().eq_ignore_ascii_case(title.trim()))
+        .ok_or_else(|| {
+            let titles: Vec<&str> = Pane::ALL.iter().map(|p| p.title()).collect();
+            anyhow::anyhow!(
+                "{SMOKE_EXPORT_ENV}: no pane is titled {title:?} (panes: {})",
+                titles.join(", ")
+            )
+        })?;
+    Ok(Some((pane, PathBuf::from(path))))
+}
+
 /// Opens the workbench. `threads` was applied by `main` already. A missing or bad model still opens the window,
 /// which then says how to get one.
 pub fn run(model: Option<PathBuf>, _threads: usize) -> anyhow::Result<()> {
@@ -50,6 +78,7 @@ pub fn run(model: Option<PathBuf>, _threads: usize) -> anyhow::Result<()> {
     let autorun = std::env::var(AUTORUN_ENV)
         .ok()
         .filter(|p| !p.trim().is_empty());
+    let smoke_export = smoke_export()?;
     let native_options = eframe::NativeOptions {
         viewport: egui::ViewportBuilder::default()
             .with_title("Specula")
@@ -64,14 +93,25 @@ pub fn run(model: Option<PathBuf>, _threads: usize) -> anyhow::Result<()> {
         Box::new(move |cc| {
             let waker = app::repaint_waker(&cc.egui_ctx);
             let worker = specula_core::worker::Worker::spawn(waker);
+            let picker: Box<dyn FilePicker> = match &smoke_export {
+                Some((_, path)) => Box::new(picker::SaveTo {
+                    path: path.clone(),
+                    inner: Box::new(RfdPicker),
+                }),
+                None => Box::new(RfdPicker),
+            };
             let options = AppOptions {
-                picker: Box::new(RfdPicker),
+                picker,
                 backend: Box::new(worker),
                 model,
                 autorun,
                 examples: find_examples(),
             };
-            Ok(Box::new(SpeculaApp::new(cc, options)))
+            let mut app = SpeculaApp::new(cc, options);
+            if let Some((pane, _)) = smoke_export {
+                app.export_when_finished(pane);
+            }
+            Ok(Box::new(app))
         }),
     )
     .map_err(|e| anyhow::anyhow!("could not open the window: {e}"))

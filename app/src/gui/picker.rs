@@ -15,6 +15,23 @@ pub enum PickFilter {
     Model,
 }
 
+/// Answers every save dialog with one path and leaves opening to `inner`: the Xvfb smoke test's export
+/// (`SPECULA_SMOKE_EXPORT`) has no portal to show a dialog on.
+pub struct SaveTo {
+    pub path: PathBuf,
+    pub inner: Box<dyn FilePicker>,
+}
+
+impl FilePicker for SaveTo {
+    fn open(&self, filter: PickFilter) -> Option<PathBuf> {
+        self.inner.open(filter)
+    }
+
+    fn save(&self, _default_name: &str) -> Option<PathBuf> {
+        Some(self.path.clone())
+    }
+}
+
 /// The native dialog (xdg portal on Linux).
 pub struct RfdPicker;
 

@@ -81,7 +81,7 @@ pub fn has_attention(trace: &Trace) -> bool {
     trace
         .steps
         .iter()
-        .any(|s| s.inspection.iter().any(|i| !i.attention.is_empty()))
+        .any(|s| s.inspection.iter().any(|i| i.attention_map.is_some()))
 }
 
 /// Momentum decoding's view of the text: a walk on a graph of tokens. `nodes` are the distinct token ids in order

@@ -25,6 +25,8 @@ pub struct ExportOptions {
 impl Trace {
     pub fn write_jsonl(&self, w: &mut dyn Write, opts: ExportOptions) -> std::io::Result<()> {
         let mut header = self.header.clone();
+        // A run read from an older file was upgraded on reading (`read_jsonl`): it is written in this schema.
+        header.schema_version = SCHEMA_VERSION;
         let mut summary = self.summary.clone();
         if opts.deterministic {
             header.created_unix_ms = None;
@@ -123,8 +125,14 @@ impl Trace {
                     }
                     runs.push(Trace::new(*h));
                 }
-                TraceLine::Step(s) => match runs.last_mut() {
-                    Some(run) => run.steps.push(*s),
+                TraceLine::Step(mut s) => match runs.last_mut() {
+                    Some(run) => {
+                        upgrade(&mut s).map_err(|message| TraceError::Parse {
+                            line: line_no,
+                            message,
+                        })?;
+                        run.steps.push(*s);
+                    }
                     None => {
                         return Err(TraceError::NoHeader {
                             line: line_no,
@@ -156,6 +164,19 @@ impl Trace {
         })?;
         Self::read_jsonl(std::io::BufReader::new(file))
     }
+}
+
+/// Brings a step read from an older schema to this one, so that nothing past the reader sees old forms.
+fn upgrade(step: &mut StepRecord) -> Result<(), String> {
+    for inspection in &mut step.inspection {
+        inspection.upgrade().map_err(|e| {
+            format!(
+                "in a `step` record: the version-1 attention at position {}: {e}",
+                inspection.position
+            )
+        })?;
+    }
+    Ok(())
 }
 
 fn write_line(w: &mut dyn Write, line: &TraceLine) -> std::io::Result<()> {

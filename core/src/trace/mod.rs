@@ -8,15 +8,23 @@
 //! Compatibility rules, so that every version opens the previous versions' files:
 //! - new fields are `#[serde(default)]`; fields are never renamed or removed;
 //! - method payloads are a tagged enum; a payload kind this version does not know is read as `Unknown`;
-//! - `schema_version` only grows; a file from a newer major version is refused with a clear message.
+//! - `schema_version` only grows; a file from a newer major version is refused with a clear message;
+//! - a form a version replaces is still read, and upgraded by the reader (`files::upgrade`), so that the rest of
+//!   the program knows only the current form; writers write the current form and version.
+//!
+//! Versions: 1, the first; 2, attention as a packed `attention_map` instead of `attention` (one JSON object per
+//! row, 55 KB per token with the lens at the default settings), and recorded for every prompt position.
 
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+mod attention;
 mod files;
 mod params;
 mod payload;
+
+pub use attention::{AttentionMap, WEIGHT_SCALE};
 
 pub use files::{ExportOptions, FileFormat, save_runs, write_atomically};
 pub use params::{
@@ -25,7 +33,7 @@ pub use params::{
 pub use payload::*;
 
 /// Version of the trace schema written by this build.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// How many candidates each token record keeps (OpenAI's maximum for `top_logprobs`).
 pub const TOP_CANDIDATES: usize = 20;

@@ -57,6 +57,9 @@ pub struct InspectParams {
     /// Every layer's attention (per head, max and mean over heads), the `attention_top_k` largest weights per row.
     pub attention: bool,
     pub attention_top_k: usize,
+    /// The layers whose attention is recorded; empty = every layer.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub attention_layers: Vec<usize>,
 }
 
 impl Default for InspectParams {
@@ -65,6 +68,7 @@ impl Default for InspectParams {
             lens: false,
             attention: false,
             attention_top_k: 8,
+            attention_layers: Vec::new(),
         }
     }
 }
@@ -72,6 +76,42 @@ impl Default for InspectParams {
 impl InspectParams {
     pub fn any(&self) -> bool {
         self.lens || self.attention
+    }
+
+    /// Checks the attention settings against a model of `n_layers` layers.
+    pub fn validate(&self, n_layers: usize) -> crate::error::Result<()> {
+        if !self.attention {
+            return Ok(());
+        }
+        if !(1..=64).contains(&self.attention_top_k) {
+            return Err(crate::error::bad_param(
+                "attention_top_k",
+                self.attention_top_k,
+                "must be between 1 and 64",
+            ));
+        }
+        if let Some(&bad) = self.attention_layers.iter().find(|&&l| l >= n_layers) {
+            return Err(crate::error::bad_param(
+                "attention_layers",
+                bad,
+                format!("the model has layers 0 to {}", n_layers.saturating_sub(1)),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The layers whose attention is recorded, in order, among `n_layers`.
+    pub fn recorded_layers(&self, n_layers: usize) -> Vec<usize> {
+        if self.attention_layers.is_empty() {
+            return (0..n_layers).collect();
+        }
+        let chosen: std::collections::BTreeSet<usize> = self
+            .attention_layers
+            .iter()
+            .copied()
+            .filter(|&l| l < n_layers)
+            .collect();
+        chosen.into_iter().collect()
     }
 }
 

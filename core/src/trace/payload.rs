@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::Candidate;
+use super::{AttentionMap, Candidate};
 
 /// What a drafter proposed and what the verifier made of it, in one step. The step's `tokens` are the committed
 /// result (accepted drafts, then the corrected or bonus token); this is the story behind them.
@@ -253,9 +253,29 @@ pub struct Inspection {
     /// The logit lens: one entry per depth, 0 = the embeddings, i + 1 = after layer i (the last is the output).
     #[serde(default)]
     pub lens: Vec<LensCell>,
-    /// Attention of the predicting position over every earlier position, per layer (only the recorded layers).
-    #[serde(default)]
+    /// Schema version 1's attention, one JSON object per row. Only read: the reader moves it into
+    /// `attention_map` (`upgrade`), so everything else sees one form, and nothing writes it any more.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub attention: Vec<LayerAttention>,
+    /// Attention of the predicting position over every earlier position, per recorded layer (schema version 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_map: Option<AttentionMap>,
+}
+
+impl Inspection {
+    /// Moves a version-1 `attention` into `attention_map`.
+    pub fn upgrade(&mut self) -> Result<(), String> {
+        if self.attention.is_empty() {
+            return Ok(());
+        }
+        let query = self
+            .position
+            .checked_sub(1)
+            .ok_or("an inspection at position 0")?;
+        self.attention_map = Some(AttentionMap::from_layers(query, &self.attention)?);
+        self.attention.clear();
+        Ok(())
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -267,6 +287,7 @@ pub struct LensCell {
     pub actual_prob: f32,
 }
 
+/// Schema version 1's attention of one layer.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LayerAttention {
     pub layer: usize,
@@ -274,8 +295,9 @@ pub struct LayerAttention {
     pub heads: Vec<SparseRow>,
 }
 
-/// The largest weights of one attention row: keys (absolute positions) with their weights, largest first, rounded
-/// to 1e-4. `covered` is the total weight of the row the kept keys hold.
+/// The largest weights of one attention row: keys (absolute positions) with their weights, largest first.
+/// `covered` is the total weight of the row the kept keys hold. Version 1 stored rows so (weights rounded to
+/// 1e-4); now it is what [`AttentionMap::row`] gives the panels.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SparseRow {
     pub keys: Vec<u32>,

@@ -1,18 +1,19 @@
 //! Attention at the cursor: where the position that predicted the cursor's token looked, for any layer and any
 //! head (or the max or mean over heads). A layers × keys heat map shows every layer at once (click a row to pick
-//! the layer); a strip over the whole sequence (prompt, then output) and a list show the picked layer. The trace
-//! keeps the largest weights of each row only, so the view costs the same on 2,000 tokens as on 20.
+//! the layer); a strip over the whole sequence (prompt, then output) and a list show the picked layer. Any other
+//! recorded position (every prompt position, every earlier token) can be picked instead of the cursor's token.
+//! The trace keeps the largest weights of each row only, so the view costs the same on 2,000 tokens as on 20.
 
 use std::collections::BTreeMap;
 
 use egui::{Color32, FontId, Rect, RichText, Sense, Stroke, StrokeKind, pos2, vec2};
-use specula_core::trace::{Inspection, SparseRow};
+use specula_core::trace::{AttentionMap, Inspection, SparseRow};
 
 use super::beam_tree::clip;
 use super::colouring::{heat, heat_legend};
-use super::tokens::{display_text, percent};
+use super::tokens::{display_text, percent, quoted};
 use super::{ViewCtx, empty_state};
-use crate::gui::search::{has_attention, position_texts};
+use crate::gui::search::{has_attention, inspections_at, position_texts};
 
 const CELL_W: f32 = 44.0;
 const CELL_H: f32 = 14.0;
@@ -40,13 +41,13 @@ impl HeadMode {
         }
     }
 
-    /// The row in `LayerAttention::heads`: the heads, then max, then mean.
-    fn row(self, heads: &[SparseRow]) -> Option<&SparseRow> {
-        let n = heads.len().checked_sub(2)?;
+    /// This mode's row of the layer at `layer_index` of `map`: a map holds the heads, then max, then mean.
+    fn row(self, map: &AttentionMap, layer_index: usize) -> Option<SparseRow> {
+        let n = map.heads();
         match self {
-            HeadMode::Max => heads.get(n),
-            HeadMode::Mean => heads.get(n + 1),
-            HeadMode::Head(h) if h < n => heads.get(h),
+            HeadMode::Max => map.row(layer_index, n),
+            HeadMode::Mean => map.row(layer_index, n + 1),
+            HeadMode::Head(h) if h < n => map.row(layer_index, h),
             HeadMode::Head(_) => None,
         }
     }
@@ -56,6 +57,9 @@ impl HeadMode {
 pub struct AttentionPanel {
     pub layer: Option<usize>,
     pub head: HeadMode,
+    /// A position picked in the panel (the token it predicts) and the step it was picked at: moving the cursor
+    /// goes back to the cursor's token, as every other panel follows the cursor.
+    pub picked: Option<(usize, usize)>,
 }
 
 impl AttentionPanel {
@@ -87,14 +91,24 @@ impl AttentionPanel {
             );
             return;
         };
-        let position = ctx.focused_token().map(|t| t.token.position);
-        let inspection = step
-            .inspection
-            .iter()
-            .rev()
-            .find(|i| Some(i.position) == position)
-            .or_else(|| step.inspection.last());
-        let Some(inspection) = inspection.filter(|i| !i.attention.is_empty()) else {
+        let cursor_position = ctx
+            .focused_token()
+            .map(|t| t.token.position)
+            .or_else(|| step.inspection.last().map(|i| i.position));
+        let recorded: BTreeMap<usize, &Inspection> = inspections_at(&run.trace, at)
+            .into_iter()
+            .filter(|(_, i)| i.attention_map.is_some())
+            .collect();
+        let picked = self
+            .picked
+            .filter(|&(s, p)| s == at && recorded.contains_key(&p))
+            .map(|(_, p)| p);
+        let inspection = picked
+            .or(cursor_position)
+            .and_then(|p| recorded.get(&p).copied());
+        let Some((inspection, map)) =
+            inspection.and_then(|i| i.attention_map.as_ref().map(|m| (i, m)))
+        else {
             empty_state(
                 ui,
                 &format!("Step {} recorded no attention", at + 1),
@@ -102,35 +116,81 @@ impl AttentionPanel {
             );
             return;
         };
-        let layers = inspection.attention.len();
-        let n_heads = inspection
-            .attention
-            .first()
-            .map_or(0, |l| l.heads.len().saturating_sub(2));
+        let layers = map.layers().len();
+        let n_heads = map.heads();
         let layer_index = self
             .layer
             .unwrap_or(layers.saturating_sub(1))
             .min(layers.saturating_sub(1));
         let texts = position_texts(&run.trace, at);
         let prompt_len = run.trace.header.prompt.token_ids.len();
-        let predicted = texts
-            .get(inspection.position)
-            .map_or_else(String::new, |t| display_text(t));
+        // Quoted, not `display_text`: the proportional font has no glyph for its newline mark.
+        let text_at = |p: usize| texts.get(p).map_or_else(String::new, |t| quoted(t));
+        let query = inspection.position - 1;
         ui.label(
-            RichText::new(format!(
-                "Step {}: the attention of position {} while it predicted '{predicted}' (position {})",
-                at + 1,
-                inspection.position - 1,
-                inspection.position
-            ))
+            RichText::new(if inspection.position < prompt_len {
+                format!(
+                    "Step {}: the attention of prompt position {query} ({}), followed by {}",
+                    at + 1,
+                    text_at(query),
+                    text_at(inspection.position)
+                )
+            } else {
+                format!(
+                    "Step {}: the attention of position {query} while it predicted {} (position {})",
+                    at + 1,
+                    text_at(inspection.position),
+                    inspection.position
+                )
+            })
             .strong(),
         );
         ui.horizontal_wrapped(|ui| {
+            let current = inspection.position;
+            let earlier = recorded.range(..current).next_back().map(|(&p, _)| p);
+            let later = recorded.range(current + 1..).next().map(|(&p, _)| p);
+            let mut pick = None;
+            ui.label("Query position");
+            if ui
+                .add_enabled(earlier.is_some(), egui::Button::new("Earlier").small())
+                .on_hover_text("The position before")
+                .clicked()
+            {
+                pick = earlier;
+            }
+            let (first, last) = (
+                recorded.keys().next().map_or(1, |p| p - 1),
+                recorded.keys().next_back().map_or(1, |p| p - 1),
+            );
+            let mut shown = query;
+            if ui
+                .add(egui::DragValue::new(&mut shown).range(first..=last))
+                .on_hover_text("Any recorded position: the prompt's, or an earlier token's")
+                .changed()
+            {
+                pick = Some(shown + 1);
+            }
+            if ui
+                .add_enabled(later.is_some(), egui::Button::new("Later").small())
+                .on_hover_text("The position after")
+                .clicked()
+            {
+                pick = later;
+            }
+            if picked.is_some() && ui.button("The cursor's token").clicked() {
+                self.picked = None;
+                ui.ctx().request_repaint();
+            }
+            if let Some(p) = pick.filter(|p| recorded.contains_key(p)) {
+                self.picked = Some((at, p));
+                ui.ctx().request_repaint();
+            }
+        });
+        ui.horizontal_wrapped(|ui| {
             let layer_name = |l: usize| {
-                inspection
-                    .attention
+                map.layers()
                     .get(l)
-                    .map_or_else(|| format!("{l}"), |a| format!("layer {}", a.layer))
+                    .map_or_else(|| format!("{l}"), |layer| format!("layer {layer}"))
             };
             egui::ComboBox::from_label("Layer")
                 .selected_text(layer_name(layer_index))
@@ -161,20 +221,16 @@ impl AttentionPanel {
         egui::ScrollArea::vertical()
             .auto_shrink([false, false])
             .show(ui, |ui| {
-                self.heat_map_ui(ui, inspection, &texts, layer_index);
+                self.heat_map_ui(ui, map, &texts, layer_index);
                 ui.add_space(6.0);
-                let Some(row) = inspection
-                    .attention
-                    .get(layer_index)
-                    .and_then(|l| self.head.row(&l.heads))
-                else {
+                let Some(row) = self.head.row(map, layer_index) else {
                     ui.label("This head is not recorded at this layer.");
                     return;
                 };
                 ui.label(
                     RichText::new(format!(
                         "Layer {}, {}: the {} largest weights{}",
-                        inspection.attention[layer_index].layer,
+                        map.layers().get(layer_index).copied().unwrap_or_default(),
                         self.head.name(),
                         row.keys.len(),
                         // The max over heads is no distribution: its weights sum to more than 1.
@@ -186,7 +242,7 @@ impl AttentionPanel {
                     ))
                     .strong(),
                 );
-                strip_ui(ui, row, inspection.position, prompt_len, &texts);
+                strip_ui(ui, &row, inspection.position, prompt_len, &texts);
                 ui.horizontal_wrapped(|ui| {
                     ui.label(RichText::new("■").monospace().color(PROMPT));
                     ui.label("prompt");
@@ -226,15 +282,13 @@ impl AttentionPanel {
     fn heat_map_ui(
         &mut self,
         ui: &mut egui::Ui,
-        inspection: &Inspection,
+        map: &AttentionMap,
         texts: &[String],
         picked: usize,
     ) {
-        let rows: Vec<Option<BTreeMap<u32, f32>>> = inspection
-            .attention
-            .iter()
+        let rows: Vec<Option<BTreeMap<u32, f32>>> = (0..map.layers().len())
             .map(|l| {
-                self.head.row(&l.heads).map(|r| {
+                self.head.row(map, l).map(|r| {
                     r.keys
                         .iter()
                         .copied()
@@ -289,7 +343,7 @@ impl AttentionPanel {
                     let y = top + r as f32 * CELL_H;
                     let label_rect =
                         Rect::from_min_size(pos2(rect.left(), y), vec2(LABEL_W - 4.0, CELL_H));
-                    let layer = inspection.attention[r].layer;
+                    let layer = map.layers().get(r).copied().unwrap_or_default();
                     painter.text(
                         label_rect.right_center(),
                         egui::Align2::RIGHT_CENTER,

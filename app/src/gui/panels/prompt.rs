@@ -239,7 +239,10 @@ fn inspect_ui(ui: &mut egui::Ui, settings: &mut RunSettings) {
                 "For each token, the top token at every layer (one extra forward per step)",
             );
         ui.checkbox(&mut settings.inspect.attention, "Record attention")
-            .on_hover_text("For each token, every layer's and head's strongest attention weights");
+            .on_hover_text(
+                "For every prompt position and token, every layer's and head's strongest attention weights \
+                 (about 13 KB each in a saved trace)",
+            );
     });
 }
 
