@@ -701,7 +701,7 @@ impl Llama {
     ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
         let cfg = &self.config;
         let (heads, kv, d) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
-        if let (Arithmetic::LlamaCpp(flavor), false) = (self.arithmetic, keep_probs) {
+        if let (Arithmetic::LlamaCpp(flavor), Keep::Nothing) = (self.arithmetic, &keep) {
             let job = Arc::new(AttentionJob::new(
                 flavor,
                 cache.keys.iter().take(b).cloned().collect(),
@@ -713,7 +713,7 @@ impl Llama {
                 (heads, kv, d),
             ));
             crate::kernels::compute_pool().run(job.clone());
-            return (job.output(), None);
+            return Ok((job.output(), None));
         }
         let group = heads / kv.max(1);
         let (s, width) = (past + t, kv * d);
