@@ -226,6 +226,33 @@ fn the_speculative_method_shows_its_parameters() {
     assert_eq!(spec.params.speculative.adaptive, Some(0.5));
 }
 
+/// Token recycling's tree size, template and kept matrix show for that drafter only, and reach the run.
+#[test]
+fn token_recycling_shows_its_tree_and_matrix_options() {
+    let (mut harness, _dir) = harness_with(&speculative_trace(), SIZE);
+    harness.state_mut().settings_mut().run.method = "speculative".into();
+    harness.run();
+    assert!(
+        harness
+            .query_by_label("Keep the matrix across runs")
+            .is_none()
+    );
+    harness.state_mut().settings_mut().run.drafter = "token-recycling".into();
+    harness.run();
+    assert!(harness.query_all_by_label("Tree size").next().is_some());
+    harness.get_by_label("Tree template");
+    let spec = harness.state_mut().settings_mut().run.run_spec();
+    assert!(!spec.params.speculative.keep_matrix, "off by default");
+    harness.get_by_label("Keep the matrix across runs").click();
+    harness.run();
+    let settings = &mut harness.state_mut().settings_mut().run;
+    settings.tree_size = 80;
+    settings.tree_template = "paper".into();
+    let sp = settings.run_spec().params.speculative;
+    assert!(sp.keep_matrix);
+    assert_eq!((sp.tree_size, sp.tree_template.as_str()), (80, "paper"));
+}
+
 #[test]
 fn search_methods_show_their_parameters_and_cad_its_context() {
     let trace = speculative_trace();

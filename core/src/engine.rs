@@ -8,6 +8,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use crate::error::{Error, Result};
+use crate::methods::speculative::token_recycling::SharedMatrix;
 use crate::methods::{self, DecodingMethod, StepContext};
 use crate::model::{Kernels, Llama, read_gguf_header};
 use crate::sampling::{RunRng, rng_from_seed};
@@ -23,6 +24,8 @@ pub struct Model {
     pub llama: Arc<Llama>,
     pub tokenizer: Arc<Tokenizer>,
     pub path: PathBuf,
+    /// Token recycling's matrix, kept between the runs that ask for it (`keep_matrix`); clones share it.
+    pub recycled: SharedMatrix,
 }
 
 impl Model {
@@ -47,6 +50,7 @@ impl Model {
                 llama: Arc::new(llama),
                 tokenizer: Arc::new(tokenizer),
                 path: path.to_owned(),
+                recycled: SharedMatrix::default(),
             })
         }));
         loaded.unwrap_or_else(|panic| {

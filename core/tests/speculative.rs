@@ -9,8 +9,9 @@ use std::sync::OnceLock;
 
 use common::{model, spec, speculative_params};
 use specula_core::Trace;
+use specula_core::methods::speculative::token_recycling::SharedMatrix;
 use specula_core::trace::{StepPayload, TokenSource};
-use specula_core::{MethodParams, SamplingParams, generate};
+use specula_core::{MethodParams, Model, SamplingParams, generate};
 
 const MAX_TOKENS: usize = 24;
 
@@ -215,8 +216,123 @@ fn bad_parameters_are_refused() {
     params.speculative.skip_layers = vec![99];
     assert!(generate(model(), spec("speculative", "Hi", params.clone(), 4, 0)).is_err());
     params.speculative.skip_layers = vec![];
+    params.speculative.tree_template = "no-such-tree".into();
+    assert!(generate(model(), spec("speculative", "Hi", params.clone(), 4, 0)).is_err());
+    params.speculative.tree_template = "paper".into();
     params.speculative.adaptive = Some(1.5);
     assert!(generate(model(), spec("speculative", "Hi", params, 4, 0)).is_err());
+}
+
+/// Token recycling with the paper's tree: its 80 nodes on 6 levels (the template cut nothing), recorded in the
+/// header, and still token-identical to plain greedy.
+#[test]
+fn token_recycling_paper_tree_is_lossless_and_keeps_its_shape() {
+    let mut params = speculative_params("token-recycling", SamplingParams::greedy());
+    params.speculative.tree_template = "paper".into();
+    params.speculative.tree_size = 80;
+    params.speculative.draft_len = 6;
+    let mut deepest = 0;
+    for (prompt, plain) in &greedy_baseline()[..4] {
+        let trace = generate(
+            model(),
+            spec("speculative", prompt, params.clone(), MAX_TOKENS, 0),
+        )
+        .unwrap();
+        assert_eq!(trace.header.params.speculative.tree_template, "paper");
+        let s = trace.summary.as_ref().unwrap();
+        assert_eq!(s.token_ids, plain.summary.as_ref().unwrap().token_ids);
+        for step in &trace.steps {
+            let Some(StepPayload::Speculative(p)) = &step.payload else {
+                panic!("every step has a speculative payload");
+            };
+            assert!(p.nodes.len() <= 80);
+            assert!(
+                p.note.starts_with("paper template of 80 nodes"),
+                "{}",
+                p.note
+            );
+            deepest = deepest.max(p.nodes.iter().map(|n| n.depth).max().unwrap_or(0));
+        }
+    }
+    assert_eq!(
+        deepest, 6,
+        "the paper's tree reaches depth 6 once the matrix fills"
+    );
+}
+
+/// A model sharing the default one's weights with a kept matrix of its own: `common::model()` serves the tests
+/// running in parallel, and its kept matrix would carry one test's runs into another's.
+fn model_with_its_own_matrix() -> Model {
+    Model {
+        recycled: SharedMatrix::default(),
+        ..model().clone()
+    }
+}
+
+fn recycling_params(keep_matrix: bool) -> MethodParams {
+    let mut params = speculative_params("token-recycling", SamplingParams::greedy());
+    params.speculative.keep_matrix = keep_matrix;
+    params
+}
+
+fn notes(trace: &Trace) -> Vec<String> {
+    trace
+        .steps
+        .iter()
+        .filter_map(|s| match &s.payload {
+            Some(StepPayload::Speculative(p)) => Some(p.note.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// `keep_matrix` (the paper's hot start): the first run on a model starts from an empty matrix, exactly as a
+/// run that does not keep it; a second run inherits what the first left, says so in its notes and header, and on
+/// the same prompt accepts more drafts per forward; a run that does not keep the matrix neither reads nor
+/// changes it. Every output stays plain greedy's.
+#[test]
+fn keep_matrix_carries_token_recycling_from_run_to_run() {
+    let model = model_with_its_own_matrix();
+    let (prompt, plain) = &greedy_baseline()[1];
+    let plain_ids = &plain.summary.as_ref().unwrap().token_ids;
+    let run = |params: MethodParams| {
+        let trace = generate(&model, spec("speculative", prompt, params, MAX_TOKENS, 0)).unwrap();
+        assert_eq!(&trace.summary.as_ref().unwrap().token_ids, plain_ids);
+        trace
+    };
+    let first = run(recycling_params(true));
+    assert!(first.header.params.speculative.keep_matrix);
+    let rows = model.recycled.filled_rows();
+    assert!(rows > 0);
+    assert_eq!(model.recycled.runs(), 1);
+    let second = run(recycling_params(true));
+    assert_eq!(model.recycled.runs(), 2);
+    let alone = run(recycling_params(false));
+    assert!(!alone.header.params.speculative.keep_matrix);
+    assert_eq!(
+        model.recycled.runs(),
+        2,
+        "a run that does not keep it took it"
+    );
+
+    let summary = |t: &Trace| t.summary.clone().unwrap();
+    // The first kept run drafted exactly what a run with its own matrix drafts.
+    assert_eq!(summary(&first).draft_n, summary(&alone).draft_n);
+    assert_eq!(
+        summary(&first).draft_n_accepted,
+        summary(&alone).draft_n_accepted
+    );
+    assert!(notes(&first)[0].ends_with("matrix kept across runs (0 earlier)"));
+    assert!(notes(&second)[0].ends_with("matrix kept across runs (1 earlier)"));
+    assert!(!notes(&alone)[0].contains("kept"));
+    assert!(
+        summary(&second).mean_accepted_tokens > summary(&first).mean_accepted_tokens,
+        "a repeat of the prompt on the kept matrix: MAT {} after {}",
+        summary(&second).mean_accepted_tokens,
+        summary(&first).mean_accepted_tokens
+    );
+    model.recycled.clear();
+    assert_eq!(model.recycled.filled_rows(), 0);
 }
 
 #[test]

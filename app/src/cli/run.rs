@@ -125,6 +125,10 @@ pub struct RunArgs {
     /// speculative: node budget of tree drafters (token-recycling).
     #[arg(long, default_value_t = 16)]
     pub tree_size: usize,
+    /// speculative, token-recycling: the tree template, scored (the likeliest nodes by candidate rank) or paper
+    /// (Luo et al.'s static 80-node tree, cut to --tree-size; give --tree-size 80 --draft-len 6 for all of it).
+    #[arg(long, default_value = "scored")]
+    pub tree_template: String,
     /// speculative, layer-skip: layers to skip, e.g. 10,11,12 (default: the middle third).
     #[arg(long, value_delimiter = ',')]
     pub skip_layers: Vec<usize>,
@@ -248,6 +252,9 @@ impl RunArgs {
             },
             adaptive: self.adaptive,
             tree_size: self.tree_size,
+            tree_template: self.tree_template.clone(),
+            // One run per process: there is no earlier run whose matrix could be kept.
+            keep_matrix: false,
             skip_layers: self.skip_layers.clone(),
             draft_model: self.draft_model.clone(),
         }

@@ -38,6 +38,13 @@ pub struct SpecBenchArgs {
     /// Node budget of tree drafters (token-recycling).
     #[arg(long, default_value_t = 16)]
     pub tree_size: usize,
+    /// Token recycling's tree template: scored or paper (Luo et al.'s 80-node tree, cut to --tree-size).
+    #[arg(long, default_value = "scored")]
+    pub tree_template: String,
+    /// Token recycling keeps its matrix from one question to the next (the paper's hot start); questions run in
+    /// the file's order either way.
+    #[arg(long)]
+    pub keep_matrix: bool,
     /// Spec-Bench's question.jsonl.
     #[arg(long, default_value = "assets/spec-bench/question.jsonl")]
     pub questions: PathBuf,
@@ -56,6 +63,8 @@ struct Cell {
     prompts: usize,
     generated: u64,
     target_forwards: u64,
+    /// Draft-and-verify rounds: the target forwards without the prompt's prefill.
+    steps: u64,
     wall_ms: f64,
     plain_wall_ms: f64,
     not_identical: usize,
@@ -66,6 +75,7 @@ impl Cell {
         self.prompts += other.prompts;
         self.generated += other.generated;
         self.target_forwards += other.target_forwards;
+        self.steps += other.steps;
         self.wall_ms += other.wall_ms;
         self.plain_wall_ms += other.plain_wall_ms;
         self.not_identical += other.not_identical;
@@ -73,6 +83,11 @@ impl Cell {
 
     fn mat(&self) -> f64 {
         self.generated as f64 / self.target_forwards.max(1) as f64
+    }
+
+    /// Tokens per draft-and-verify round: Spec-Bench's "mean accepted tokens", which leaves the prefill out.
+    fn per_step(&self) -> f64 {
+        self.generated as f64 / self.steps.max(1) as f64
     }
 
     fn speedup(&self) -> f64 {
@@ -87,7 +102,10 @@ impl Cell {
 pub fn spec_bench(model_path: Option<&Path>, n: usize, args: &SpecBenchArgs) -> Result<()> {
     let text = std::fs::read_to_string(&args.questions)
         .with_context(|| format!("cannot read {}", args.questions.display()))?;
-    let mut by_category: BTreeMap<String, Vec<Question>> = BTreeMap::new();
+    // The first N of each category, in the file's order: with --keep-matrix each question inherits the matrix
+    // the questions before it left, as in the paper's runs.
+    let mut taken: BTreeMap<String, usize> = BTreeMap::new();
+    let mut questions: Vec<Question> = Vec::new();
     for (i, line) in text
         .lines()
         .enumerate()
@@ -95,11 +113,16 @@ pub fn spec_bench(model_path: Option<&Path>, n: usize, args: &SpecBenchArgs) -> 
     {
         let q: Question = serde_json::from_str(line)
             .with_context(|| format!("{} line {}", args.questions.display(), i + 1))?;
-        if args.category.as_ref().is_none_or(|c| *c == q.category) {
-            by_category.entry(q.category.clone()).or_default().push(q);
+        if args.category.as_ref().is_some_and(|c| *c != q.category) {
+            continue;
+        }
+        let count = taken.entry(q.category.clone()).or_default();
+        if *count < n.max(1) {
+            *count += 1;
+            questions.push(q);
         }
     }
-    if by_category.is_empty() {
+    if questions.is_empty() {
         bail!("no Spec-Bench prompts in category {:?}", args.category);
     }
     let path = super::resolve_model(model_path)?;
@@ -107,64 +130,65 @@ pub fn spec_bench(model_path: Option<&Path>, n: usize, args: &SpecBenchArgs) -> 
 
     // cells[drafter][category]
     let mut cells: BTreeMap<String, BTreeMap<String, Cell>> = BTreeMap::new();
-    for (category, questions) in &by_category {
-        for q in questions.iter().take(n.max(1)) {
-            let Some(prompt) = q.turns.first() else {
-                continue;
-            };
-            let plain = decode(&model, prompt, "greedy", None, args)?;
-            let plain_wall = wall_ms(&plain);
-            let plain_ids = plain
+    for q in &questions {
+        let category = &q.category;
+        let Some(prompt) = q.turns.first() else {
+            continue;
+        };
+        let plain = decode(&model, prompt, "greedy", None, args)?;
+        let plain_wall = wall_ms(&plain);
+        let plain_ids = plain
+            .summary
+            .as_ref()
+            .map(|s| s.token_ids.clone())
+            .unwrap_or_default();
+        for drafter in &args.drafters {
+            let run = decode(&model, prompt, "speculative", Some(drafter), args)?;
+            let summary = run
                 .summary
                 .as_ref()
-                .map(|s| s.token_ids.clone())
-                .unwrap_or_default();
-            for drafter in &args.drafters {
-                let run = decode(&model, prompt, "speculative", Some(drafter), args)?;
-                let summary = run
-                    .summary
-                    .as_ref()
-                    .context("a run ended without a summary")?;
-                let identical = summary.token_ids == plain_ids;
-                if !identical {
-                    eprintln!(
-                        "question {} ({category}), {drafter}: output differs from plain greedy",
-                        q.question_id
-                    );
-                }
-                // One line per run as it finishes, so an interrupted benchmark still leaves its data.
-                println!(
-                    "{}",
-                    json!({
-                        "question_id": q.question_id,
-                        "category": category,
-                        "drafter": drafter,
-                        "generated": summary.generated_tokens,
-                        "target_forwards": summary.target_forward_calls,
-                        "wall_ms": wall_ms(&run),
-                        "plain_wall_ms": plain_wall,
-                        "identical": identical,
-                    })
+                .context("a run ended without a summary")?;
+            let identical = summary.token_ids == plain_ids;
+            if !identical {
+                eprintln!(
+                    "question {} ({category}), {drafter}: output differs from plain greedy",
+                    q.question_id
                 );
-                let cell = Cell {
-                    prompts: 1,
-                    generated: summary.generated_tokens as u64,
-                    target_forwards: summary.target_forward_calls,
-                    wall_ms: wall_ms(&run),
-                    plain_wall_ms: plain_wall,
-                    not_identical: usize::from(!identical),
-                };
-                cells
-                    .entry(drafter.clone())
-                    .or_default()
-                    .entry(category.clone())
-                    .or_default()
-                    .add(&cell);
             }
-            eprintln!("question {} ({category}) done", q.question_id);
+            // One line per run as it finishes, so an interrupted benchmark still leaves its data.
+            println!(
+                "{}",
+                json!({
+                    "question_id": q.question_id,
+                    "category": category,
+                    "drafter": drafter,
+                    "generated": summary.generated_tokens,
+                    "target_forwards": summary.target_forward_calls,
+                    "steps": summary.steps,
+                    "wall_ms": wall_ms(&run),
+                    "plain_wall_ms": plain_wall,
+                    "identical": identical,
+                })
+            );
+            let cell = Cell {
+                prompts: 1,
+                generated: summary.generated_tokens as u64,
+                target_forwards: summary.target_forward_calls,
+                steps: summary.steps as u64,
+                wall_ms: wall_ms(&run),
+                plain_wall_ms: plain_wall,
+                not_identical: usize::from(!identical),
+            };
+            cells
+                .entry(drafter.clone())
+                .or_default()
+                .entry(category.clone())
+                .or_default()
+                .add(&cell);
         }
+        eprintln!("question {} ({category}) done", q.question_id);
     }
-    print_table(&cells, by_category.keys());
+    print_table(&cells, taken.keys());
     Ok(())
 }
 
@@ -183,6 +207,8 @@ fn decode(
                 drafter: drafter.unwrap_or("prompt-lookup").into(),
                 draft_len: args.draft_len,
                 tree_size: args.tree_size,
+                tree_template: args.tree_template.clone(),
+                keep_matrix: args.keep_matrix,
                 ..SpeculativeParams::default()
             },
             ..MethodParams::default()
@@ -250,6 +276,7 @@ fn cell_json(cell: &Cell) -> serde_json::Value {
     json!({
         "prompts": cell.prompts,
         "mean_accepted_tokens": (cell.mat() * 1000.0).round() / 1000.0,
+        "tokens_per_step": (cell.per_step() * 1000.0).round() / 1000.0,
         "speedup": (cell.speedup() * 1000.0).round() / 1000.0,
         "not_identical_to_greedy": cell.not_identical,
     })

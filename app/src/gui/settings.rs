@@ -30,6 +30,10 @@ pub struct RunSettings {
     pub adaptive: bool,
     /// Stop drafting once the estimated chance that a draft is rejected exceeds this.
     pub adaptive_threshold: f32,
+    /// Token recycling: node budget, tree template ("scored" or "paper") and keeping the matrix across runs.
+    pub tree_size: usize,
+    pub tree_template: String,
+    pub keep_matrix: bool,
     /// The `model` drafter's GGUF path (empty: none chosen).
     #[serde(default)]
     pub draft_model: String,
@@ -62,6 +66,9 @@ impl Default for RunSettings {
             draft_len: spec.draft_len,
             adaptive: spec.adaptive.is_some(),
             adaptive_threshold: spec.adaptive.unwrap_or(0.5),
+            tree_size: spec.tree_size,
+            tree_template: spec.tree_template,
+            keep_matrix: spec.keep_matrix,
             draft_model: String::new(),
             search: SearchParams::default(),
             entropy: AdaptiveParams::default(),
@@ -104,6 +111,9 @@ impl RunSettings {
             drafter: self.drafter.clone(),
             draft_len: self.draft_len,
             adaptive: self.adaptive.then_some(self.adaptive_threshold),
+            tree_size: self.tree_size,
+            tree_template: self.tree_template.clone(),
+            keep_matrix: self.keep_matrix,
             draft_model: Some(self.draft_model.trim())
                 .filter(|p| !p.is_empty())
                 .map(Into::into),

@@ -186,6 +186,12 @@ pub struct SpeculativeParams {
     pub adaptive: Option<f32>,
     /// Node budget of tree drafters (token recycling).
     pub tree_size: usize,
+    /// Token recycling's tree template: "scored" (the `tree_size` likeliest nodes by candidate rank) or
+    /// "paper" (Luo et al.'s static 80-node tree, cut to `tree_size`).
+    pub tree_template: String,
+    /// Token recycling starts from the matrix the model's earlier runs left (the paper's hot start, kept
+    /// across queries) instead of an empty one; the draft notes say how many runs it carries.
+    pub keep_matrix: bool,
     /// Layers the layer-skip drafter skips; empty = the drafter's default (a contiguous middle block).
     pub skip_layers: Vec<usize>,
     /// The `model` drafter's GGUF (same vocabulary as the target).
@@ -200,6 +206,8 @@ impl Default for SpeculativeParams {
             draft_len: 4,
             adaptive: None,
             tree_size: 16,
+            tree_template: "scored".to_owned(),
+            keep_matrix: false,
             skip_layers: Vec::new(),
             draft_model: None,
         }

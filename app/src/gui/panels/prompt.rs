@@ -131,6 +131,9 @@ fn speculative_ui(ui: &mut egui::Ui, settings: &mut RunSettings) {
         .on_hover_text(
             "Most tokens drafted per step; the target checks them all in one forward pass",
         );
+    if settings.drafter == "token-recycling" {
+        recycling_ui(ui, settings);
+    }
     ui.checkbox(&mut settings.adaptive, "Adaptive draft length")
         .on_hover_text("Stop drafting early when a rejection becomes likely");
     ui.add_enabled_ui(settings.adaptive, |ui| {
@@ -149,6 +152,36 @@ fn speculative_ui(ui: &mut egui::Ui, settings: &mut RunSettings) {
         .weak(),
     );
     ui.add_space(4.0);
+}
+
+/// Token recycling's tree and matrix. Small trees by default: on this CPU a verification forward of n nodes
+/// costs about n/2 single steps, so the paper's 80-node tree is a choice, not the default.
+fn recycling_ui(ui: &mut egui::Ui, settings: &mut RunSettings) {
+    use specula_core::methods::speculative::MAX_TREE_SIZE;
+    use specula_core::methods::speculative::token_recycling::TREE_TEMPLATES;
+    ui.add(egui::Slider::new(&mut settings.tree_size, 1..=MAX_TREE_SIZE).text("Tree size"))
+        .on_hover_text(
+            "Draft nodes verified in one forward pass (the paper uses 80 on a GPU; each node costs CPU time here)",
+        );
+    ui.horizontal(|ui| {
+        egui::ComboBox::from_label("Tree template")
+            .selected_text(&settings.tree_template)
+            .show_ui(ui, |ui| {
+                for t in TREE_TEMPLATES {
+                    ui.selectable_value(&mut settings.tree_template, (*t).to_owned(), *t);
+                }
+            })
+            .response
+            .on_hover_text(
+                "scored keeps the likeliest nodes by candidate rank; paper is the paper's own 80-node tree \
+                 (6 levels; set the draft length to 6 for all of it), cut to the tree size",
+            );
+    });
+    ui.checkbox(&mut settings.keep_matrix, "Keep the matrix across runs")
+        .on_hover_text(
+            "Start from the candidates earlier runs on this model left, as the paper does between queries, \
+             instead of an empty matrix; the draft tree's note says how many runs it carries",
+        );
 }
 
 /// The parameters the chosen search or contrast method reads (the others keep their values for later).

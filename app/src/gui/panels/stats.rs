@@ -44,9 +44,26 @@ impl StatsPanel {
                         let adaptive = sp
                             .adaptive
                             .map_or(String::new(), |t| format!(", adaptive (stop at {t:.2})"));
+                        let tree = if sp.drafter == "token-recycling" {
+                            format!(
+                                ", {} tree of {} nodes{}",
+                                sp.tree_template,
+                                sp.tree_size,
+                                if sp.keep_matrix {
+                                    ", matrix kept across runs"
+                                } else {
+                                    ""
+                                }
+                            )
+                        } else {
+                            String::new()
+                        };
                         row(
                             "Drafter",
-                            format!("{}, draft length {}{adaptive}", sp.drafter, sp.draft_len),
+                            format!(
+                                "{}, draft length {}{adaptive}{tree}",
+                                sp.drafter, sp.draft_len
+                            ),
                         );
                     }
                     row("Seed", h.seed.to_string());

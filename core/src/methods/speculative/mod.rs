@@ -31,6 +31,7 @@ pub mod token_recycling;
 pub mod verifier;
 
 use drafter::{DraftInput, Drafter, Observation};
+use token_recycling::SharedMatrix;
 
 /// Every drafter `--drafter` accepts.
 pub const DRAFTER_NAMES: &[&str] = &[
@@ -90,6 +91,16 @@ impl SpeculativeParams {
                 format!("must be between 1 and {MAX_TREE_SIZE}"),
             ));
         }
+        if !token_recycling::TREE_TEMPLATES.contains(&self.tree_template.as_str()) {
+            return Err(bad_param(
+                "tree_template",
+                &self.tree_template,
+                format!(
+                    "unknown tree template; known: {}",
+                    token_recycling::TREE_TEMPLATES.join(", ")
+                ),
+            ));
+        }
         if let Some(&bad) = self.skip_layers.iter().find(|&&l| l >= n_layers) {
             return Err(bad_param(
                 "skip_layers",
@@ -108,11 +119,13 @@ impl SpeculativeParams {
     }
 }
 
-/// Builds the drafter `params` name (the target's tokenizer vets a draft model's vocabulary).
+/// Builds the drafter `params` name (the target's tokenizer vets a draft model's vocabulary; token recycling
+/// drafts from the model's `kept` matrix when `params.keep_matrix`).
 pub fn create_drafter(
     params: &SpeculativeParams,
     llama: &Llama,
     tokenizer: &Tokenizer,
+    kept: &SharedMatrix,
 ) -> Result<Box<dyn Drafter>> {
     match params.drafter.as_str() {
         "model" => {
@@ -127,6 +140,9 @@ pub fn create_drafter(
                 path, llama, tokenizer,
             )?))
         }
+        "token-recycling" if params.keep_matrix => Ok(Box::new(
+            token_recycling::TokenRecycling::kept(llama.config.vocab_size, kept.clone()),
+        )),
         "token-recycling" => Ok(Box::new(token_recycling::TokenRecycling::new(
             llama.config.vocab_size,
         ))),
@@ -151,6 +167,10 @@ pub struct Speculative {
     /// Holds every committed token but the last (the next tree's root).
     cache: KvCache,
     drafter: Option<Box<dyn Drafter>>,
+    /// What the drafter was built for: its name and whether it keeps the model's matrix.
+    drafter_for: (String, bool),
+    /// The model's kept token-recycling matrix.
+    kept_matrix: SharedMatrix,
     /// Running per-draft-token acceptance (exponential mean), for the adaptive point-mass policy.
     acceptance: f64,
 }
@@ -162,6 +182,8 @@ impl Speculative {
             tokenizer: model.tokenizer.clone(),
             cache: model.llama.new_cache(),
             drafter: None,
+            drafter_for: (String::new(), false),
+            kept_matrix: model.recycled.clone(),
             acceptance: 0.5,
         }
     }
@@ -175,17 +197,19 @@ impl DecodingMethod for Speculative {
     fn step(&mut self, ctx: &mut StepContext<'_>) -> Result<StepRecord> {
         let params = ctx.params.clone();
         params.speculative.validate(self.llama.config.n_layers)?;
-        // A live change of drafter takes effect here, with a fresh drafter state.
-        if self
-            .drafter
-            .as_ref()
-            .is_none_or(|d| d.name() != params.speculative.drafter)
-        {
+        // A live change of drafter (or of keeping the matrix) takes effect here, with a fresh drafter state.
+        let wanted = (
+            params.speculative.drafter.clone(),
+            params.speculative.keep_matrix,
+        );
+        if self.drafter.is_none() || self.drafter_for != wanted {
             self.drafter = Some(create_drafter(
                 &params.speculative,
                 &self.llama,
                 &self.tokenizer,
+                &self.kept_matrix,
             )?);
+            self.drafter_for = wanted;
         }
         let mut record = empty_step();
         let context: Vec<u32> = ctx.prefill.iter().chain(ctx.generated).copied().collect();
