@@ -613,11 +613,7 @@ impl Llama {
                 return Err(Error::InvalidInput("gate/up projection shape".into()));
             };
             let act: Vec<f32> = match self.arithmetic {
-                Arithmetic::LlamaCpp(flavor) => gate
-                    .iter()
-                    .zip(up)
-                    .map(|(&g, &u)| flavor.silu(g) * u)
-                    .collect(),
+                Arithmetic::LlamaCpp(flavor) => crate::kernels::vector::swiglu(flavor, gate, up),
                 Arithmetic::Exact => gate.iter().zip(up).map(|(&g, &u)| silu(g) * u).collect(),
             };
             add_in_place(&mut x, &layer.down.forward_one_rows(&act, rows)?);

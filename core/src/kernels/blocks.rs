@@ -85,8 +85,13 @@ impl BlockQ8_0 {
 
 /// Quantizes a row of activations (length a multiple of 32) as ggml's AVX2 `quantize_row_q8_1` /
 /// `quantize_row_q8_0` do: scale from the block's largest magnitude, multiply by `127 / max`, round half to even,
-/// `d` and `s` rounded through f16.
+/// `d` and `s` rounded through f16. Runs ggml's AVX-512 code where the CPU has it ([`super::vector`]).
 pub fn quantize_activations(row: &[f32], out: &mut Vec<ActivationBlock>) {
+    super::vector::quantize_row(row, out);
+}
+
+/// [`quantize_activations`] in portable scalar code: the definition the vector version is tested against.
+pub fn quantize_activations_reference(row: &[f32], out: &mut Vec<ActivationBlock>) {
     for block in row.chunks_exact(BLOCK) {
         let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
         let d = max / 127.0;
