@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use crate::ggml_float::Flavor;
 use crate::kernels::f16::round_to_f16;
 use crate::kernels::pool::Job;
+use crate::kernels::vector::online_softmax_64;
 
 /// How attention rounds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -178,13 +179,44 @@ fn online(
     let scale = 1.0 / (d as f32).sqrt();
     let mut q = query.to_vec();
     round_to_f16(&mut q);
+    if flavor == Flavor::Avx512
+        && let Ok(query) = <&[f32; 64]>::try_from(q.as_slice())
+    {
+        let pairs = visible.iter().filter_map(|&cell| {
+            let key = <&[f32; 64]>::try_from(cells.key(cell, group, d)).ok()?;
+            Some((
+                key,
+                <&[f32; 64]>::try_from(cells.value(cell, group, d)).ok()?,
+            ))
+        });
+        if let Some(state) = online_softmax_64(query, scale, pairs) {
+            return Partial {
+                max: state.max,
+                sum: state.sum,
+                acc: state.acc,
+            };
+        }
+    }
+    online_scalar(flavor, &q, scale, cells, visible, group)
+}
+
+/// [`online`] in portable scalar code: the definition, and the path for head sizes other than 64.
+fn online_scalar(
+    flavor: Flavor,
+    q: &[f32],
+    scale: f32,
+    cells: &Cells,
+    visible: &[usize],
+    group: usize,
+) -> Partial {
+    let d = q.len();
     let mut p = Partial {
         max: f32::NEG_INFINITY,
         sum: 0.0,
         acc: vec![0f32; d],
     };
     for &cell in visible {
-        let s = flavor.dot_f16(cells.key(cell, group, d), &q) * scale;
+        let s = flavor.dot_f16(cells.key(cell, group, d), q) * scale;
         let (mut ms, mut vs) = (1f32, 1f32);
         if s > p.max {
             ms = (p.max - s).exp();
@@ -453,6 +485,54 @@ impl Job for AttentionJob {
         }
         if let Some(slot) = self.results.get(index) {
             *slot.lock().unwrap_or_else(PoisonError::into_inner) = out;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    use super::*;
+
+    /// The vector online softmax must do the scalar definition's roundings exactly: scores that rise (rescaling
+    /// the running sum) and fall, several key-value heads, masked cells.
+    #[test]
+    fn vector_online_softmax_equals_the_scalar_definition() {
+        let mut rng = ChaCha8Rng::seed_from_u64(21);
+        let (d, kv_heads) = (64, 3);
+        for case in 0..40 {
+            let n = 1 + case * 7;
+            let mut f16_values = |len: usize, spread: f32| {
+                let mut v: Vec<f32> = (0..len)
+                    .map(|_| rng.random_range(-spread..spread))
+                    .collect();
+                round_to_f16(&mut v);
+                v
+            };
+            let keys = f16_values(n * kv_heads * d, 3.0);
+            let values = f16_values(n * kv_heads * d, 2.0);
+            let query: Vec<f32> = (0..d).map(|_| rng.random_range(-2.0..2.0)).collect();
+            let visible: Vec<usize> = (0..n).filter(|i| i % 5 != 3).collect();
+            let cells = Cells {
+                keys: &keys,
+                values: &values,
+                width: kv_heads * d,
+                visible: &visible,
+                tiles: None,
+            };
+            for group in 0..kv_heads {
+                let got = online(Flavor::Avx512, &query, &cells, &visible, group);
+                let mut q = query.clone();
+                round_to_f16(&mut q);
+                let scale = 1.0 / (d as f32).sqrt();
+                let want = online_scalar(Flavor::Avx512, &q, scale, &cells, &visible, group);
+                assert_eq!(got.max.to_bits(), want.max.to_bits(), "max, case {case}");
+                assert_eq!(got.sum.to_bits(), want.sum.to_bits(), "sum, case {case}");
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got.acc), bits(&want.acc), "values, case {case}");
+            }
         }
     }
 }
