@@ -1,14 +1,60 @@
 //! Repeats one k-token forward after a 64-token prefill, for profilers:
 //! `perf record -g target/release/examples/forward_profile 16 200` (k = 16, 200 forwards).
-//! Prints the median time so a change can be checked without the full `specula bench`.
+//! `forward_profile matmul 8` times the matmul kernels alone (an FFN-sized Q4_1 matrix and the LM head's Q8_0
+//! shape, 8 activation rows). Prints medians, so a change can be checked without the full `specula bench`.
 
+use std::sync::Arc;
 use std::time::Instant;
 
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
 use specula_core::Model;
+use specula_core::kernels::QuantMatrix;
 use specula_core::model::{Capture, Logits, Mask};
 
+fn median(mut times: Vec<f64>) -> f64 {
+    times.sort_by(f64::total_cmp);
+    times.get(times.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn matmuls(t: usize) -> Result<(), Box<dyn std::error::Error>> {
+    for (name, rows, cols, dtype) in [
+        ("gate/up Q4_1", 3072, 576, GgmlDType::Q4_1),
+        ("down Q4_1", 576, 1536, GgmlDType::Q4_1),
+        ("lm head Q8_0", 49152, 576, GgmlDType::Q8_0),
+    ] {
+        let weights = Tensor::randn(0f32, 0.05, (rows, cols), &Device::Cpu)?;
+        let matrix = QuantMatrix::from_qtensor(&QTensor::quantize(&weights, dtype)?)?
+            .ok_or("format not covered")?;
+        let matrix = Arc::new(matrix);
+        let x: Vec<f32> = (0..t * cols)
+            .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        let repeats = (100_000_000 / (rows * cols)).max(20);
+        let mut times = Vec::new();
+        for _ in 0..repeats {
+            let started = Instant::now();
+            std::hint::black_box(matrix.matmul(&x, t));
+            times.push(started.elapsed().as_secs_f64());
+        }
+        // The fastest run: the kernel's own cost, least disturbed by the rest of the machine.
+        let seconds = times.iter().copied().fold(f64::INFINITY, f64::min);
+        let row_blocks = (rows * cols / 32 * t) as f64;
+        println!(
+            "{name:>13} {rows}x{cols}, {t} rows: {:.3} ms, {:.2} ns per weight block and row",
+            seconds * 1e3,
+            seconds * 1e9 / row_blocks
+        );
+    }
+    Ok(())
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let mut args = std::env::args().skip(1).map(|a| a.parse::<usize>());
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("matmul") {
+        return matmuls(args.get(1).map(|a| a.parse()).transpose()?.unwrap_or(8));
+    }
+    let mut args = args.iter().map(|a| a.parse::<usize>());
     let k = args.next().transpose()?.unwrap_or(16);
     let repeats = args.next().transpose()?.unwrap_or(100);
     let model = Model::load(std::path::Path::new(
@@ -45,10 +91,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         )?;
         times.push(started.elapsed().as_secs_f64() * 1000.0);
     }
-    times.sort_by(f64::total_cmp);
     println!(
         "forward of {k} tokens: median {:.2} ms over {repeats}",
-        times[times.len() / 2]
+        median(times)
     );
     Ok(())
 }

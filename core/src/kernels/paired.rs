@@ -16,6 +16,10 @@
 use super::blocks::{ActivationBlock, BLOCK, BlockQ4_1, BlockQ8_0};
 use super::dot;
 
+/// 1.5 · 2²³: a float whose last mantissa bit is worth 1, with 2²² of room either side. Integers added onto its
+/// bits give floats from which subtracting it leaves exactly that integer (the kernels' int-to-float conversion).
+const MAGIC: f32 = 12_582_912.0;
+
 /// Row pairs per pass over a weight row: 16 rows keep 8 accumulators and the operands in the 32 registers.
 pub const MAX_PAIRS: usize = 8;
 const GROUP_ROWS: usize = 2 * MAX_PAIRS;
@@ -36,6 +40,10 @@ struct Group {
     scales: Vec<[f32; GROUP_ROWS]>,
     /// `[block]`: every row's `s`, row `r` of the group in lane `r`.
     sums: Vec<[f32; GROUP_ROWS]>,
+    /// Same as `qs`, shifted to unsigned bytes (a + 128) for Q8_0 weights: `vpdpbusd` multiplies unsigned by
+    /// signed bytes, and shifting the activations makes the weights' correction (−128 · their sum) a cost per
+    /// weight block instead of per row.
+    shifted: Vec<[u8; 64]>,
 }
 
 impl PairedActivations {
@@ -72,6 +80,7 @@ impl PairedActivations {
                 let mut qs = Vec::with_capacity(blocks_per_row * pairs);
                 let mut scales = Vec::with_capacity(blocks_per_row);
                 let mut sums = Vec::with_capacity(blocks_per_row);
+                let mut shifted = Vec::with_capacity(blocks_per_row * pairs);
                 for b in 0..blocks_per_row {
                     let block = |r: usize| group.get(r).and_then(|row| row.get(b));
                     for p in 0..pairs {
@@ -81,6 +90,7 @@ impl PairedActivations {
                                 q[half * BLOCK..(half + 1) * BLOCK].copy_from_slice(&a.qs);
                             }
                         }
+                        shifted.push(q.map(|v| v.wrapping_sub(i8::MIN) as u8));
                         qs.push(q);
                     }
                     scales.push(std::array::from_fn(|r| block(r).map_or(0.0, |a| a.d)));
@@ -88,6 +98,7 @@ impl PairedActivations {
                 }
                 Group {
                     pairs,
+                    shifted,
                     qs,
                     scales,
                     sums,
@@ -170,7 +181,7 @@ mod simd {
     //! fixed-size array through a pointer to it.
     use std::arch::x86_64::*;
 
-    use super::{BlockQ4_1, BlockQ8_0, Group, MAX_PAIRS};
+    use super::{BlockQ4_1, BlockQ8_0, Group, MAGIC, MAX_PAIRS};
 
     pub fn q4_1(group: &Group, weights: &[BlockQ4_1], per_row: usize, out: &mut [f32]) {
         // SAFETY: the caller checked the instruction sets at run time.
@@ -260,6 +271,29 @@ mod simd {
         unsafe { _mm512_loadu_ps(values.as_ptr()) }
     }
 
+    #[target_feature(enable = "avx512f")]
+    fn load_u8x64(bytes: &[u8; 64]) -> __m512i {
+        // SAFETY: reads exactly the 64 bytes of the array (unaligned load).
+        unsafe { _mm512_loadu_si512(bytes.as_ptr().cast()) }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    fn load_f32x8(values: &[f32; 16]) -> __m256 {
+        // SAFETY: reads the array's first 8 floats (unaligned load).
+        unsafe { _mm256_loadu_ps(values.as_ptr()) }
+    }
+
+    // SAFETY: a plain bit pattern (every lane 0x4B40_0000, MAGIC's bits).
+    const MAGIC_BITS: __m512i = unsafe { std::mem::transmute([0x4B40_0000i32; 16]) };
+
+    /// The exact float value of integer sums that `vpdpbusd` added onto [`MAGIC_BITS`] (|sum| < 2²², which four
+    /// products of a byte and a nibble or two bytes always are). Subtracting runs on the adder pipes, where
+    /// `vcvtdq2ps` would compete with the multiply-adds.
+    #[target_feature(enable = "avx512f")]
+    fn to_float(sums_on_magic: __m512i) -> __m512 {
+        _mm512_sub_ps(_mm512_castsi512_ps(sums_on_magic), _mm512_set1_ps(MAGIC))
+    }
+
     /// For pair `p`, the permutation putting lane `2p` in the low eight lanes and lane `2p + 1` in the high ones.
     #[target_feature(enable = "avx512f,avx2,fma")]
     fn spreads<const P: usize>() -> [__m512i; P] {
@@ -314,7 +348,7 @@ mod simd {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
     fn q4_1_pairs<const P: usize>(group: &Group, weights: &[BlockQ4_1]) -> __m512 {
-        let low_nibbles = _mm512_set1_epi8(0x0F);
+        let low_nibbles = _mm256_set1_epi8(0x0F);
         let mut acc = [_mm512_setzero_ps(); P];
         let mut min_terms = _mm512_setzero_ps();
         let spread = spreads::<P>();
@@ -325,29 +359,31 @@ mod simd {
             };
             // SAFETY: reads exactly the 16 bytes of `qs`.
             let packed = unsafe { _mm_loadu_si128(w.qs.as_ptr().cast()) };
-            // Low nibbles (elements 0..16) then high nibbles (16..32), in both halves.
-            let copies = _mm512_broadcast_i32x4(packed);
-            let shifted = _mm512_srli_epi16::<4>(copies);
-            let weight = _mm512_and_si512(
+            // Low nibbles (elements 0..16) then high nibbles (16..32), unpacked in 256 bits (half the work of
+            // 512), then copied into both halves.
+            let weight = _mm512_broadcast_i64x4(_mm256_and_si256(
                 low_nibbles,
-                _mm512_mask_blend_epi64(0b1100_1100, copies, shifted),
-            );
+                _mm256_set_m128i(_mm_srli_epi16::<4>(packed), packed),
+            ));
             let dm = widen(w.d, w.m);
-            let d = _mm512_broadcastss_ps(dm);
-            let m = _mm512_broadcastss_ps(_mm_movehdup_ps(dm));
             // Every row's d_w * d_a in one multiply, then spread to the pairs' lanes (a shuffle, which runs
-            // beside the multiplies instead of competing with them).
-            let scales = _mm512_mul_ps(d, load_f32x16(scales));
+            // beside the multiplies instead of competing with them); every row's m_w * s_a in one multiply-add.
+            let scales = if P <= 4 {
+                // Eight rows or fewer: 256-bit registers do it at half the cost.
+                let m = _mm256_broadcastss_ps(_mm_movehdup_ps(dm));
+                let low = _mm512_castps512_ps256(min_terms);
+                min_terms = _mm512_castps256_ps512(_mm256_fmadd_ps(m, load_f32x8(row_sums), low));
+                _mm512_castps256_ps512(_mm256_mul_ps(_mm256_broadcastss_ps(dm), load_f32x8(scales)))
+            } else {
+                let m = _mm512_broadcastss_ps(_mm_movehdup_ps(dm));
+                min_terms = _mm512_fmadd_ps(m, load_f32x16(row_sums), min_terms);
+                _mm512_mul_ps(_mm512_broadcastss_ps(dm), load_f32x16(scales))
+            };
             for p in 0..P {
-                let sums = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(
-                    _mm512_setzero_si512(),
-                    weight,
-                    load_i8x64(&qs[p]),
-                ));
+                let sums = to_float(_mm512_dpbusd_epi32(MAGIC_BITS, weight, load_i8x64(&qs[p])));
                 let scale = _mm512_permutexvar_ps(spread[p], scales);
                 acc[p] = _mm512_fmadd_ps(scale, sums, acc[p]);
             }
-            min_terms = _mm512_fmadd_ps(m, load_f32x16(row_sums), min_terms);
         }
         _mm512_add_ps(hsum_rows(acc), min_terms)
     }
@@ -355,26 +391,36 @@ mod simd {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
     fn q8_0_pairs<const P: usize>(group: &Group, weights: &[BlockQ8_0]) -> __m512 {
-        let zero = _mm512_setzero_si512();
         let mut acc = [_mm512_setzero_ps(); P];
         let spread = spreads::<P>();
-        let blocks = group.qs.chunks_exact(P).zip(&group.scales);
-        for (w, (qs, scales)) in weights.iter().zip(blocks) {
-            let Ok(qs) = <&[[i8; 64]; P]>::try_from(qs) else {
+        let blocks = group.shifted.chunks_exact(P).zip(&group.scales);
+        for (w, (shifted, scales)) in weights.iter().zip(blocks) {
+            let Ok(shifted) = <&[[u8; 64]; P]>::try_from(shifted) else {
                 break;
             };
             // SAFETY: reads exactly the 32 bytes of `qs`.
             let block = unsafe { _mm256_loadu_si256(w.qs.as_ptr().cast()) };
-            let copies = _mm512_broadcast_i64x4(block);
-            // u8 × i8 products: |w| times the activation carrying w's sign (the same integer sums as ggml's).
-            let magnitude = _mm512_abs_epi8(copies);
-            let negative = _mm512_movepi8_mask(copies);
-            let d = _mm512_broadcastss_ps(widen(w.d, half::f16::ZERO));
-            let scales = _mm512_mul_ps(d, load_f32x16(scales));
+            let weight = _mm512_broadcast_i64x4(block);
+            // Σ (a + 128)·w counts 128 · Σ w too much: start every lane that much below the magic bits.
+            let start = _mm512_sub_epi32(
+                MAGIC_BITS,
+                _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(-128), weight),
+            );
+            let d = widen(w.d, half::f16::ZERO);
+            let scales = if P <= 4 {
+                _mm512_castps256_ps512(_mm256_mul_ps(_mm256_broadcastss_ps(d), load_f32x8(scales)))
+            } else {
+                _mm512_mul_ps(_mm512_broadcastss_ps(d), load_f32x16(scales))
+            };
             for p in 0..P {
-                let a = load_i8x64(&qs[p]);
-                let signed = _mm512_mask_sub_epi8(a, negative, zero, a);
-                let sums = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, magnitude, signed));
+                let sums = _mm512_sub_ps(
+                    _mm512_castsi512_ps(_mm512_dpbusd_epi32(
+                        start,
+                        load_u8x64(&shifted[p]),
+                        weight,
+                    )),
+                    _mm512_set1_ps(MAGIC),
+                );
                 let scale = _mm512_permutexvar_ps(spread[p], scales);
                 acc[p] = _mm512_fmadd_ps(scale, sums, acc[p]);
             }
