@@ -1,4 +1,4 @@
-//! Repeats one k-token forward after a 64-token prefill, for profilers:
+//! Repeats one k-token forward after a prefill (64 tokens unless a third argument says otherwise), for profilers:
 //! `perf record -g target/release/examples/forward_profile 16 200` (k = 16, 200 forwards).
 //! `forward_profile matmul 8` times the matmul kernels alone (an FFN-sized Q4_1 matrix and the LM head's Q8_0
 //! shape, 8 activation rows). Prints medians, so a change can be checked without the full `specula bench`.
@@ -57,13 +57,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = args.iter().map(|a| a.parse::<usize>());
     let k = args.next().transpose()?.unwrap_or(16);
     let repeats = args.next().transpose()?.unwrap_or(100);
+    let prefix_len = args.next().transpose()?.unwrap_or(64);
     let model = Model::load(std::path::Path::new(
         "models/SmolLM2-135M-Instruct.Q4_1.gguf",
     ))?;
     let llama = &model.llama;
-    let prefix: Vec<u32> = (0..64).map(|i| 300 + 7 * i).collect();
+    let prefix: Vec<u32> = (0..prefix_len as u32)
+        .map(|i| 300 + (7 * i) % 20_000)
+        .collect();
     let mut prefilled = llama.new_cache();
-    let positions: Vec<usize> = (0..64).collect();
+    let positions: Vec<usize> = (0..prefix_len).collect();
     let capture = Capture::default();
     llama.forward(
         &mut prefilled,
@@ -75,13 +78,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         &capture,
     )?;
     let tokens: Vec<u32> = prefix.iter().copied().take(k).collect();
-    let positions: Vec<usize> = (64..64 + k).collect();
+    let positions: Vec<usize> = (prefix_len..prefix_len + k).collect();
     let mut times = Vec::with_capacity(repeats);
     for _ in 0..repeats {
-        let mut cache = prefilled.clone();
         let started = Instant::now();
         llama.forward(
-            &mut cache,
+            &mut prefilled,
             &tokens,
             &positions,
             1,
@@ -90,6 +92,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &capture,
         )?;
         times.push(started.elapsed().as_secs_f64() * 1000.0);
+        // Back to the prefix in place: a clone would share rows, and the next append would copy them all.
+        prefilled.truncate(prefix_len)?;
     }
     println!(
         "forward of {k} tokens: median {:.2} ms over {repeats}",

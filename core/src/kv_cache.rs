@@ -109,13 +109,33 @@ impl KvCache {
                 )));
             }
             let width = layer.width();
-            layer.map_rows(|row| {
-                positions
+            if positions.windows(2).all(|w| w[0] < w[1]) {
+                // The usual case, an accepted path: an unchanged prefix, then a few later positions moved down.
+                // Moving in increasing order never overwrites a position still to be read, so it is done in
+                // place and costs the moved positions, not the whole cache.
+                let unchanged = positions
                     .iter()
-                    .flat_map(|&p| row.get(p * width..(p + 1) * width).unwrap_or_default())
-                    .copied()
-                    .collect()
-            });
+                    .enumerate()
+                    .take_while(|&(i, &p)| i == p)
+                    .count();
+                for row in layer.keys.iter_mut().chain(layer.values.iter_mut()) {
+                    let row = Arc::make_mut(row);
+                    for (to, &from) in positions.iter().enumerate().skip(unchanged) {
+                        if (from + 1) * width <= row.len() {
+                            row.copy_within(from * width..(from + 1) * width, to * width);
+                        }
+                    }
+                    row.truncate(positions.len() * width);
+                }
+            } else {
+                layer.map_rows(|row| {
+                    positions
+                        .iter()
+                        .flat_map(|&p| row.get(p * width..(p + 1) * width).unwrap_or_default())
+                        .copied()
+                        .collect()
+                });
+            }
             layer.len = positions.len();
         }
         Ok(())
@@ -182,5 +202,60 @@ impl KvCache {
         }
         slot.len += t;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A cache of `len` positions whose values name their layer, position and element.
+    fn cache(len: usize) -> KvCache {
+        let mut cache = KvCache::new(2);
+        for layer in 0..2 {
+            let values: Vec<f32> = (0..len * 3).map(|i| (layer * 10_000 + i) as f32).collect();
+            cache.append(layer, 1, len, &values, &values).unwrap();
+        }
+        cache
+    }
+
+    fn rows(cache: &KvCache) -> Vec<Vec<f32>> {
+        cache
+            .layers
+            .iter()
+            .flat_map(|l| l.keys.iter().chain(&l.values).map(|r| r.to_vec()))
+            .collect()
+    }
+
+    #[test]
+    fn keeping_positions_moves_them_in_place_and_leaves_clones_alone() {
+        for positions in [
+            vec![0, 1, 2, 3, 4, 5, 7, 9],
+            vec![0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
+            vec![2, 5],
+            vec![9, 3, 4],
+        ] {
+            let original = cache(10);
+            let mut kept = original.clone();
+            kept.keep(&positions).unwrap();
+            assert_eq!(kept.len(), positions.len());
+            let want: Vec<Vec<f32>> = rows(&original)
+                .iter()
+                .map(|row| {
+                    positions
+                        .iter()
+                        .flat_map(|&p| row[p * 3..p * 3 + 3].to_vec())
+                        .collect()
+                })
+                .collect();
+            assert_eq!(rows(&kept), want, "{positions:?}");
+            assert_eq!(
+                rows(&original),
+                rows(&cache(10)),
+                "the clone must not change"
+            );
+        }
+        assert!(cache(4).keep(&[1, 4]).is_err());
     }
 }
