@@ -150,11 +150,32 @@ pub fn llama_cpp_head(
     group: usize,
     out: &mut [f32],
 ) {
+    llama_cpp_heads(flavor, path, query, query.len(), cells, group, out);
+}
+
+/// [`llama_cpp_head`] for several `d`-wide query heads (`queries` and `out` hold one head after another) that
+/// share the key-value head `group`: each is computed exactly as alone, but the one-token path runs them side by side.
+pub fn llama_cpp_heads(
+    flavor: Flavor,
+    path: AttentionPath,
+    queries: &[f32],
+    d: usize,
+    cells: &Cells,
+    group: usize,
+    out: &mut [f32],
+) {
+    let d = d.max(1);
     match path {
-        AttentionPath::Tiled => tiled(flavor, query, cells, group, out),
+        AttentionPath::Tiled => {
+            for (query, out) in queries.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+                tiled(flavor, query, cells, group, out);
+            }
+        }
         AttentionPath::Online => {
-            let p = online(flavor, query, cells, cells.visible, group);
-            normalise(&p.acc, p.sum, out);
+            let partials = online(flavor, queries, d, cells, cells.visible, group);
+            for (p, out) in partials.iter().zip(out.chunks_exact_mut(d)) {
+                normalise(&p.acc, p.sum, out);
+            }
         }
     }
 }
@@ -166,38 +187,50 @@ fn normalise(acc: &[f32], sum: f32, out: &mut [f32]) {
     }
 }
 
-/// `ggml_compute_forward_flash_attn_ext_f16_one_chunk` with f16 keys and values: the query rounded to f16, an
-/// online softmax over the cells in order, the weighted values summed in f16.
+/// `ggml_compute_forward_flash_attn_ext_f16_one_chunk` with f16 keys and values, for each `d`-wide query head in
+/// `queries`: the query rounded to f16, an online softmax over the cells in order, the weighted values summed in
+/// f16.
 fn online(
     flavor: Flavor,
-    query: &[f32],
+    queries: &[f32],
+    d: usize,
     cells: &Cells,
     visible: &[usize],
     group: usize,
-) -> Partial {
-    let d = query.len();
+) -> Vec<Partial> {
     let scale = 1.0 / (d as f32).sqrt();
-    let mut q = query.to_vec();
+    let mut q = queries.to_vec();
     round_to_f16(&mut q);
-    if flavor == Flavor::Avx512
-        && let Ok(query) = <&[f32; 64]>::try_from(q.as_slice())
-    {
-        let pairs = visible.iter().filter_map(|&cell| {
-            let key = <&[f32; 64]>::try_from(cells.key(cell, group, d)).ok()?;
-            Some((
-                key,
-                <&[f32; 64]>::try_from(cells.value(cell, group, d)).ok()?,
-            ))
-        });
-        if let Some(state) = online_softmax_64(query, scale, pairs) {
-            return Partial {
-                max: state.max,
-                sum: state.sum,
-                acc: state.acc,
-            };
+    if flavor == Flavor::Avx512 && d == 64 {
+        // A cell whose key or value is not 64 wide (none is, with 64-wide heads) sends it to the scalar path.
+        let pairs: Option<Vec<_>> = visible
+            .iter()
+            .map(|&cell| {
+                let key = <&[f32; 64]>::try_from(cells.key(cell, group, d)).ok()?;
+                Some((
+                    key,
+                    <&[f32; 64]>::try_from(cells.value(cell, group, d)).ok()?,
+                ))
+            })
+            .collect();
+        let heads: Vec<&[f32; 64]> = q
+            .chunks_exact(64)
+            .filter_map(|head| head.try_into().ok())
+            .collect();
+        if let Some(states) = pairs.and_then(|pairs| online_softmax_64(&heads, scale, &pairs)) {
+            return states
+                .into_iter()
+                .map(|state| Partial {
+                    max: state.max,
+                    sum: state.sum,
+                    acc: state.acc,
+                })
+                .collect();
         }
     }
-    online_scalar(flavor, &q, scale, cells, visible, group)
+    q.chunks_exact(d.max(1))
+        .map(|head| online_scalar(flavor, head, scale, cells, visible, group))
+        .collect()
 }
 
 /// [`online`] in portable scalar code: the definition, and the path for head sizes other than 64.
@@ -386,8 +419,9 @@ pub struct AttentionJob {
     results: Vec<Mutex<Vec<f32>>>,
 }
 
-/// (token, head) pairs per chunk: enough chunks for two threads to share evenly.
-const UNITS_PER_CHUNK: usize = 4;
+/// (token, key-value head) pairs per chunk: each is a few query heads' work, so one per chunk lets two threads
+/// share evenly.
+const UNITS_PER_CHUNK: usize = 1;
 
 impl AttentionJob {
     #[allow(clippy::too_many_arguments)]
@@ -409,7 +443,7 @@ impl AttentionJob {
                     .then(|| KeyTiles::new(k, kv_heads, d, past + t))
             })
             .collect();
-        let units = keys.len() * t * heads;
+        let units = keys.len() * t * kv_heads.max(1);
         Self {
             flavor,
             keys,
@@ -445,16 +479,17 @@ impl Job for AttentionJob {
     }
 
     fn run_chunk(&self, index: usize) {
-        let (t, heads, d) = (self.t, self.heads, self.d);
-        let units = self.keys.len() * t * heads;
+        let (t, d, kv_heads) = (self.t, self.d, self.kv_heads.max(1));
+        // A unit is one token's query heads that share a key-value head: they run side by side.
+        let per_group = self.heads / kv_heads;
+        let units = self.keys.len() * t * kv_heads;
         let first = index * UNITS_PER_CHUNK;
         let last = (first + UNITS_PER_CHUNK).min(units);
-        let group = heads / self.kv_heads.max(1);
-        let mut out = vec![0f32; (last - first) * d];
+        let mut out = vec![0f32; (last - first) * per_group * d];
         let mut visible = Vec::new();
         let mut visible_for = usize::MAX;
-        for (unit, out) in (first..last).zip(out.chunks_exact_mut(d)) {
-            let (token, head) = (unit / heads, unit % heads);
+        for (unit, out) in (first..last).zip(out.chunks_exact_mut(per_group * d)) {
+            let (token, group) = (unit / kv_heads, unit % kv_heads);
             let (row, i) = (token / t, token % t);
             let (Some(keys), Some(values)) = (self.keys.get(row), self.values.get(row)) else {
                 continue;
@@ -472,16 +507,16 @@ impl Job for AttentionJob {
             let cells = Cells {
                 keys,
                 values,
-                width: self.kv_heads * d,
+                width: kv_heads * d,
                 visible: &visible,
                 tiles: self.tiles.get(row).and_then(Option::as_ref),
             };
-            let at = unit * d;
-            let Some(query) = self.queries.get(at..at + d) else {
+            let at = unit * per_group * d;
+            let Some(queries) = self.queries.get(at..at + per_group * d) else {
                 continue;
             };
             let path = self.paths.get(i).copied().unwrap_or(AttentionPath::Online);
-            llama_cpp_head(self.flavor, path, query, &cells, head / group, out);
+            llama_cpp_heads(self.flavor, path, queries, d, &cells, group, out);
         }
         if let Some(slot) = self.results.get(index) {
             *slot.lock().unwrap_or_else(PoisonError::into_inner) = out;
@@ -513,7 +548,11 @@ mod tests {
             };
             let keys = f16_values(n * kv_heads * d, 3.0);
             let values = f16_values(n * kv_heads * d, 2.0);
-            let query: Vec<f32> = (0..d).map(|_| rng.random_range(-2.0..2.0)).collect();
+            // Up to five query heads sharing a key-value head (more than one pass of the vector code holds).
+            let heads = 1 + case % 5;
+            let queries: Vec<f32> = (0..heads * d)
+                .map(|_| rng.random_range(-2.0..2.0))
+                .collect();
             let visible: Vec<usize> = (0..n).filter(|i| i % 5 != 3).collect();
             let cells = Cells {
                 keys: &keys,
@@ -523,15 +562,18 @@ mod tests {
                 tiles: None,
             };
             for group in 0..kv_heads {
-                let got = online(Flavor::Avx512, &query, &cells, &visible, group);
-                let mut q = query.clone();
-                round_to_f16(&mut q);
-                let scale = 1.0 / (d as f32).sqrt();
-                let want = online_scalar(Flavor::Avx512, &q, scale, &cells, &visible, group);
-                assert_eq!(got.max.to_bits(), want.max.to_bits(), "max, case {case}");
-                assert_eq!(got.sum.to_bits(), want.sum.to_bits(), "sum, case {case}");
-                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&got.acc), bits(&want.acc), "values, case {case}");
+                let got = online(Flavor::Avx512, &queries, d, &cells, &visible, group);
+                assert_eq!(got.len(), heads);
+                for (head, got) in got.iter().enumerate() {
+                    let mut q = queries[head * d..(head + 1) * d].to_vec();
+                    round_to_f16(&mut q);
+                    let scale = 1.0 / (d as f32).sqrt();
+                    let want = online_scalar(Flavor::Avx512, &q, scale, &cells, &visible, group);
+                    assert_eq!(got.max.to_bits(), want.max.to_bits(), "max, case {case}");
+                    assert_eq!(got.sum.to_bits(), want.sum.to_bits(), "sum, case {case}");
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&got.acc), bits(&want.acc), "values, case {case}");
+                }
             }
         }
     }

@@ -64,19 +64,26 @@ pub struct OnlineSoftmax {
     pub acc: Vec<f32>,
 }
 
-/// llama.cpp's one-token flash attention for one 64-wide head (AVX-512 build, f16 keys and values), or `None`
-/// where this CPU lacks AVX-512: `query` already rounded to f16, scores scaled by `scale`, the cells' keys and
-/// values in order. The weighted values are summed in f16, rounded after every cell as ggml's f16 buffer does.
-pub fn online_softmax_64<'a>(
-    query: &[f32; 64],
+/// llama.cpp's one-token flash attention (AVX-512 build, f16 keys and values) for query heads of width 64 that
+/// share one key-value head, or `None` where this CPU lacks AVX-512: `queries` already rounded to f16, scores
+/// scaled by `scale`, the cells' keys and values in order. The weighted values are summed in f16, rounded after
+/// every cell as ggml's f16 buffer does. Each head is computed exactly as alone; together they share the loads
+/// and, more importantly, fill the pipeline: one head's running sum is a chain of dependent roundings.
+pub fn online_softmax_64(
+    queries: &[&[f32; 64]],
     scale: f32,
-    cells: impl Iterator<Item = (&'a [f32; 64], &'a [f32; 64])>,
-) -> Option<OnlineSoftmax> {
+    cells: &[(&[f32; 64], &[f32; 64])],
+) -> Option<Vec<OnlineSoftmax>> {
     #[cfg(target_arch = "x86_64")]
     if available() {
-        return Some(simd::online_softmax_64(query, scale, cells));
+        return Some(
+            queries
+                .chunks(simd::MAX_HEADS)
+                .flat_map(|heads| simd::online_softmax_64(heads, scale, cells))
+                .collect(),
+        );
     }
-    let _ = (query, scale, cells);
+    let _ = (queries, scale, cells);
     None
 }
 
@@ -91,13 +98,27 @@ mod simd {
 
     use super::{ActivationBlock, BLOCK, OnlineSoftmax};
 
-    pub fn online_softmax_64<'a>(
-        query: &[f32; 64],
+    /// Heads per pass: four heads' running sums (16 registers) and a value (4) fit the 32 registers.
+    pub const MAX_HEADS: usize = 4;
+
+    pub fn online_softmax_64(
+        queries: &[&[f32; 64]],
         scale: f32,
-        cells: impl Iterator<Item = (&'a [f32; 64], &'a [f32; 64])>,
-    ) -> OnlineSoftmax {
+        cells: &[(&[f32; 64], &[f32; 64])],
+    ) -> Vec<OnlineSoftmax> {
         // SAFETY: the caller checked the instruction sets at run time.
-        unsafe { online_avx512(query, scale, cells) }
+        unsafe {
+            match queries {
+                [a] => online_avx512([*a], scale, cells).to_vec(),
+                [a, b] => online_avx512([*a, *b], scale, cells).to_vec(),
+                [a, b, c] => online_avx512([*a, *b, *c], scale, cells).to_vec(),
+                [a, b, c, d] => online_avx512([*a, *b, *c, *d], scale, cells).to_vec(),
+                _ => queries
+                    .iter()
+                    .flat_map(|q| online_avx512([*q], scale, cells))
+                    .collect(),
+            }
+        }
     }
 
     #[target_feature(enable = "avx512f")]
@@ -111,59 +132,90 @@ mod simd {
         _mm512_cvtph_ps(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x))
     }
 
+    /// In three passes, so that no call to libm's `expf` sits inside a vector loop (a call clobbers every vector
+    /// register, and the loop would spill its accumulators around each one): every score, then the running
+    /// maximum and the weights in scalar code, then the weighted values.
     #[target_feature(enable = "avx512f,avx512dq,f16c")]
-    fn online_avx512<'a>(
-        query: &[f32; 64],
+    fn online_avx512<const H: usize>(
+        queries: [&[f32; 64]; H],
         scale: f32,
-        cells: impl Iterator<Item = (&'a [f32; 64], &'a [f32; 64])>,
-    ) -> OnlineSoftmax {
-        let q = load64(query);
-        let mut acc = [_mm512_setzero_ps(); 4];
-        let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
-        for (key, value) in cells {
+        cells: &[(&[f32; 64], &[f32; 64])],
+    ) -> [OnlineSoftmax; H] {
+        let q = queries.map(|query| load64(query));
+        let mut scores = vec![[0f32; H]; cells.len()];
+        for ((key, _), scores) in cells.iter().zip(&mut scores) {
             let k = load64(key);
-            // `ggml_vec_dot_f16` of four registers: the f16 products are exact; accumulators pair as
-            // (0 + 2) + (1 + 3), then `_mm512_reduce_add_ps` halves the register down to one lane.
-            let lanes = _mm512_add_ps(
-                _mm512_add_ps(_mm512_mul_ps(k[0], q[0]), _mm512_mul_ps(k[2], q[2])),
-                _mm512_add_ps(_mm512_mul_ps(k[1], q[1]), _mm512_mul_ps(k[3], q[3])),
-            );
-            let eight = _mm256_add_ps(
-                _mm512_castps512_ps256(lanes),
-                _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(lanes))),
-            );
-            let four = _mm_add_ps(
-                _mm256_castps256_ps128(eight),
-                _mm256_extractf128_ps::<1>(eight),
-            );
-            let two = _mm_add_ps(four, _mm_movehl_ps(four, four));
-            let one = _mm_add_ss(two, _mm_movehdup_ps(two));
-            let score = _mm_cvtss_f32(one) * scale;
-            let (mut ms, mut vs) = (1f32, 1f32);
-            if score > max {
-                ms = (max - score).exp();
-                max = score;
-                let factor = _mm512_set1_ps(ms);
-                for a in &mut acc {
-                    *a = round_f16(_mm512_mul_ps(*a, factor));
-                }
-            } else {
-                vs = (score - max).exp();
+            for (score, q) in scores.iter_mut().zip(&q) {
+                // `ggml_vec_dot_f16` of four registers: the f16 products are exact; accumulators pair as
+                // (0 + 2) + (1 + 3), then `_mm512_reduce_add_ps` halves the register down to one lane.
+                let lanes = _mm512_add_ps(
+                    _mm512_add_ps(_mm512_mul_ps(k[0], q[0]), _mm512_mul_ps(k[2], q[2])),
+                    _mm512_add_ps(_mm512_mul_ps(k[1], q[1]), _mm512_mul_ps(k[3], q[3])),
+                );
+                let eight = _mm256_add_ps(
+                    _mm512_castps512_ps256(lanes),
+                    _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(lanes))),
+                );
+                let four = _mm_add_ps(
+                    _mm256_castps256_ps128(eight),
+                    _mm256_extractf128_ps::<1>(eight),
+                );
+                let two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+                let one = _mm_add_ss(two, _mm_movehdup_ps(two));
+                *score = _mm_cvtss_f32(one) * scale;
             }
+        }
+        // Per cell and head: whether the cell raised the maximum (the sum so far is rescaled by `ms`), and its
+        // weight `vs`.
+        let mut max = [f32::NEG_INFINITY; H];
+        let mut sum = [0f32; H];
+        let steps: Vec<[(bool, f32, f32); H]> = scores
+            .iter()
+            .map(|scores| {
+                std::array::from_fn(|h| {
+                    let (score, max, sum) = (scores[h], &mut max[h], &mut sum[h]);
+                    let (mut ms, mut vs) = (1f32, 1f32);
+                    let raised = score > *max;
+                    if raised {
+                        ms = (*max - score).exp();
+                        *max = score;
+                    } else {
+                        vs = (score - *max).exp();
+                    }
+                    // `S = S*ms + vs`, unfused as in ggml's build.
+                    *sum = *sum * ms + vs;
+                    (raised, ms, vs)
+                })
+            })
+            .collect();
+        let mut acc = [[_mm512_setzero_ps(); 4]; H];
+        for ((_, value), steps) in cells.iter().zip(&steps) {
             let v = load64(value);
-            let weight = _mm512_set1_ps(vs);
-            for (a, v) in acc.iter_mut().zip(v) {
-                *a = round_f16(_mm512_fmadd_ps(v, weight, *a));
+            for (acc, &(raised, ms, vs)) in acc.iter_mut().zip(steps) {
+                if raised {
+                    let factor = _mm512_set1_ps(ms);
+                    for a in acc.iter_mut() {
+                        *a = round_f16(_mm512_mul_ps(*a, factor));
+                    }
+                }
+                let weight = _mm512_set1_ps(vs);
+                for (a, v) in acc.iter_mut().zip(v) {
+                    *a = round_f16(_mm512_fmadd_ps(v, weight, *a));
+                }
             }
-            // `S = S*ms + vs`, unfused as in ggml's build.
-            sum = sum * ms + vs;
         }
-        let mut out = vec![0f32; 64];
-        for (chunk, a) in out.chunks_exact_mut(16).zip(acc) {
-            // SAFETY: each chunk holds exactly 16 floats.
-            unsafe { _mm512_storeu_ps(chunk.as_mut_ptr(), a) };
-        }
-        OnlineSoftmax { max, sum, acc: out }
+        std::array::from_fn(|h| {
+            let mut out = vec![0f32; 64];
+            for (chunk, a) in out.chunks_exact_mut(16).zip(acc[h]) {
+                // SAFETY: each chunk holds exactly 16 floats.
+                unsafe { _mm512_storeu_ps(chunk.as_mut_ptr(), a) };
+            }
+            OnlineSoftmax {
+                max: max[h],
+                sum: sum[h],
+                acc: out,
+            }
+        })
     }
 
     pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) -> usize {
