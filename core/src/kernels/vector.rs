@@ -64,27 +64,42 @@ pub struct OnlineSoftmax {
     pub acc: Vec<f32>,
 }
 
+impl OnlineSoftmax {
+    /// Before the first cell.
+    pub fn start(d: usize) -> Self {
+        Self {
+            max: f32::NEG_INFINITY,
+            sum: 0.0,
+            acc: vec![0.0; d],
+        }
+    }
+}
+
 /// llama.cpp's one-token flash attention (AVX-512 build, f16 keys and values) for query heads of width 64 that
-/// share one key-value head, or `None` where this CPU lacks AVX-512: `queries` already rounded to f16, scores
-/// scaled by `scale`, the cells' keys and values in order. The weighted values are summed in f16, rounded after
-/// every cell as ggml's f16 buffer does. Each head is computed exactly as alone; together they share the loads
-/// and, more importantly, fill the pipeline: one head's running sum is a chain of dependent roundings.
+/// attend to the same cells of one key-value head: `queries` already rounded to f16, scores scaled by `scale`,
+/// the cells' keys and values in order. Continues each head's `states` (one per query, 64-wide) over the cells,
+/// so a run of cells can be split: cells every head sees, then each token's own. The weighted values are summed
+/// in f16, rounded after every cell as ggml's f16 buffer does. Each head is computed exactly as alone; together
+/// they share the loads and, more importantly, fill the pipeline: one head's running sum is a chain of dependent
+/// roundings. Returns `false`, touching nothing, where this CPU lacks AVX-512.
 pub fn online_softmax_64(
     queries: &[&[f32; 64]],
     scale: f32,
     cells: &[(&[f32; 64], &[f32; 64])],
-) -> Option<Vec<OnlineSoftmax>> {
+    states: &mut [OnlineSoftmax],
+) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if available() {
-        return Some(
-            queries
-                .chunks(simd::MAX_HEADS)
-                .flat_map(|heads| simd::online_softmax_64(heads, scale, cells))
-                .collect(),
-        );
+    if available() && states.iter().all(|s| s.acc.len() == 64) {
+        for (queries, states) in queries
+            .chunks(simd::MAX_HEADS)
+            .zip(states.chunks_mut(simd::MAX_HEADS))
+        {
+            simd::online_softmax_64(queries, scale, cells, states);
+        }
+        return true;
     }
-    let _ = (queries, scale, cells);
-    None
+    let _ = (queries, scale, cells, states);
+    false
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -105,18 +120,24 @@ mod simd {
         queries: &[&[f32; 64]],
         scale: f32,
         cells: &[(&[f32; 64], &[f32; 64])],
-    ) -> Vec<OnlineSoftmax> {
+        states: &mut [OnlineSoftmax],
+    ) {
         // SAFETY: the caller checked the instruction sets at run time.
         unsafe {
-            match queries {
-                [a] => online_avx512([*a], scale, cells).to_vec(),
-                [a, b] => online_avx512([*a, *b], scale, cells).to_vec(),
-                [a, b, c] => online_avx512([*a, *b, *c], scale, cells).to_vec(),
-                [a, b, c, d] => online_avx512([*a, *b, *c, *d], scale, cells).to_vec(),
-                _ => queries
-                    .iter()
-                    .flat_map(|q| online_avx512([*q], scale, cells))
-                    .collect(),
+            match (queries, states) {
+                ([a], [sa]) => online_avx512([*a], scale, cells, [sa]),
+                ([a, b], [sa, sb]) => online_avx512([*a, *b], scale, cells, [sa, sb]),
+                ([a, b, c], [sa, sb, sc]) => {
+                    online_avx512([*a, *b, *c], scale, cells, [sa, sb, sc])
+                }
+                ([a, b, c, d], [sa, sb, sc, sd]) => {
+                    online_avx512([*a, *b, *c, *d], scale, cells, [sa, sb, sc, sd])
+                }
+                (queries, states) => {
+                    for (q, state) in queries.iter().zip(states) {
+                        online_avx512([*q], scale, cells, [state]);
+                    }
+                }
             }
         }
     }
@@ -140,7 +161,8 @@ mod simd {
         queries: [&[f32; 64]; H],
         scale: f32,
         cells: &[(&[f32; 64], &[f32; 64])],
-    ) -> [OnlineSoftmax; H] {
+        states: [&mut OnlineSoftmax; H],
+    ) {
         let q = queries.map(|query| load64(query));
         let mut scores = vec![[0f32; H]; cells.len()];
         for ((key, _), scores) in cells.iter().zip(&mut scores) {
@@ -167,8 +189,8 @@ mod simd {
         }
         // Per cell and head: whether the cell raised the maximum (the sum so far is rescaled by `ms`), and its
         // weight `vs`.
-        let mut max = [f32::NEG_INFINITY; H];
-        let mut sum = [0f32; H];
+        let mut max: [f32; H] = std::array::from_fn(|h| states[h].max);
+        let mut sum: [f32; H] = std::array::from_fn(|h| states[h].sum);
         let steps: Vec<[(bool, f32, f32); H]> = scores
             .iter()
             .map(|scores| {
@@ -188,7 +210,10 @@ mod simd {
                 })
             })
             .collect();
-        let mut acc = [[_mm512_setzero_ps(); 4]; H];
+        let mut acc: [[__m512; 4]; H] = std::array::from_fn(|h| {
+            <&[f32; 64]>::try_from(states[h].acc.as_slice())
+                .map_or([_mm512_setzero_ps(); 4], |acc| load64(acc))
+        });
         for ((_, value), steps) in cells.iter().zip(&steps) {
             let v = load64(value);
             for (acc, &(raised, ms, vs)) in acc.iter_mut().zip(steps) {
@@ -204,18 +229,14 @@ mod simd {
                 }
             }
         }
-        std::array::from_fn(|h| {
-            let mut out = vec![0f32; 64];
-            for (chunk, a) in out.chunks_exact_mut(16).zip(acc[h]) {
+        for (h, state) in states.into_iter().enumerate() {
+            state.max = max[h];
+            state.sum = sum[h];
+            for (chunk, a) in state.acc.chunks_exact_mut(16).zip(acc[h]) {
                 // SAFETY: each chunk holds exactly 16 floats.
                 unsafe { _mm512_storeu_ps(chunk.as_mut_ptr(), a) };
             }
-            OnlineSoftmax {
-                max: max[h],
-                sum: sum[h],
-                acc: out,
-            }
-        })
+        }
     }
 
     pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) -> usize {
