@@ -138,6 +138,43 @@ pub fn q8_0_rows_on(isa: Isa, weights: &[BlockQ8_0], acts: &[&[ActivationBlock]]
     }
 }
 
+/// For one activation row (a decode step): `out[i]` = weight row `i` · `activations`, for the `out.len()` rows of
+/// `per_row` blocks in `weights`. The whole loop runs inside one SIMD function, so a step pays no dispatch per row.
+pub fn q4_1_one_row(
+    weights: &[BlockQ4_1],
+    per_row: usize,
+    activations: &[ActivationBlock],
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    match Isa::best() {
+        Isa::Avx512Vnni => return simd::vnni::q4_1_one_row(weights, per_row, activations, out),
+        Isa::Avx2 => return simd::avx2::q4_1_one_row(weights, per_row, activations, out),
+        Isa::Scalar => {}
+    }
+    for (o, row) in out.iter_mut().zip(weights.chunks_exact(per_row.max(1))) {
+        *o = q4_1_reference(row, activations);
+    }
+}
+
+/// [`q4_1_one_row`] for Q8_0 weights.
+pub fn q8_0_one_row(
+    weights: &[BlockQ8_0],
+    per_row: usize,
+    activations: &[ActivationBlock],
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    match Isa::best() {
+        Isa::Avx512Vnni => return simd::vnni::q8_0_one_row(weights, per_row, activations, out),
+        Isa::Avx2 => return simd::avx2::q8_0_one_row(weights, per_row, activations, out),
+        Isa::Scalar => {}
+    }
+    for (o, row) in out.iter_mut().zip(weights.chunks_exact(per_row.max(1))) {
+        *o = q8_0_reference(row, activations);
+    }
+}
+
 /// Most activation rows per pass over a weight row (one accumulator register each).
 pub const ACTIVATION_ROWS: usize = 4;
 
@@ -214,6 +251,51 @@ mod simd {
                 }
             }
 
+            pub fn q4_1_one_row(
+                weights: &[BlockQ4_1],
+                per_row: usize,
+                activations: &[ActivationBlock],
+                out: &mut [f32],
+            ) {
+                // SAFETY: the caller checked the instruction set at run time.
+                unsafe { q4_1_rows_of_one(weights, per_row, activations, out) }
+            }
+
+            pub fn q8_0_one_row(
+                weights: &[BlockQ8_0],
+                per_row: usize,
+                activations: &[ActivationBlock],
+                out: &mut [f32],
+            ) {
+                // SAFETY: the caller checked the instruction set at run time.
+                unsafe { q8_0_rows_of_one(weights, per_row, activations, out) }
+            }
+
+            #[target_feature(enable = $features)]
+            fn q4_1_rows_of_one(
+                weights: &[BlockQ4_1],
+                per_row: usize,
+                activations: &[ActivationBlock],
+                out: &mut [f32],
+            ) {
+                for (o, row) in out.iter_mut().zip(weights.chunks_exact(per_row.max(1))) {
+                    q4_1::<1>(row, &[activations], std::slice::from_mut(o));
+                }
+            }
+
+            #[target_feature(enable = $features)]
+            fn q8_0_rows_of_one(
+                weights: &[BlockQ8_0],
+                per_row: usize,
+                activations: &[ActivationBlock],
+                out: &mut [f32],
+            ) {
+                for (o, row) in out.iter_mut().zip(weights.chunks_exact(per_row.max(1))) {
+                    q8_0::<1>(row, &[activations], std::slice::from_mut(o));
+                }
+            }
+
+            #[inline]
             #[target_feature(enable = $features)]
             fn q4_1<const R: usize>(
                 weights: &[BlockQ4_1],
@@ -245,6 +327,7 @@ mod simd {
                 }
             }
 
+            #[inline]
             #[target_feature(enable = $features)]
             fn q8_0<const R: usize>(
                 weights: &[BlockQ8_0],

@@ -191,6 +191,16 @@ impl Job for MatmulJob {
                 Blocks::Q4_1(b) => paired.q4_1(b.get(range).unwrap_or(&[]), per_row, &mut values),
                 Blocks::Q8_0(b) => paired.q8_0(b.get(range).unwrap_or(&[]), per_row, &mut values),
             }
+        } else if self.t == 1 {
+            let acts = &self.activations;
+            match &m.blocks {
+                Blocks::Q4_1(b) => {
+                    dot::q4_1_one_row(b.get(range).unwrap_or(&[]), per_row, acts, &mut values)
+                }
+                Blocks::Q8_0(b) => {
+                    dot::q8_0_one_row(b.get(range).unwrap_or(&[]), per_row, acts, &mut values)
+                }
+            }
         } else {
             let act_rows: Vec<&[ActivationBlock]> =
                 self.activations.chunks_exact(per_row).collect();
