@@ -138,40 +138,58 @@ pub fn q8_0_rows_on(isa: Isa, weights: &[BlockQ8_0], acts: &[&[ActivationBlock]]
     }
 }
 
-/// For one activation row (a decode step): `out[i]` = weight row `i` · `activations`, for the `out.len()` rows of
-/// `per_row` blocks in `weights`. The whole loop runs inside one SIMD function, so a step pays no dispatch per row.
-pub fn q4_1_one_row(
+/// For up to [`ACTIVATION_ROWS`] activation rows (a decode step, a short verification): `out[r * n + i]` = weight
+/// row `i` · activation row `r`, for the `n` rows of `per_row` blocks in `weights`. The whole loop runs inside one
+/// SIMD function, so a step pays no dispatch per weight row. More rows than that take the reference.
+pub fn q4_1_few_rows(
     weights: &[BlockQ4_1],
     per_row: usize,
-    activations: &[ActivationBlock],
+    acts: &[&[ActivationBlock]],
     out: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    match Isa::best() {
-        Isa::Avx512Vnni => return simd::vnni::q4_1_one_row(weights, per_row, activations, out),
-        Isa::Avx2 => return simd::avx2::q4_1_one_row(weights, per_row, activations, out),
-        Isa::Scalar => {}
+    if acts.len() <= ACTIVATION_ROWS {
+        match Isa::best() {
+            Isa::Avx512Vnni => return simd::vnni::q4_1_few_rows(weights, per_row, acts, out),
+            Isa::Avx2 => return simd::avx2::q4_1_few_rows(weights, per_row, acts, out),
+            Isa::Scalar => {}
+        }
     }
-    for (o, row) in out.iter_mut().zip(weights.chunks_exact(per_row.max(1))) {
-        *o = q4_1_reference(row, activations);
-    }
+    few_rows_reference(weights, per_row, acts, out, q4_1_reference);
 }
 
-/// [`q4_1_one_row`] for Q8_0 weights.
-pub fn q8_0_one_row(
+/// [`q4_1_few_rows`] for Q8_0 weights.
+pub fn q8_0_few_rows(
     weights: &[BlockQ8_0],
     per_row: usize,
-    activations: &[ActivationBlock],
+    acts: &[&[ActivationBlock]],
     out: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    match Isa::best() {
-        Isa::Avx512Vnni => return simd::vnni::q8_0_one_row(weights, per_row, activations, out),
-        Isa::Avx2 => return simd::avx2::q8_0_one_row(weights, per_row, activations, out),
-        Isa::Scalar => {}
+    if acts.len() <= ACTIVATION_ROWS {
+        match Isa::best() {
+            Isa::Avx512Vnni => return simd::vnni::q8_0_few_rows(weights, per_row, acts, out),
+            Isa::Avx2 => return simd::avx2::q8_0_few_rows(weights, per_row, acts, out),
+            Isa::Scalar => {}
+        }
     }
-    for (o, row) in out.iter_mut().zip(weights.chunks_exact(per_row.max(1))) {
-        *o = q8_0_reference(row, activations);
+    few_rows_reference(weights, per_row, acts, out, q8_0_reference);
+}
+
+fn few_rows_reference<W>(
+    weights: &[W],
+    per_row: usize,
+    acts: &[&[ActivationBlock]],
+    out: &mut [f32],
+    reference: fn(&[W], &[ActivationBlock]) -> f32,
+) {
+    let n = weights.len() / per_row.max(1);
+    for (i, row) in weights.chunks_exact(per_row.max(1)).enumerate() {
+        for (r, act) in acts.iter().enumerate() {
+            if let Some(o) = out.get_mut(r * n + i) {
+                *o = reference(row, act);
+            }
+        }
     }
 }
 
@@ -251,47 +269,75 @@ mod simd {
                 }
             }
 
-            pub fn q4_1_one_row(
+            pub fn q4_1_few_rows(
                 weights: &[BlockQ4_1],
                 per_row: usize,
-                activations: &[ActivationBlock],
+                acts: &[&[ActivationBlock]],
                 out: &mut [f32],
             ) {
                 // SAFETY: the caller checked the instruction set at run time.
-                unsafe { q4_1_rows_of_one(weights, per_row, activations, out) }
+                unsafe {
+                    match acts.len() {
+                        4 => q4_1_matrix::<4>(weights, per_row, acts, out),
+                        3 => q4_1_matrix::<3>(weights, per_row, acts, out),
+                        2 => q4_1_matrix::<2>(weights, per_row, acts, out),
+                        _ => q4_1_matrix::<1>(weights, per_row, acts, out),
+                    }
+                }
             }
 
-            pub fn q8_0_one_row(
+            pub fn q8_0_few_rows(
                 weights: &[BlockQ8_0],
                 per_row: usize,
-                activations: &[ActivationBlock],
+                acts: &[&[ActivationBlock]],
                 out: &mut [f32],
             ) {
                 // SAFETY: the caller checked the instruction set at run time.
-                unsafe { q8_0_rows_of_one(weights, per_row, activations, out) }
-            }
-
-            #[target_feature(enable = $features)]
-            fn q4_1_rows_of_one(
-                weights: &[BlockQ4_1],
-                per_row: usize,
-                activations: &[ActivationBlock],
-                out: &mut [f32],
-            ) {
-                for (o, row) in out.iter_mut().zip(weights.chunks_exact(per_row.max(1))) {
-                    q4_1::<1>(row, &[activations], std::slice::from_mut(o));
+                unsafe {
+                    match acts.len() {
+                        4 => q8_0_matrix::<4>(weights, per_row, acts, out),
+                        3 => q8_0_matrix::<3>(weights, per_row, acts, out),
+                        2 => q8_0_matrix::<2>(weights, per_row, acts, out),
+                        _ => q8_0_matrix::<1>(weights, per_row, acts, out),
+                    }
                 }
             }
 
             #[target_feature(enable = $features)]
-            fn q8_0_rows_of_one(
-                weights: &[BlockQ8_0],
+            fn q4_1_matrix<const R: usize>(
+                weights: &[BlockQ4_1],
                 per_row: usize,
-                activations: &[ActivationBlock],
+                acts: &[&[ActivationBlock]],
                 out: &mut [f32],
             ) {
-                for (o, row) in out.iter_mut().zip(weights.chunks_exact(per_row.max(1))) {
-                    q8_0::<1>(row, &[activations], std::slice::from_mut(o));
+                let n = weights.len() / per_row.max(1);
+                let mut sums = [0f32; R];
+                for (i, row) in weights.chunks_exact(per_row.max(1)).enumerate() {
+                    q4_1::<R>(row, acts, &mut sums);
+                    for (r, &v) in sums.iter().enumerate() {
+                        if let Some(o) = out.get_mut(r * n + i) {
+                            *o = v;
+                        }
+                    }
+                }
+            }
+
+            #[target_feature(enable = $features)]
+            fn q8_0_matrix<const R: usize>(
+                weights: &[BlockQ8_0],
+                per_row: usize,
+                acts: &[&[ActivationBlock]],
+                out: &mut [f32],
+            ) {
+                let n = weights.len() / per_row.max(1);
+                let mut sums = [0f32; R];
+                for (i, row) in weights.chunks_exact(per_row.max(1)).enumerate() {
+                    q8_0::<R>(row, acts, &mut sums);
+                    for (r, &v) in sums.iter().enumerate() {
+                        if let Some(o) = out.get_mut(r * n + i) {
+                            *o = v;
+                        }
+                    }
                 }
             }
 

@@ -134,7 +134,7 @@ impl QuantMatrix {
         };
         // One row streams the weights at memory speed with the 256-bit kernel; several rows are bound by
         // arithmetic, where pairing rows in 512-bit registers halves the instructions.
-        let paired = (t >= 2 && PairedActivations::available())
+        let paired = (t > PAIRED_FROM && PairedActivations::available())
             .then(|| PairedActivations::new(&activations, self.cols / BLOCK));
         let job = Arc::new(MatmulJob {
             matrix: self.clone(),
@@ -164,6 +164,10 @@ impl QuantMatrix {
     }
 }
 
+/// Above this many activation rows the paired AVX-512 kernels win; at or below it, the 256-bit kernels with one
+/// register per row (a decode step, a short verification).
+const PAIRED_FROM: usize = 2;
+
 struct MatmulJob {
     matrix: Arc<QuantMatrix>,
     activations: Vec<ActivationBlock>,
@@ -191,32 +195,25 @@ impl Job for MatmulJob {
                 Blocks::Q4_1(b) => paired.q4_1(b.get(range).unwrap_or(&[]), per_row, &mut values),
                 Blocks::Q8_0(b) => paired.q8_0(b.get(range).unwrap_or(&[]), per_row, &mut values),
             }
-        } else if self.t == 1 {
-            let acts = &self.activations;
-            match &m.blocks {
-                Blocks::Q4_1(b) => {
-                    dot::q4_1_one_row(b.get(range).unwrap_or(&[]), per_row, acts, &mut values)
-                }
-                Blocks::Q8_0(b) => {
-                    dot::q8_0_one_row(b.get(range).unwrap_or(&[]), per_row, acts, &mut values)
-                }
-            }
         } else {
-            let act_rows: Vec<&[ActivationBlock]> =
-                self.activations.chunks_exact(per_row).collect();
-            let mut row_out = vec![0f32; self.t];
-            for (i, row) in (first..last).enumerate() {
-                let range = row * per_row..(row + 1) * per_row;
+            let acts: Vec<&[ActivationBlock]> = self.activations.chunks_exact(per_row).collect();
+            for (acts, values) in acts
+                .chunks(dot::ACTIVATION_ROWS)
+                .zip(values.chunks_mut(dot::ACTIVATION_ROWS * len))
+            {
                 match &m.blocks {
-                    Blocks::Q4_1(b) => {
-                        dot::q4_1_rows(b.get(range).unwrap_or(&[]), &act_rows, &mut row_out)
-                    }
-                    Blocks::Q8_0(b) => {
-                        dot::q8_0_rows(b.get(range).unwrap_or(&[]), &act_rows, &mut row_out)
-                    }
-                }
-                for (r, &v) in row_out.iter().enumerate() {
-                    values[r * len + i] = v;
+                    Blocks::Q4_1(b) => dot::q4_1_few_rows(
+                        b.get(range.clone()).unwrap_or(&[]),
+                        per_row,
+                        acts,
+                        values,
+                    ),
+                    Blocks::Q8_0(b) => dot::q8_0_few_rows(
+                        b.get(range.clone()).unwrap_or(&[]),
+                        per_row,
+                        acts,
+                        values,
+                    ),
                 }
             }
         }
