@@ -158,6 +158,10 @@ impl Projections {
                     )));
                 }
                 let output = matrix.matmul(x, t);
+                if let [_] = self.widths.as_slice() {
+                    // One projection (o, down, the LM head): nothing to split, no copy.
+                    return Ok(vec![output]);
+                }
                 let mut parts: Vec<Vec<f32>> = self
                     .widths
                     .iter()
