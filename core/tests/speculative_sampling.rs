@@ -19,7 +19,7 @@ use specula_core::methods::speculative::verifier::{
 };
 use specula_core::model::{Capture, KvCache, Logits, Mask, logits_row};
 use specula_core::sampling::{RunRng, Warped, argmax, rng_from_seed, top_n, warp};
-use specula_core::trace::{SpeculativeParams, StepPayload};
+use specula_core::trace::{DraftKind, SpeculativeParams, StepPayload};
 use specula_core::{MethodParams, SamplingParams, generate};
 
 // ------------------------------------------------------------------------------------------------------------
@@ -220,6 +220,7 @@ fn chain_draft(o: &mut Oracle, done: &[u32], rng: &mut RunRng) -> DraftTree {
             token: x,
             parent: i.checked_sub(1),
             q: (*q).clone(),
+            kind: DraftKind::Sampled,
         });
         ctx.push(x);
     }
@@ -239,6 +240,7 @@ fn tree_draft(o: &mut Oracle, done: &[u32], rng: &mut RunRng) -> DraftTree {
             token: x,
             parent: None,
             q: qj,
+            kind: DraftKind::Sampled,
         });
     }
     for parent in 0..nodes.len() {
@@ -250,6 +252,7 @@ fn tree_draft(o: &mut Oracle, done: &[u32], rng: &mut RunRng) -> DraftTree {
             token: x,
             parent: Some(parent),
             q: (*q).clone(),
+            kind: DraftKind::Sampled,
         });
     }
     DraftTree { nodes }
@@ -275,6 +278,7 @@ fn point_tree_draft(o: &mut Oracle, done: &[u32], _rng: &mut RunRng) -> DraftTre
                 token: t,
                 parent: None,
                 q: Warped::point(t),
+                kind: DraftKind::Unlabelled,
             })
             .collect(),
     }

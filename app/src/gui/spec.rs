@@ -356,6 +356,7 @@ mod tests {
             q: 0.5,
             p: Some(0.25),
             status,
+            kind: specula_core::trace::DraftKind::Unlabelled,
         }
     }
 

@@ -5,8 +5,8 @@
 use std::path::Path;
 
 use specula_core::trace::{
-    Candidate, DraftNode, DraftStatus, Rejection, RunSummary, SpeculativeStep, StepPayload,
-    StepRecord, StepTiming, StopReason, TokenRecord, TokenSource, Trace,
+    Candidate, DraftKind, DraftNode, DraftStatus, Rejection, RunSummary, SpeculativeStep,
+    StepPayload, StepRecord, StepTiming, StopReason, TokenRecord, TokenSource, Trace,
 };
 
 fn trace_path(name: &str) -> std::path::PathBuf {
@@ -55,6 +55,7 @@ fn node(
         q,
         p,
         status,
+        kind: DraftKind::Unlabelled,
     }
 }
 

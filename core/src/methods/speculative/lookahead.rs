@@ -25,7 +25,7 @@ use super::drafter::{Draft, DraftInput, Drafter, Observation};
 use super::verifier::{DraftTree, DraftTreeNode};
 use crate::error::Result;
 use crate::sampling::{RunRng, Warped, argmax, warp};
-use crate::trace::SamplingParams;
+use crate::trace::{DraftKind, SamplingParams};
 
 /// Guessed positions per Jacobi iteration (the paper's W; small, since every guess is a row of the forward).
 const WINDOW: usize = 5;
@@ -34,12 +34,32 @@ const NGRAM: usize = 4;
 /// Pool continuations verified per step (the paper's G), and kept per key token.
 const CANDIDATES: usize = 3;
 
+/// A token proposed at one position, with the q the verifier will test it against.
+#[derive(Clone, Debug, PartialEq)]
+struct Proposal {
+    token: u32,
+    q: Warped,
+    kind: DraftKind,
+}
+
+impl Proposal {
+    /// A deterministic guess (argmax, context padding, pool n-gram): q is the point mass on it.
+    fn point(token: u32) -> Self {
+        Self {
+            token,
+            q: Warped::point(token),
+            kind: DraftKind::Unlabelled,
+        }
+    }
+}
+
 #[derive(Default)]
 pub struct Lookahead {
     /// The last iterations' guesses, oldest first; each (position of its first token, tokens).
     levels: VecDeque<(usize, Vec<u32>)>,
-    /// The distribution each token of the newest iteration was drawn from (point masses for argmax iterations).
-    newest_q: Vec<Warped>,
+    /// Each token of the newest iteration as a proposal: sampled with the distribution it was drawn from, or the
+    /// argmax as a point mass.
+    newest: Vec<Proposal>,
     /// Key token → continuations (NGRAM - 1 tokens each), most recent first. A BTreeMap: its order reaches the
     /// trace through the drafts.
     pool: BTreeMap<u32, Vec<Vec<u32>>>,
@@ -61,22 +81,24 @@ impl Lookahead {
             return;
         };
         let mut draw = draw;
-        let (tokens, qs): (Vec<u32>, Vec<Warped>) = rows
+        let newest: Vec<Proposal> = rows
             .iter()
             .enumerate()
             .map(|(i, row)| match draw.as_mut() {
                 Some((sampling, rng)) if start + i >= from => {
                     let q = warp(row, sampling);
-                    (q.sample(rng), q)
+                    Proposal {
+                        token: q.sample(rng),
+                        q,
+                        kind: DraftKind::Sampled,
+                    }
                 }
-                _ => {
-                    let t = argmax(row);
-                    (t, Warped::point(t))
-                }
+                _ => Proposal::point(argmax(row)),
             })
-            .unzip();
-        self.levels.push_back((start, tokens));
-        self.newest_q = qs;
+            .collect();
+        self.levels
+            .push_back((start, newest.iter().map(|g| g.token).collect()));
+        self.newest = newest;
         while self.levels.len() > NGRAM {
             self.levels.pop_front();
         }
@@ -86,19 +108,16 @@ impl Lookahead {
     /// Guesses for `len` positions from `from` on, each with the distribution it was drawn from: the newest
     /// iteration's, padded with earlier context tokens as point masses (the paper starts from random prompt
     /// tokens; these are deterministic). Also returns how many came from the iteration.
-    fn guesses(&self, context: &[u32], from: usize, len: usize) -> (Vec<(u32, Warped)>, usize) {
-        let mut out: Vec<(u32, Warped)> = self
+    fn guesses(&self, context: &[u32], from: usize, len: usize) -> (Vec<Proposal>, usize) {
+        let mut out: Vec<Proposal> = self
             .levels
             .back()
-            .map(|(start, tokens)| {
-                tokens
+            .map(|(start, _)| {
+                self.newest
                     .iter()
                     .enumerate()
                     .filter(|(i, _)| start + i >= from)
-                    .map(|(i, &t)| {
-                        let q = self.newest_q.get(i).cloned();
-                        (t, q.unwrap_or_else(|| Warped::point(t)))
-                    })
+                    .map(|(_, g)| g.clone())
                     .take(len)
                     .collect()
             })
@@ -107,7 +126,7 @@ impl Lookahead {
         let mut fill = context.iter().rev().cycle();
         while out.len() < len {
             match fill.next() {
-                Some(&t) => out.push((t, Warped::point(t))),
+                Some(&t) => out.push(Proposal::point(t)),
                 None => break,
             }
         }
@@ -141,20 +160,21 @@ impl Lookahead {
     }
 }
 
-/// Inserts `tokens` as a path from the root into `nodes`, sharing existing nodes (a trie), each new node with its
-/// q. An existing node keeps its own q: the window goes in first, so a shared node is a window guess whose q is
-/// what it was drawn from.
-fn insert_path(nodes: &mut Vec<DraftTreeNode>, tokens: &[(u32, Warped)]) {
+/// Inserts `path` from the root into `nodes`, sharing existing nodes (a trie), each new node with its q and kind.
+/// An existing node keeps its own q: the window goes in first, so a shared node is a window guess with the q it
+/// was drawn from.
+fn insert_path(nodes: &mut Vec<DraftTreeNode>, path: &[Proposal]) {
     let mut parent = None;
-    for (token, q) in tokens {
+    for g in path {
         let existing = nodes
             .iter()
-            .position(|n| n.parent == parent && n.token == *token);
+            .position(|n| n.parent == parent && n.token == g.token);
         parent = Some(existing.unwrap_or_else(|| {
             nodes.push(DraftTreeNode {
-                token: *token,
+                token: g.token,
                 parent,
-                q: q.clone(),
+                q: g.q.clone(),
+                kind: g.kind,
             });
             nodes.len() - 1
         }));
@@ -162,8 +182,8 @@ fn insert_path(nodes: &mut Vec<DraftTreeNode>, tokens: &[(u32, Warped)]) {
 }
 
 /// A pool n-gram as point masses.
-fn points(tokens: &[u32]) -> Vec<(u32, Warped)> {
-    tokens.iter().map(|&t| (t, Warped::point(t))).collect()
+fn points(tokens: &[u32]) -> Vec<Proposal> {
+    tokens.iter().map(|&t| Proposal::point(t)).collect()
 }
 
 impl Drafter for Lookahead {
@@ -258,27 +278,32 @@ mod tests {
         // The root is at 7 now: position 7 is committed (the argmax, for the pool), 8 and 9 are guessed, 10 is
         // padded.
         assert_eq!(la.levels.back().map(|l| l.1[0]), Some(3));
-        assert_eq!(la.newest_q[0], Warped::point(3));
+        assert_eq!(la.newest[0], Proposal::point(3));
         let (window, iterated) = la.guesses(&[9, 8], 8, 3);
         assert_eq!(iterated, 2);
-        for (i, (t, q)) in window.iter().take(2).enumerate() {
-            assert_eq!(*q, warp(&rows()[i + 1], &sampling));
-            assert!(q.prob(*t) > 0.0, "a guess outside the q it was drawn from");
+        for (i, g) in window.iter().take(2).enumerate() {
+            assert_eq!(g.q, warp(&rows()[i + 1], &sampling));
+            assert_eq!(g.kind, DraftKind::Sampled);
+            assert!(
+                g.q.prob(g.token) > 0.0,
+                "a guess outside the q it was drawn from"
+            );
         }
-        assert_eq!(window[2], (8, Warped::point(8)));
+        assert_eq!(window[2], Proposal::point(8));
         // A pool path through the first guess shares its node, q included; its continuation is a point mass.
         let mut nodes = Vec::new();
         insert_path(&mut nodes, &window);
-        let other = (0..4).find(|&t| t != window[1].0).unwrap_or(0);
-        insert_path(&mut nodes, &points(&[window[0].0, other]));
+        let other = (0..4).find(|&t| t != window[1].token).unwrap_or(0);
+        insert_path(&mut nodes, &points(&[window[0].token, other]));
         assert_eq!(nodes.len(), 4);
-        assert_eq!(nodes[0].q, window[0].1);
+        assert_eq!(nodes[0].q, window[0].q);
         assert_eq!(
             nodes[3],
             DraftTreeNode {
                 token: other,
                 parent: Some(0),
-                q: Warped::point(other)
+                q: Warped::point(other),
+                kind: DraftKind::Unlabelled,
             }
         );
     }
@@ -292,7 +317,7 @@ mod tests {
         la.iterate(8, None);
         let (window, iterated) = la.guesses(&[9, 8], 8, 2);
         assert_eq!(iterated, 2);
-        assert_eq!(window, vec![(0, Warped::point(0)), (2, Warped::point(2))]);
+        assert_eq!(window, vec![Proposal::point(0), Proposal::point(2)]);
         assert_eq!(la.levels.back(), Some(&(7, vec![3, 0, 2])));
     }
 

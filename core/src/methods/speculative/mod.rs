@@ -440,6 +440,7 @@ impl DecodingMethod for Speculative {
                 } else {
                     DraftStatus::Unverified
                 },
+                kind: n.kind,
             })
             .collect();
         let distribution = verdict

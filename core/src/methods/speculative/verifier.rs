@@ -14,7 +14,7 @@
 use rand::Rng;
 
 use crate::sampling::{RunRng, Warped};
-use crate::trace::{SamplingParams, TOP_CANDIDATES};
+use crate::trace::{DraftKind, SamplingParams, TOP_CANDIDATES};
 
 /// One drafted token, hanging off `parent` (an earlier node) or off the last committed token (`None`).
 #[derive(Clone, Debug, PartialEq)]
@@ -22,8 +22,11 @@ pub struct DraftTreeNode {
     pub token: u32,
     pub parent: Option<usize>,
     /// The distribution this token was drawn from, warped like the target's; a point mass for deterministic
-    /// drafters (n-gram lookup, token recycling, greedy drafting).
+    /// drafters (n-gram lookup, token recycling, greedy drafting). The verifier tests the node against this q
+    /// and no other.
     pub q: Warped,
+    /// How the drafter proposed it, for the trace; the verifier does not read it.
+    pub kind: DraftKind,
 }
 
 /// The draft tree in feeding order: every parent comes before its children, and siblings are tried in order.
@@ -42,6 +45,7 @@ impl DraftTree {
                 token: t,
                 parent: i.checked_sub(1),
                 q: Warped::point(t),
+                kind: DraftKind::Unlabelled,
             })
             .collect();
         Self { nodes }
@@ -321,11 +325,13 @@ mod tests {
                     token: 1,
                     parent: None,
                     q: Warped::point(1),
+                    kind: DraftKind::Unlabelled,
                 },
                 DraftTreeNode {
                     token: 2,
                     parent: Some(0),
                     q: Warped::point(2),
+                    kind: DraftKind::Unlabelled,
                 },
             ],
         };
@@ -353,6 +359,7 @@ mod tests {
                     token: x,
                     parent: None,
                     q: q.clone(),
+                    kind: DraftKind::Sampled,
                 }],
             };
             let v = verify(&tree, &[&p, &Warped::point(0)], &sampling(), &mut rng).unwrap();
