@@ -57,6 +57,9 @@ pub struct DraftNode {
 pub enum DraftKind {
     /// Drawn at random from q, which the node carries (lookahead's SJD window guesses).
     Sampled,
+    /// The argmax of the q its sampled sibling (the sibling just before it) was drawn from, proposed as a point
+    /// mass (q = 1) and tested after that sibling is rejected, against the residual it left.
+    ArgmaxSibling,
     /// The drafter did not say. (Last: serde's catch-all for unknown kinds must be.)
     #[default]
     #[serde(other)]

@@ -12,12 +12,19 @@
 //!   that distribution saw was the previous iteration's guesses, not what the verifier then committed, so q is not
 //!   the p the target gives the guess now; the shared verifier accepts it with min(1, p/q) and draws a rejection's
 //!   replacement from norm(max(0, p - q)), which is SJD's acceptance rule and keeps the output exactly p.
+//!   Each sampled guess also gets a sibling, tested right after it: the argmax a of its q as a point mass. It is
+//!   tested with its own q (one-hot) against the residual the guess left, which keeps the output exactly p (see
+//!   the verifier), and is accepted there with probability max(0, p(a) - q(a)) / (1 - alpha): it pays where the
+//!   target is surer of q's favourite than q was. A position is then accepted with probability
+//!   sum over x != a of min(p(x), q(x)) + p(a), at least what the sampled guess alone or the argmax alone gets.
+//!   The sibling is a leaf (the window goes on under the sampled guess only), so accepting it ends the path with
+//!   a bonus token. It is left out when the guess is the argmax already.
 //!
 //! The last `NGRAM - 1` iterations, read along diagonals (iteration l at position i + l), give the n-grams the pool
 //! keeps: each token of such an n-gram was the model's pick right after the one before it. Pool n-grams and the
 //! guesses padded from the context are point masses, which the verifier tests against p(x) (lossless for any
-//! token). Pool paths are inserted after the window, so a pool path that shares the window's first tokens shares
-//! its nodes (and their q) and only adds point-mass siblings after them.
+//! token). Pool paths are inserted after the window and its argmax siblings, so a pool path that shares their
+//! tokens shares their nodes (and their q) and only adds point-mass nodes after them.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -161,8 +168,8 @@ impl Lookahead {
 }
 
 /// Inserts `path` from the root into `nodes`, sharing existing nodes (a trie), each new node with its q and kind.
-/// An existing node keeps its own q: the window goes in first, so a shared node is a window guess with the q it
-/// was drawn from.
+/// An existing node keeps its own q: the window and its siblings go in first, so a shared node is a window guess
+/// with the q it was drawn from, or an argmax sibling with its point mass.
 fn insert_path(nodes: &mut Vec<DraftTreeNode>, path: &[Proposal]) {
     let mut parent = None;
     for g in path {
@@ -179,6 +186,32 @@ fn insert_path(nodes: &mut Vec<DraftTreeNode>, path: &[Proposal]) {
             nodes.len() - 1
         }));
     }
+}
+
+/// Adds, after the first `window` nodes (the window chain), the argmax sibling of each sampled guess among them:
+/// the argmax of the guess's q as a point mass under the same parent, a leaf. Appended after the chain, so each
+/// is tested right after its guess, and the chain's rows stay the forward's first (`observe` reads them).
+/// Returns how many were added.
+fn add_argmax_siblings(nodes: &mut Vec<DraftTreeNode>, window: usize) -> usize {
+    let siblings: Vec<DraftTreeNode> = nodes
+        .iter()
+        .take(window)
+        .filter(|n| n.kind == DraftKind::Sampled)
+        .filter_map(|n| {
+            // A guess that is its q's argmax already needs no sibling: the residual of its rejection gives it
+            // nothing.
+            let top = n.q.most_likely().filter(|&t| t != n.token)?;
+            Some(DraftTreeNode {
+                token: top,
+                parent: n.parent,
+                q: Warped::point(top),
+                kind: DraftKind::ArgmaxSibling,
+            })
+        })
+        .collect();
+    let added = siblings.len();
+    nodes.extend(siblings);
+    added
 }
 
 /// A pool n-gram as point masses.
@@ -202,6 +235,7 @@ impl Drafter for Lookahead {
         insert_path(&mut nodes, &window);
         self.window_at = root + 1;
         self.window_len = nodes.len();
+        let siblings = add_argmax_siblings(&mut nodes, self.window_len);
         let key = input.context.last().copied();
         let candidates = key
             .and_then(|k| self.pool.get(&k))
@@ -214,10 +248,11 @@ impl Drafter for Lookahead {
         let window_note = if greedy {
             format!("Jacobi window of {window_len}")
         } else {
-            // The window is the tree's top chain; say which of its nodes carry a real q.
+            // The window is the tree's top chain; say which of its nodes carry a real q and which are siblings.
             format!(
                 "SJD window of {window_len} (the top chain): {iterated} sampled from the target's p in the last \
-                 iteration, which is their q, {} context token(s) as point masses",
+                 iteration, which is their q, {} context token(s) as point masses; {siblings} argmax sibling(s): \
+                 a sampled guess's q argmax as a point mass, tested after it",
                 window.len().saturating_sub(iterated)
             )
         };
@@ -306,6 +341,57 @@ mod tests {
                 kind: DraftKind::Unlabelled,
             }
         );
+    }
+
+    /// A chain node as the window would hold it.
+    fn node(token: u32, parent: Option<usize>, q: Warped, kind: DraftKind) -> DraftTreeNode {
+        DraftTreeNode {
+            token,
+            parent,
+            q,
+            kind,
+        }
+    }
+
+    #[test]
+    fn sampled_guesses_get_their_q_argmax_as_a_point_mass_sibling() {
+        let q = |pairs: &[(u32, f32)]| Warped {
+            support: pairs.to_vec(),
+        };
+        // Depth 1 drew 2 off its mode 5; depth 2 drew its mode; depth 3 is context padding (a point mass).
+        let mut nodes = vec![
+            node(2, None, q(&[(5, 0.6), (2, 0.4)]), DraftKind::Sampled),
+            node(7, Some(0), q(&[(7, 0.9), (1, 0.1)]), DraftKind::Sampled),
+            node(4, Some(1), Warped::point(4), DraftKind::Unlabelled),
+        ];
+        assert_eq!(add_argmax_siblings(&mut nodes, 3), 1);
+        assert_eq!(
+            nodes[3],
+            node(5, None, Warped::point(5), DraftKind::ArgmaxSibling)
+        );
+        // Tested right after its guess: the root's children in order.
+        let tree = DraftTree { nodes };
+        assert_eq!(tree.children(None), vec![0, 3]);
+        // A pool path through the sibling shares it and hangs its continuation off it.
+        let mut nodes = tree.nodes;
+        insert_path(&mut nodes, &points(&[5, 6]));
+        assert_eq!(nodes.len(), 5);
+        assert_eq!(nodes[4].parent, Some(3));
+        assert_eq!(nodes[3].kind, DraftKind::ArgmaxSibling);
+    }
+
+    #[test]
+    fn greedy_drafts_have_no_siblings() {
+        let mut la = Lookahead {
+            pending: Some((7, rows())),
+            ..Lookahead::default()
+        };
+        la.iterate(8, None);
+        let (window, _) = la.guesses(&[9, 8], 8, 3);
+        let mut nodes = Vec::new();
+        insert_path(&mut nodes, &window);
+        assert_eq!(add_argmax_siblings(&mut nodes, 3), 0);
+        assert!(nodes.iter().all(|n| n.kind == DraftKind::Unlabelled));
     }
 
     #[test]

@@ -10,6 +10,13 @@
 //!   Accepting descends into that child; when every child is rejected the token is drawn from the last
 //!   residual; when the path ends on a leaf the bonus token is drawn from that leaf's p. The output then follows
 //!   p exactly, whatever the drafts were.
+//!
+//! Each node carries its own q, so siblings of different kinds mix freely: lookahead's SJD guess (q = the
+//! distribution it was sampled from) followed by that q's argmax as a point mass (q = 1 on it). The sibling's
+//! test uses its own q against the residual the guess's rejection left, which keeps the output exactly p: given
+//! a rejection, whatever the guess was, the rest of the test outputs that residual (RSD's argument, one sibling
+//! at a time). A sibling equal to the guess is left out by the drafter: it could never be accepted (a rejected
+//! token has p(x) < q(x), so the residual gives it nothing).
 
 use rand::Rng;
 
@@ -22,8 +29,8 @@ pub struct DraftTreeNode {
     pub token: u32,
     pub parent: Option<usize>,
     /// The distribution this token was drawn from, warped like the target's; a point mass for deterministic
-    /// drafters (n-gram lookup, token recycling, greedy drafting). The verifier tests the node against this q
-    /// and no other.
+    /// drafters (n-gram lookup, token recycling, greedy drafting) and for lookahead's argmax siblings. The
+    /// verifier tests the node against this q and no other.
     pub q: Warped,
     /// How the drafter proposed it, for the trace; the verifier does not read it.
     pub kind: DraftKind,
@@ -374,5 +381,54 @@ mod tests {
             let e = f64::from(p.prob(id as u32)) * f64::from(n);
             assert!((c - e).abs() < 4.0 * e.sqrt(), "{counts:?}");
         }
+    }
+
+    #[test]
+    fn a_sampled_guess_then_its_argmax_sibling_follow_p() {
+        // q's argmax 1 is likelier under p than under q, so the residual of a rejected guess keeps mass on it:
+        // alpha = 0.8, residual (0.5, 0.5, 0), and the sibling is accepted after 0.2 * 0.5 = 10% of the guesses.
+        let p = w(&[(1, 0.6), (0, 0.2), (2, 0.2)]);
+        let q = w(&[(1, 0.5), (2, 0.4), (0, 0.1)]);
+        let mut rng = rng_from_seed(5);
+        let mut counts = [0f64; 3];
+        let mut sibling_accepted = 0u32;
+        let n = 40_000;
+        for _ in 0..n {
+            let x = q.sample(&mut rng);
+            let mut nodes = vec![DraftTreeNode {
+                token: x,
+                parent: None,
+                q: q.clone(),
+                kind: DraftKind::Sampled,
+            }];
+            if x != 1 {
+                nodes.push(DraftTreeNode {
+                    token: 1,
+                    parent: None,
+                    q: Warped::point(1),
+                    kind: DraftKind::ArgmaxSibling,
+                });
+            }
+            let tree = DraftTree { nodes };
+            let leaves = vec![&p; tree.nodes.len() + 1];
+            let v = verify(&tree, &leaves, &sampling(), &mut rng).unwrap();
+            let first = match v.accepted_path.first() {
+                Some(&i) => {
+                    sibling_accepted += u32::from(i == 1);
+                    tree.nodes[i].token
+                }
+                None => v.token,
+            };
+            counts[first as usize] += 1.0;
+        }
+        for (id, c) in counts.iter().enumerate() {
+            let e = f64::from(p.prob(id as u32)) * f64::from(n);
+            assert!((c - e).abs() < 4.0 * e.sqrt(), "{counts:?}");
+        }
+        let e = 0.1 * f64::from(n);
+        assert!(
+            (f64::from(sibling_accepted) - e).abs() < 4.0 * (e * 0.9).sqrt(),
+            "sibling accepted {sibling_accepted} times of {n}"
+        );
     }
 }
