@@ -54,6 +54,7 @@ fn node(
         depth,
         q,
         p,
+        residual: None,
         status,
         kind: DraftKind::Unlabelled,
     }

@@ -44,6 +44,10 @@ pub struct DraftNode {
     /// The target's (warped) probability of this token at this position, once verified.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub p: Option<f32>,
+    /// Sampling, for a node tested after an earlier sibling was rejected: its probability under the residual
+    /// norm(max(0, p - q)) those rejections left, which its test min(1, residual / q) used in place of `p`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub residual: Option<f32>,
     pub status: DraftStatus,
     /// How the drafter came by the token, when it says (left out otherwise, and in older traces).
     #[serde(default, skip_serializing_if = "DraftKind::is_unlabelled")]
@@ -344,6 +348,7 @@ mod tests {
             depth: 1,
             q: 0.5,
             p: Some(0.25),
+            residual: None,
             status: DraftStatus::Rejected,
             kind: DraftKind::Sampled,
         };

@@ -93,6 +93,9 @@ pub struct Verdict {
     pub distribution: Vec<(u32, f64)>,
     /// Per depth along the verified path: sum_x min(p(x), q(x)) for the first child tested there.
     pub alpha: Vec<f32>,
+    /// Under sampling, each node tested after an earlier sibling was rejected, with its token's probability under
+    /// the residual it was tested against (its test was min(1, residual(x) / q(x)), not p(x) / q(x)).
+    pub residual_p: Vec<(usize, f64)>,
 }
 
 /// `p[0]` is the target's warped distribution after the last committed token, `p[i + 1]` the one after node i.
@@ -136,6 +139,7 @@ fn verify_impl(
         bonus: false,
         distribution: Vec::new(),
         alpha: Vec::new(),
+        residual_p: Vec::new(),
     };
     let mut at: Option<usize> = None;
     loop {
@@ -156,7 +160,7 @@ fn verify_impl(
         }
         let mut residual = dense(target);
         let mut accepted = None;
-        for &child in &children {
+        for (j, &child) in children.iter().enumerate() {
             let node = &tree.nodes[child];
             // A token outside its own q cannot have been drawn from it; treat it as a point mass (what the
             // drafter effectively proposed) so the test stays well defined.
@@ -170,6 +174,9 @@ fn verify_impl(
                 .find(|(t, _)| *t == node.token)
                 .map_or(0.0, |(_, w)| *w);
             let qx = f64::from(q.prob(node.token));
+            if j > 0 && !greedy {
+                verdict.residual_p.push((child, px));
+            }
             let accept = if greedy {
                 // The target's argmax: `residual` is then the point mass of warp(greedy).
                 px > 0.0
@@ -412,6 +419,12 @@ mod tests {
             let tree = DraftTree { nodes };
             let leaves = vec![&p; tree.nodes.len() + 1];
             let v = verify(&tree, &leaves, &sampling(), &mut rng).unwrap();
+            if v.rejected.first() == Some(&0) && tree.nodes.len() == 2 {
+                // The sibling met the residual (0.5, 0.5, 0), and the verdict says so.
+                let (node, r) = v.residual_p[0];
+                assert_eq!(node, 1);
+                assert!((r - 0.5).abs() < 1e-6, "{r}");
+            }
             let first = match v.accepted_path.first() {
                 Some(&i) => {
                     sibling_accepted += u32::from(i == 1);
