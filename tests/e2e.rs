@@ -222,9 +222,11 @@ fn bench_prints_its_figures() {
 }
 
 /// Lookahead under sampling follows SJD: `--json` reports acceptance, and in the trace the Jacobi window's
-/// guesses carry the q they were sampled from (greedy lookahead's guesses are point masses, q = 1).
+/// guesses carry the q they were sampled from (greedy lookahead's guesses are point masses, q = 1), and their
+/// argmax siblings are labelled as such.
 #[test]
 fn lookahead_sampling_reports_acceptance_and_records_q() {
+    use specula_core::trace::{DraftKind, DraftStatus};
     let dir = tempfile::tempdir().unwrap();
     let trace = dir.path().join("sjd.jsonl");
     let v = json_line(&specula(&[
@@ -264,19 +266,50 @@ fn lookahead_sampling_reports_acceptance_and_records_q() {
         .find(|r| r.header.method == "speculative")
         .expect("the speculative run is in the trace");
     let mut sampled = 0;
+    let (mut siblings, mut siblings_tested) = (0, 0);
     for step in &run.steps {
         let Some(specula_core::trace::StepPayload::Speculative(p)) = &step.payload else {
             continue;
         };
         assert_eq!(p.verifier, "sampling");
         assert!(p.note.starts_with("SJD window"), "{}", p.note);
+        assert!(p.note.contains("argmax sibling(s)"), "{}", p.note);
         sampled += p
             .nodes
             .iter()
-            .filter(|n| n.q < 1.0 && n.status != specula_core::trace::DraftStatus::Unverified)
+            .filter(|n| n.q < 1.0 && n.status != DraftStatus::Unverified)
             .count();
+        // Argmax siblings are labelled point masses, each right after a sampled guess under the same parent;
+        // once tested, the trace gives the residual they met.
+        for (i, n) in p.nodes.iter().enumerate() {
+            if n.kind != DraftKind::ArgmaxSibling {
+                continue;
+            }
+            siblings += 1;
+            assert_eq!(n.q, 1.0);
+            let guess = p
+                .nodes
+                .iter()
+                .take(i)
+                .rposition(|m| m.parent == n.parent)
+                .expect("a sibling follows its guess");
+            assert_eq!(p.nodes[guess].kind, DraftKind::Sampled);
+            assert_ne!(p.nodes[guess].id, n.id);
+            if n.status != DraftStatus::Unverified {
+                siblings_tested += 1;
+                assert_eq!(p.nodes[guess].status, DraftStatus::Rejected);
+                assert!(
+                    n.residual.is_some(),
+                    "a tested sibling without its residual"
+                );
+            }
+        }
     }
     assert!(sampled > 0, "no verified window guess had q below 1");
+    assert!(
+        siblings_tested > 0,
+        "no argmax sibling was tested ({siblings} drafted)"
+    );
 }
 
 /// The real window under Xvfb: loads the default model, decodes 32 greedy tokens, exports the Plots panel as PNG

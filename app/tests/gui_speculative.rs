@@ -14,7 +14,7 @@ use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
 use spec_trace::speculative_trace;
 use specula::gui::{Pane, SpeculaApp};
-use specula_core::trace::{DraftStatus, ExportOptions, StepPayload, Trace};
+use specula_core::trace::{DraftKind, DraftStatus, ExportOptions, StepPayload, Trace};
 
 fn trace_path(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -75,6 +75,42 @@ fn the_draft_tree_shows_every_node_and_the_residual_of_a_rejection() {
     harness.run();
     harness.get_by_label_contains("p ≥ q, so it is always accepted — accepted.");
     assert!(harness.query_by_label("' light'").is_none());
+}
+
+/// Lookahead's SJD nodes in the tree: a sampled guess and the argmax sibling tested after it, explained with the
+/// residual the sibling met.
+#[test]
+fn the_draft_tree_explains_a_sampled_guess_and_its_argmax_sibling() {
+    let mut trace = speculative_trace();
+    let Some(StepPayload::Speculative(spec)) = trace.steps[0].payload.as_mut() else {
+        panic!("the synthetic trace starts with a speculative step");
+    };
+    spec.drafter = "lookahead".into();
+    spec.nodes[1].kind = DraftKind::Sampled;
+    let sibling = &mut spec.nodes[3];
+    sibling.kind = DraftKind::ArgmaxSibling;
+    sibling.q = 1.0;
+    sibling.residual = Some(0.04);
+    let (mut harness, _dir) = harness_with(&trace, SIZE);
+    at_step(&mut harness, 0, Pane::DraftTree);
+    harness
+        .get_by_label("' air' at depth 2: rejected")
+        .click_accesskit();
+    harness.run();
+    harness.get_by_label(
+        "' air' is the most likely token of the q its sampled sibling was drawn from, proposed after that sibling \
+         as a point mass (q = 1). The target gave ' air' p = 0.05, but it was tested after an earlier sibling was \
+         rejected, against the residual norm(max(0, p − q)) that left it 0.04; the drafter q = 1.00: accepted \
+         with probability 0.04 — rejected; the replacement ' color' was drawn from what the target wanted more \
+         than the drafter.",
+    );
+    harness
+        .get_by_label("' sky' at depth 2: rejected")
+        .click_accesskit();
+    harness.run();
+    harness.get_by_label_contains(
+        "The drafter sampled ' sky' from its q. The target gave ' sky' p = 0.31",
+    );
 }
 
 #[test]

@@ -154,6 +154,18 @@ impl Warped {
             .map_or(0.0, |(_, p)| *p)
     }
 
+    /// The most likely token, ties to the lower id; `None` for an empty support. `warp` puts it first, but a
+    /// `Warped` built elsewhere need not, so this looks at every entry.
+    pub fn most_likely(&self) -> Option<u32> {
+        self.support
+            .iter()
+            .fold(None::<(u32, f32)>, |best, &(t, p)| match best {
+                Some((bt, bp)) if bp > p || (bp == p && bt < t) => Some((bt, bp)),
+                _ => Some((t, p)),
+            })
+            .map(|(t, _)| t)
+    }
+
     /// Draws a token: inverse CDF over the support in its fixed order.
     pub fn sample(&self, rng: &mut RunRng) -> u32 {
         let r: f64 = rng.random();

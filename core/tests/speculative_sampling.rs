@@ -1,7 +1,7 @@
 //! Exactness of speculative decoding's sampling verifier on the real default model: goodness of fit of the first
 //! two generated tokens against the exact target distribution for a chain, a tree, point masses and the lookahead
-//! drafter's SJD window (and the same test catching a deliberately broken verifier), and measured acceptance
-//! against the verifier's alpha.
+//! drafter's SJD window with its argmax siblings (and the same test catching a deliberately broken verifier), and
+//! measured acceptance against the verifier's alpha.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -19,7 +19,7 @@ use specula_core::methods::speculative::verifier::{
 };
 use specula_core::model::{Capture, KvCache, Logits, Mask, logits_row};
 use specula_core::sampling::{RunRng, Warped, argmax, rng_from_seed, top_n, warp};
-use specula_core::trace::{SpeculativeParams, StepPayload};
+use specula_core::trace::{DraftKind, SpeculativeParams, StepPayload};
 use specula_core::{MethodParams, SamplingParams, generate};
 
 // ------------------------------------------------------------------------------------------------------------
@@ -154,6 +154,35 @@ impl Oracle {
         logits
     }
 
+    /// The warped target after the prompt with each of `tokens` in place of its last token, from tree forwards
+    /// with up to 64 of them hanging off the prompt's other tokens.
+    fn instead_of_last(&mut self, tokens: &[u32]) -> Vec<Warped> {
+        let llama = &model().llama;
+        let at = self.prompt.len() - 1;
+        let mut out = Vec::with_capacity(tokens.len());
+        for chunk in tokens.chunks(64) {
+            let out_chunk = llama
+                .forward(
+                    &mut self.base.clone(),
+                    chunk,
+                    &vec![at; chunk.len()],
+                    1,
+                    &Mask::Tree(vec![None; chunk.len()]),
+                    Logits::All,
+                    &Capture::default(),
+                )
+                .unwrap();
+            self.forwards += 1;
+            for i in 0..chunk.len() {
+                out.push(warp(
+                    &logits_row(&out_chunk.logits, 0, i).unwrap(),
+                    &self.params,
+                ));
+            }
+        }
+        out
+    }
+
     fn dist(&mut self, suffix: &[u32], draft: bool) -> Rc<Warped> {
         if suffix.len() >= 2 {
             return self.placeholder.clone();
@@ -220,6 +249,7 @@ fn chain_draft(o: &mut Oracle, done: &[u32], rng: &mut RunRng) -> DraftTree {
             token: x,
             parent: i.checked_sub(1),
             q: (*q).clone(),
+            kind: DraftKind::Sampled,
         });
         ctx.push(x);
     }
@@ -239,6 +269,7 @@ fn tree_draft(o: &mut Oracle, done: &[u32], rng: &mut RunRng) -> DraftTree {
             token: x,
             parent: None,
             q: qj,
+            kind: DraftKind::Sampled,
         });
     }
     for parent in 0..nodes.len() {
@@ -250,6 +281,7 @@ fn tree_draft(o: &mut Oracle, done: &[u32], rng: &mut RunRng) -> DraftTree {
             token: x,
             parent: Some(parent),
             q: (*q).clone(),
+            kind: DraftKind::Sampled,
         });
     }
     DraftTree { nodes }
@@ -275,12 +307,33 @@ fn point_tree_draft(o: &mut Oracle, done: &[u32], _rng: &mut RunRng) -> DraftTre
                 token: t,
                 parent: None,
                 q: Warped::point(t),
+                kind: DraftKind::Unlabelled,
             })
             .collect(),
     }
 }
 
-type VerifyFn = fn(&DraftTree, &[&Warped], &SamplingParams, &mut RunRng) -> Option<Verdict>;
+/// The verifier a lossless run samples with: the real one, or the deliberately broken one the test must catch.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Check {
+    Real,
+    Broken,
+}
+
+impl Check {
+    fn verify(
+        self,
+        tree: &DraftTree,
+        p: &[&Warped],
+        params: &SamplingParams,
+        rng: &mut RunRng,
+    ) -> Option<Verdict> {
+        match self {
+            Check::Real => verify(tree, p, params, rng),
+            Check::Broken => verify_broken_for_tests(tree, p, params, rng),
+        }
+    }
+}
 
 /// The verifier's p: the target after `done`, then after each node's path.
 fn target_at_nodes(o: &mut Oracle, done: &[u32], tree: &DraftTree) -> Vec<Rc<Warped>> {
@@ -301,13 +354,13 @@ fn target_at_nodes(o: &mut Oracle, done: &[u32], tree: &DraftTree) -> Vec<Rc<War
 }
 
 /// The first two generated tokens of speculative decoding with `draft` and `verify`.
-fn first_two(o: &mut Oracle, draft: DraftFn, check: VerifyFn, rng: &mut RunRng) -> (u32, u32) {
+fn first_two(o: &mut Oracle, draft: DraftFn, check: Check, rng: &mut RunRng) -> (u32, u32) {
     let mut out: Vec<u32> = Vec::new();
     while out.len() < 2 {
         let tree = draft(o, &out, rng);
         let p = target_at_nodes(o, &out, &tree);
         let p_refs: Vec<&Warped> = p.iter().map(|w| &**w).collect();
-        let v = check(&tree, &p_refs, &o.params, rng).unwrap();
+        let v = check.verify(&tree, &p_refs, &o.params, rng).unwrap();
         out.extend(v.accepted_path.iter().map(|&i| tree.nodes[i].token));
         out.push(v.token);
     }
@@ -440,11 +493,11 @@ fn lossless_fit(
     name: &str,
     oracle: &mut Oracle,
     started: std::time::Instant,
-    mut sample: impl FnMut(&mut Oracle, VerifyFn, &mut RunRng) -> (u32, u32),
+    mut sample: impl FnMut(&mut Oracle, Check, &mut RunRng) -> (u32, u32),
     broken_must_fail: bool,
 ) -> (f64, f64) {
     let setup_s = started.elapsed().as_secs_f64();
-    let mut run = |check: VerifyFn, seed: u64| {
+    let mut run = |check: Check, seed: u64| {
         let mut rng = rng_from_seed(seed);
         let mut counts: BTreeMap<(u32, u32), usize> = BTreeMap::new();
         for _ in 0..LOSSLESS_SAMPLES {
@@ -452,8 +505,8 @@ fn lossless_fit(
         }
         pair_fit(oracle, &counts, LOSSLESS_SAMPLES)
     };
-    let (good, bins) = run(verify, 12);
-    let (bad, _) = run(verify_broken_for_tests, 11);
+    let (good, bins) = run(Check::Real, 12);
+    let (bad, _) = run(Check::Broken, 11);
     eprintln!(
         "{name}: p-value {good:.4} ({bins} bins); broken verifier {bad:.2e}; {} forwards ({setup_s:.1} s); {:.1} s",
         oracle.forwards,
@@ -514,7 +567,8 @@ fn lossless_sampling_point_masses() {
 
 // ------------------------------------------------------------------------------------------------------------
 // SJD: the lookahead drafter itself, under sampling. Its window guesses were drawn from the target's distribution
-// in the previous iteration, whose context held that iteration's guesses; they carry it as q, so q != p here.
+// in the previous iteration, whose context held that iteration's guesses; they carry it as q, so q != p here. Each
+// guess off its q's argmax has that argmax as a point-mass sibling, tested after it.
 
 /// The target's logits the lookahead drafter is shown after its verification forwards.
 struct SjdRows {
@@ -528,10 +582,13 @@ struct SjdRows {
     prompt: Rc<Vec<f32>>,
     /// After the prompt and one more token: every token the first SJD guess can be, computed up front.
     after: BTreeMap<u32, Rc<Vec<f32>>>,
-    /// Sampled window nodes (q not a point mass) the verifier tested, and how many it rejected, over the runs
-    /// with both verifiers.
+    /// Sampled window nodes the verifier tested, and how many it rejected, over the runs with both verifiers.
     tested: usize,
     rejected: usize,
+    /// Argmax siblings the real verifier tested (after their sampled guess was rejected) at one of the two fitted
+    /// positions, and how many it accepted.
+    siblings_tested: usize,
+    siblings_accepted: usize,
     /// Sum and count of alpha = sum min(p, q) at depth 1 when the first guess was sampled.
     alpha: f64,
     alpha_n: usize,
@@ -539,6 +596,8 @@ struct SjdRows {
 
 /// Draft length of the SJD test: the window then covers exactly the two tokens tested.
 const SJD_DRAFT_LEN: usize = 2;
+/// Tokens the SJD test considers for the first token of the window it shows the drafter.
+const SJD_CANDIDATES: usize = 256;
 
 /// A draft of the real lookahead drafter on `context`. Lookahead never runs the model while drafting, so the
 /// cache (which the interface asks for) is the oracle's, whatever the context.
@@ -598,25 +657,30 @@ impl SjdRows {
                 .collect();
         // Iterating from that padding would give nonsense contexts ("and and") whose q hardly overlaps p, and a
         // broken verifier hides there. The drafter is shown the forward of a likely window instead, the state it
-        // is in after an iteration that guessed those tokens there, as it does mid-run: of the model's 8
-        // favourites at the prompt's last position (the prompt's own token excluded), the one whose q the broken
-        // verifier gets most wrong, then the model's favourite after it.
+        // is in after an iteration that guessed those tokens there, as it does mid-run: of the model's
+        // `SJD_CANDIDATES` favourites at the prompt's last position (the prompt's own token excluded), one whose q
+        // the broken verifier gets wrong and whose argmax sibling the real verifier often accepts (the larger the
+        // smaller of the two), then the model's favourite after it. The sibling is accepted at depth 1 with
+        // probability max(0, p(a) - q(a)), a the argmax of q: the guesses after the model's very favourites are
+        // peakier than p there and leave their sibling nothing, so the search goes further down.
         let last = o.prompt[n - 1];
         let at_last = causal_rows(&before, n - 2).remove(0);
         let p0 = o.dist(&[], false);
-        let error = |t: u32| {
-            let mut with_t = before.clone();
-            with_t.push(t);
-            broken_error(&p0, &warp(&causal_rows(&with_t, n - 1)[0], &o.params))
-        };
-        let candidates: Vec<u32> = top_n(&at_last, 9)
+        let candidates: Vec<u32> = top_n(&at_last, SJD_CANDIDATES + 1)
             .into_iter()
             .filter(|&t| t != last)
-            .take(8)
+            .take(SJD_CANDIDATES)
             .collect();
+        let score = |q: &Warped| {
+            let sibling = q
+                .most_likely()
+                .map_or(0.0, |a| f64::from(p0.prob(a) - q.prob(a)).max(0.0));
+            broken_error(&p0, q).min(sibling)
+        };
         let b = candidates
             .iter()
-            .map(|&t| (t, error(t)))
+            .zip(o.instead_of_last(&candidates))
+            .map(|(&t, q)| (t, score(&q)))
             .max_by(|x, y| x.1.total_cmp(&y.1))
             .unwrap()
             .0;
@@ -628,7 +692,7 @@ impl SjdRows {
         tokens.extend_from_slice(&shown_window);
         let warm = causal_rows(&tokens, n - 2);
         let prompt = Rc::new(causal_rows(&o.prompt, n - 1).remove(0));
-        o.forwards += 4 + candidates.len();
+        o.forwards += 4;
         // The first SJD guess is drawn from the warm-up's distribution after its first window token.
         let firsts: Vec<u32> = warp(&warm[1], &o.params)
             .support
@@ -644,6 +708,8 @@ impl SjdRows {
             after,
             tested: 0,
             rejected: 0,
+            siblings_tested: 0,
+            siblings_accepted: 0,
             alpha: 0.0,
             alpha_n: 0,
         }
@@ -676,12 +742,7 @@ fn broken_error(p: &Warped, q: &Warped) -> f64 {
 /// prompt minus its last token, which committed that token, leaves the drafter with an iteration whose context
 /// differed from the prompt's: the first step's window is drawn from it (q = p after the warm-up's guesses), the
 /// second step's from the first step's forward (q = p after the first step's guess, where that was rejected).
-fn first_two_sjd(
-    o: &mut Oracle,
-    rows: &mut SjdRows,
-    check: VerifyFn,
-    rng: &mut RunRng,
-) -> (u32, u32) {
+fn first_two_sjd(o: &mut Oracle, rows: &mut SjdRows, check: Check, rng: &mut RunRng) -> (u32, u32) {
     let n = o.prompt.len();
     let mut la = Lookahead::default();
     let before = o.prompt[..n - 1].to_vec();
@@ -704,18 +765,29 @@ fn first_two_sjd(
         let tree = lookahead_draft(&mut la, o, &context, rng);
         let p = target_at_nodes(o, &out, &tree);
         let p_refs: Vec<&Warped> = p.iter().map(|w| &**w).collect();
-        let v = check(&tree, &p_refs, &o.params, rng).unwrap();
+        let v = check.verify(&tree, &p_refs, &o.params, rng).unwrap();
         for (i, node) in tree.nodes.iter().enumerate() {
-            if node.q.support.len() > 1 {
-                let rejected = v.rejected.contains(&i);
-                rows.tested += usize::from(rejected || v.accepted_path.contains(&i));
-                rows.rejected += usize::from(rejected);
+            let rejected = v.rejected.contains(&i);
+            let accepted = v.accepted_path.contains(&i);
+            match node.kind {
+                DraftKind::Sampled => {
+                    rows.tested += usize::from(rejected || accepted);
+                    rows.rejected += usize::from(rejected);
+                }
+                // Siblings whose test decided one of the two tokens fitted (deeper ones meet a placeholder p).
+                DraftKind::ArgmaxSibling
+                    if check == Check::Real && out.len() + tree.depth(i) <= 2 =>
+                {
+                    rows.siblings_tested += usize::from(rejected || accepted);
+                    rows.siblings_accepted += usize::from(accepted);
+                }
+                _ => {}
             }
         }
         if tree
             .nodes
             .first()
-            .is_some_and(|node| node.q.support.len() > 1)
+            .is_some_and(|node| node.kind == DraftKind::Sampled)
             && let Some(&a) = v.alpha.first()
         {
             rows.alpha += f64::from(a);
@@ -774,11 +846,14 @@ fn lossless_sampling_sjd_lookahead() {
     );
     let steps = 2 * LOSSLESS_SAMPLES;
     eprintln!(
-        "SJD lookahead: {} sampled window guesses tested, {} rejected ({:.2}); first guess supported on {support} \
-         tokens; mean alpha at depth 1 {:.3}; warm-up window shown {window:?}",
+        "SJD lookahead: {} sampled window guesses tested, {} rejected ({:.2}); argmax siblings: {} tested, {} \
+         accepted (real verifier); first guess supported on {support} tokens; mean alpha at depth 1 {:.3}; warm-up \
+         window shown {window:?}",
         rows.tested,
         rows.rejected,
         rows.rejected as f64 / rows.tested as f64,
+        rows.siblings_tested,
+        rows.siblings_accepted,
         rows.alpha / rows.alpha_n.max(1) as f64
     );
     // Every first step tests a sampled guess whose q came from another context (q != p), and many are rejected.
@@ -792,6 +867,14 @@ fn lossless_sampling_sjd_lookahead() {
         "SJD guesses were hardly ever rejected ({} of {}): q and p barely differ, the test proves little",
         rows.rejected,
         rows.tested
+    );
+    // The argmax siblings take part: the fit covers outputs where a sibling, tested with its own point-mass q
+    // against the residual its guess left, was accepted.
+    assert!(
+        rows.siblings_accepted >= 30,
+        "argmax siblings were accepted {} times of {} tested: the fit hardly covers them",
+        rows.siblings_accepted,
+        rows.siblings_tested
     );
 }
 

@@ -1,7 +1,9 @@
 //! Speculative decoding as the panels need it, with no egui: the payload of a step, the run's acceptance
 //! figures, the draft tree's layout and the plain-words explanation of each verdict.
 
-use specula_core::trace::{DraftStatus, SpeculativeStep, StepRecord, TokenSource, Trace};
+use specula_core::trace::{
+    DraftKind, DraftStatus, SpeculativeStep, StepRecord, TokenSource, Trace,
+};
 
 use super::panels::tokens::display_text;
 
@@ -287,7 +289,16 @@ pub fn explain(step: &StepRecord, spec: &SpeculativeStep, pick: TreePick) -> Str
             let token = quote(&node.token);
             let q = node.q;
             let p = node.p;
-            match (node.status, p) {
+            // Where the drafter says how it proposed the node, say it first: it tells which q the test used.
+            let how = match node.kind {
+                DraftKind::Sampled => format!("The drafter sampled {token} from its q. "),
+                DraftKind::ArgmaxSibling => format!(
+                    "{token} is the most likely token of the q its sampled sibling was drawn from, proposed \
+                     after that sibling as a point mass (q = 1). "
+                ),
+                DraftKind::Unlabelled => String::new(),
+            };
+            let why = match (node.status, p) {
                 (DraftStatus::Unverified, _) | (_, None) => format!(
                     "The drafter proposed {token} (q = {q:.2}) at depth {}, but it was never checked: the \
                      verifier had already decided the step at an earlier position or sibling.",
@@ -305,6 +316,14 @@ pub fn explain(step: &StepRecord, spec: &SpeculativeStep, pick: TreePick) -> Str
                                 "the target gave {token} p = {p:.2}, not its most likely token — rejected"
                             )
                         }
+                    } else if let Some(r) = node.residual {
+                        format!(
+                            "the target gave {token} p = {p:.2}, but it was tested after an earlier sibling was \
+                             rejected, against the residual norm(max(0, p − q)) that left it {r:.2}; the drafter \
+                             q = {q:.2}: accepted with probability {:.2} — {}",
+                            (r / q).min(1.0),
+                            if accepted { "accepted" } else { "rejected" }
+                        )
                     } else if p >= q {
                         format!(
                             "the target gave {token} p = {p:.2}, the drafter q = {q:.2}: p ≥ q, so it is always \
@@ -337,7 +356,8 @@ pub fn explain(step: &StepRecord, spec: &SpeculativeStep, pick: TreePick) -> Str
                     }
                     s
                 }
-            }
+            };
+            how + &why
         }
     }
 }
@@ -355,7 +375,9 @@ mod tests {
             depth,
             q: 0.5,
             p: Some(0.25),
+            residual: None,
             status,
+            kind: DraftKind::Unlabelled,
         }
     }
 
@@ -419,5 +441,53 @@ mod tests {
         assert_eq!((l.rows, l.columns), (3, 3));
         assert!(shows_distribution(&spec, TreePick::Node(1)));
         assert!(!shows_distribution(&spec, TreePick::Node(0)));
+    }
+
+    #[test]
+    fn an_argmax_sibling_is_explained_with_the_residual_it_met() {
+        let guess = DraftNode {
+            q: 0.4,
+            kind: DraftKind::Sampled,
+            ..node(None, 1, DraftStatus::Rejected)
+        };
+        let sibling = DraftNode {
+            token: "y".into(),
+            q: 1.0,
+            p: Some(0.6),
+            residual: Some(0.5),
+            kind: DraftKind::ArgmaxSibling,
+            ..node(None, 1, DraftStatus::Accepted)
+        };
+        let spec = SpeculativeStep {
+            drafter: "lookahead".into(),
+            verifier: "sampling".into(),
+            draft_len: 1,
+            nodes: vec![guess, sibling],
+            accepted_path: vec![1],
+            rejection: Some(specula_core::trace::Rejection {
+                depth: 2,
+                bonus: true,
+                distribution: Vec::new(),
+                token_id: 3,
+            }),
+            alpha: vec![0.8],
+            note: String::new(),
+        };
+        let step = specula_core::methods::empty_step();
+        assert!(
+            explain(&step, &spec, TreePick::Node(0))
+                .starts_with("The drafter sampled 'x' from its q. ")
+        );
+        let text = explain(&step, &spec, TreePick::Node(1));
+        assert!(
+            text.starts_with(
+                "'y' is the most likely token of the q its sampled sibling was drawn from"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("that left it 0.50; the drafter q = 1.00: accepted with probability 0.50 — accepted."),
+            "{text}"
+        );
     }
 }

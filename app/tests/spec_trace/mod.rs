@@ -5,8 +5,8 @@
 use std::path::Path;
 
 use specula_core::trace::{
-    Candidate, DraftNode, DraftStatus, Rejection, RunSummary, SpeculativeStep, StepPayload,
-    StepRecord, StepTiming, StopReason, TokenRecord, TokenSource, Trace,
+    Candidate, DraftKind, DraftNode, DraftStatus, Rejection, RunSummary, SpeculativeStep,
+    StepPayload, StepRecord, StepTiming, StopReason, TokenRecord, TokenSource, Trace,
 };
 
 fn trace_path(name: &str) -> std::path::PathBuf {
@@ -54,7 +54,9 @@ fn node(
         depth,
         q,
         p,
+        residual: None,
         status,
+        kind: DraftKind::Unlabelled,
     }
 }
 

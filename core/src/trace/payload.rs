@@ -44,7 +44,36 @@ pub struct DraftNode {
     /// The target's (warped) probability of this token at this position, once verified.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub p: Option<f32>,
+    /// Sampling, for a node tested after an earlier sibling was rejected: its probability under the residual
+    /// norm(max(0, p - q)) those rejections left, which its test min(1, residual / q) used in place of `p`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub residual: Option<f32>,
     pub status: DraftStatus,
+    /// How the drafter came by the token, when it says (left out otherwise, and in older traces).
+    #[serde(default, skip_serializing_if = "DraftKind::is_unlabelled")]
+    pub kind: DraftKind,
+}
+
+/// How a drafter proposed a node. The verifier tests every node against its own q whatever the kind; the kind
+/// tells a reader which q that was. Kinds a reader does not know read as `Unlabelled`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DraftKind {
+    /// Drawn at random from q, which the node carries (lookahead's SJD window guesses).
+    Sampled,
+    /// The argmax of the q its sampled sibling (the sibling just before it) was drawn from, proposed as a point
+    /// mass (q = 1) and tested after that sibling is rejected, against the residual it left.
+    ArgmaxSibling,
+    /// The drafter did not say. (Last: serde's catch-all for unknown kinds must be.)
+    #[default]
+    #[serde(other)]
+    Unlabelled,
+}
+
+impl DraftKind {
+    pub fn is_unlabelled(&self) -> bool {
+        *self == DraftKind::Unlabelled
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -303,4 +332,39 @@ pub struct SparseRow {
     pub keys: Vec<u32>,
     pub weights: Vec<f32>,
     pub covered: f32,
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn draft_kinds_are_written_when_known_and_read_when_unknown() {
+        let node = DraftNode {
+            id: 7,
+            token: "x".into(),
+            parent: None,
+            depth: 1,
+            q: 0.5,
+            p: Some(0.25),
+            residual: None,
+            status: DraftStatus::Rejected,
+            kind: DraftKind::Sampled,
+        };
+        let text = serde_json::to_string(&node).unwrap();
+        assert!(text.contains(r#""kind":"sampled""#), "{text}");
+        assert_eq!(serde_json::from_str::<DraftNode>(&text).unwrap(), node);
+        // Unlabelled nodes write nothing, so other drafters' traces are unchanged; older traces read as such.
+        let plain = DraftNode {
+            kind: DraftKind::Unlabelled,
+            ..node.clone()
+        };
+        let text = serde_json::to_string(&plain).unwrap();
+        assert!(!text.contains("kind"), "{text}");
+        assert_eq!(serde_json::from_str::<DraftNode>(&text).unwrap(), plain);
+        // A kind a later version adds reads as unlabelled.
+        let newer = text.replace(r#""status""#, r#""kind":"from_the_future","status""#);
+        assert_eq!(serde_json::from_str::<DraftNode>(&newer).unwrap(), plain);
+    }
 }

@@ -10,6 +10,7 @@ use super::verifier::{DraftTree, DraftTreeNode};
 use crate::error::{Error, Result};
 use crate::model::{Capture, KvCache, Llama, Logits, Mask, logits_row};
 use crate::sampling::{argmax, warp};
+use crate::trace::DraftKind;
 
 /// Steps of the optimization phase: one candidate skip set is scored per step, then the best one drafts.
 const SEARCH_STEPS: usize = 12;
@@ -259,6 +260,7 @@ pub(crate) fn draft_chain_on(
             token: x,
             parent: depth.checked_sub(1),
             q,
+            kind: DraftKind::Unlabelled,
         });
         confidence *= conf;
         // SpecDec++'s threshold policy with the draft's own confidence standing in for the trained

@@ -433,6 +433,11 @@ impl DecodingMethod for Speculative {
                 depth: depths[i],
                 q: n.q.prob(n.token),
                 p: Some(p[n.parent.map_or(0, |p| p + 1)].prob(n.token)),
+                residual: verdict
+                    .residual_p
+                    .iter()
+                    .find(|&&(node, _)| node == i)
+                    .map(|&(_, r)| r as f32),
                 status: if verdict.accepted_path.contains(&i) {
                     DraftStatus::Accepted
                 } else if verdict.rejected.contains(&i) {
@@ -440,6 +445,7 @@ impl DecodingMethod for Speculative {
                 } else {
                     DraftStatus::Unverified
                 },
+                kind: n.kind,
             })
             .collect();
         let distribution = verdict

@@ -16,6 +16,7 @@ use super::drafter::{Draft, DraftInput, Drafter, Observation};
 use super::verifier::{DraftTree, DraftTreeNode};
 use crate::error::Result;
 use crate::sampling::{Warped, top_n};
+use crate::trace::DraftKind;
 
 /// Candidates kept per token (the paper's `--output-id-topk`): 49152 x 8 x 4 bytes = 1.5 MB for SmolLM2.
 pub const TOP_K: usize = 8;
@@ -306,6 +307,7 @@ impl Drafter for TokenRecycling {
                     token: candidate,
                     parent: parent_node,
                     q: Warped::point(candidate),
+                    kind: DraftKind::Unlabelled,
                 });
                 placed.push(Some(nodes.len() - 1));
             }

@@ -10,11 +10,18 @@
 //!   Accepting descends into that child; when every child is rejected the token is drawn from the last
 //!   residual; when the path ends on a leaf the bonus token is drawn from that leaf's p. The output then follows
 //!   p exactly, whatever the drafts were.
+//!
+//! Each node carries its own q, so siblings of different kinds mix freely: lookahead's SJD guess (q = the
+//! distribution it was sampled from) followed by that q's argmax as a point mass (q = 1 on it). The sibling's
+//! test uses its own q against the residual the guess's rejection left, which keeps the output exactly p: given
+//! a rejection, whatever the guess was, the rest of the test outputs that residual (RSD's argument, one sibling
+//! at a time). A sibling equal to the guess is left out by the drafter: it could never be accepted (a rejected
+//! token has p(x) < q(x), so the residual gives it nothing).
 
 use rand::Rng;
 
 use crate::sampling::{RunRng, Warped};
-use crate::trace::{SamplingParams, TOP_CANDIDATES};
+use crate::trace::{DraftKind, SamplingParams, TOP_CANDIDATES};
 
 /// One drafted token, hanging off `parent` (an earlier node) or off the last committed token (`None`).
 #[derive(Clone, Debug, PartialEq)]
@@ -22,8 +29,11 @@ pub struct DraftTreeNode {
     pub token: u32,
     pub parent: Option<usize>,
     /// The distribution this token was drawn from, warped like the target's; a point mass for deterministic
-    /// drafters (n-gram lookup, token recycling, greedy drafting).
+    /// drafters (n-gram lookup, token recycling, greedy drafting) and for lookahead's argmax siblings. The
+    /// verifier tests the node against this q and no other.
     pub q: Warped,
+    /// How the drafter proposed it, for the trace; the verifier does not read it.
+    pub kind: DraftKind,
 }
 
 /// The draft tree in feeding order: every parent comes before its children, and siblings are tried in order.
@@ -42,6 +52,7 @@ impl DraftTree {
                 token: t,
                 parent: i.checked_sub(1),
                 q: Warped::point(t),
+                kind: DraftKind::Unlabelled,
             })
             .collect();
         Self { nodes }
@@ -82,6 +93,9 @@ pub struct Verdict {
     pub distribution: Vec<(u32, f64)>,
     /// Per depth along the verified path: sum_x min(p(x), q(x)) for the first child tested there.
     pub alpha: Vec<f32>,
+    /// Under sampling, each node tested after an earlier sibling was rejected, with its token's probability under
+    /// the residual it was tested against (its test was min(1, residual(x) / q(x)), not p(x) / q(x)).
+    pub residual_p: Vec<(usize, f64)>,
 }
 
 /// `p[0]` is the target's warped distribution after the last committed token, `p[i + 1]` the one after node i.
@@ -125,6 +139,7 @@ fn verify_impl(
         bonus: false,
         distribution: Vec::new(),
         alpha: Vec::new(),
+        residual_p: Vec::new(),
     };
     let mut at: Option<usize> = None;
     loop {
@@ -145,7 +160,7 @@ fn verify_impl(
         }
         let mut residual = dense(target);
         let mut accepted = None;
-        for &child in &children {
+        for (j, &child) in children.iter().enumerate() {
             let node = &tree.nodes[child];
             // A token outside its own q cannot have been drawn from it; treat it as a point mass (what the
             // drafter effectively proposed) so the test stays well defined.
@@ -159,6 +174,9 @@ fn verify_impl(
                 .find(|(t, _)| *t == node.token)
                 .map_or(0.0, |(_, w)| *w);
             let qx = f64::from(q.prob(node.token));
+            if j > 0 && !greedy {
+                verdict.residual_p.push((child, px));
+            }
             let accept = if greedy {
                 // The target's argmax: `residual` is then the point mass of warp(greedy).
                 px > 0.0
@@ -321,11 +339,13 @@ mod tests {
                     token: 1,
                     parent: None,
                     q: Warped::point(1),
+                    kind: DraftKind::Unlabelled,
                 },
                 DraftTreeNode {
                     token: 2,
                     parent: Some(0),
                     q: Warped::point(2),
+                    kind: DraftKind::Unlabelled,
                 },
             ],
         };
@@ -353,6 +373,7 @@ mod tests {
                     token: x,
                     parent: None,
                     q: q.clone(),
+                    kind: DraftKind::Sampled,
                 }],
             };
             let v = verify(&tree, &[&p, &Warped::point(0)], &sampling(), &mut rng).unwrap();
@@ -367,5 +388,60 @@ mod tests {
             let e = f64::from(p.prob(id as u32)) * f64::from(n);
             assert!((c - e).abs() < 4.0 * e.sqrt(), "{counts:?}");
         }
+    }
+
+    #[test]
+    fn a_sampled_guess_then_its_argmax_sibling_follow_p() {
+        // q's argmax 1 is likelier under p than under q, so the residual of a rejected guess keeps mass on it:
+        // alpha = 0.8, residual (0.5, 0.5, 0), and the sibling is accepted after 0.2 * 0.5 = 10% of the guesses.
+        let p = w(&[(1, 0.6), (0, 0.2), (2, 0.2)]);
+        let q = w(&[(1, 0.5), (2, 0.4), (0, 0.1)]);
+        let mut rng = rng_from_seed(5);
+        let mut counts = [0f64; 3];
+        let mut sibling_accepted = 0u32;
+        let n = 40_000;
+        for _ in 0..n {
+            let x = q.sample(&mut rng);
+            let mut nodes = vec![DraftTreeNode {
+                token: x,
+                parent: None,
+                q: q.clone(),
+                kind: DraftKind::Sampled,
+            }];
+            if x != 1 {
+                nodes.push(DraftTreeNode {
+                    token: 1,
+                    parent: None,
+                    q: Warped::point(1),
+                    kind: DraftKind::ArgmaxSibling,
+                });
+            }
+            let tree = DraftTree { nodes };
+            let leaves = vec![&p; tree.nodes.len() + 1];
+            let v = verify(&tree, &leaves, &sampling(), &mut rng).unwrap();
+            if v.rejected.first() == Some(&0) && tree.nodes.len() == 2 {
+                // The sibling met the residual (0.5, 0.5, 0), and the verdict says so.
+                let (node, r) = v.residual_p[0];
+                assert_eq!(node, 1);
+                assert!((r - 0.5).abs() < 1e-6, "{r}");
+            }
+            let first = match v.accepted_path.first() {
+                Some(&i) => {
+                    sibling_accepted += u32::from(i == 1);
+                    tree.nodes[i].token
+                }
+                None => v.token,
+            };
+            counts[first as usize] += 1.0;
+        }
+        for (id, c) in counts.iter().enumerate() {
+            let e = f64::from(p.prob(id as u32)) * f64::from(n);
+            assert!((c - e).abs() < 4.0 * e.sqrt(), "{counts:?}");
+        }
+        let e = 0.1 * f64::from(n);
+        assert!(
+            (f64::from(sibling_accepted) - e).abs() < 4.0 * (e * 0.9).sqrt(),
+            "sibling accepted {sibling_accepted} times of {n}"
+        );
     }
 }
