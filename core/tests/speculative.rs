@@ -260,6 +260,34 @@ fn token_recycling_paper_tree_is_lossless_and_keeps_its_shape() {
     );
 }
 
+/// Token recycling learns from every prompt position, the first tree's root (the prompt's last token)
+/// included: on a fresh matrix the root's first candidate is the prefill's own argmax, i.e. plain greedy's first
+/// token, so the first step always accepts at least that draft.
+#[test]
+fn token_recycling_first_tree_starts_from_the_prefill_prediction() {
+    let params = recycling_params(false);
+    for (prompt, plain) in &greedy_baseline()[..4] {
+        let trace = generate(
+            model(),
+            spec("speculative", prompt, params.clone(), MAX_TOKENS, 0),
+        )
+        .unwrap();
+        let plain_ids = &plain.summary.as_ref().unwrap().token_ids;
+        assert_eq!(&trace.summary.as_ref().unwrap().token_ids, plain_ids);
+        let Some(StepPayload::Speculative(first)) = &trace.steps[0].payload else {
+            panic!("the first step has a speculative payload");
+        };
+        let root_children: Vec<u32> = first
+            .nodes
+            .iter()
+            .filter(|n| n.parent.is_none())
+            .map(|n| n.id)
+            .collect();
+        assert_eq!(root_children.first(), plain_ids.first(), "{prompt}");
+        assert!(!first.accepted_path.is_empty(), "{prompt}");
+    }
+}
+
 /// A model sharing the default one's weights with a kept matrix of its own: `common::model()` serves the tests
 /// running in parallel, and its kept matrix would carry one test's runs into another's.
 fn model_with_its_own_matrix() -> Model {

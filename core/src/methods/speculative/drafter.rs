@@ -71,7 +71,9 @@ pub struct Observation<'a> {
 pub trait Drafter: Send {
     fn name(&self) -> &'static str;
     fn draft(&mut self, input: &mut DraftInput<'_>) -> Result<Draft>;
-    /// Called after every verification forward, and after each prefill chunk when `learns_from_prompt`.
+    /// Called after every verification forward, and after each prefill chunk when `learns_from_prompt` (every
+    /// position of the chunk, the root included when the chunk ends the prompt; the first verification then
+    /// shows the root again, with the same logits).
     fn observe(&mut self, _obs: &Observation<'_>) {}
     /// Asks the prefill for every prompt position's logits (an LM head per prompt token, ~10% of a prefill) so
     /// the drafter can learn from the prompt before the first draft.

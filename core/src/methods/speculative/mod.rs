@@ -249,13 +249,13 @@ impl DecodingMethod for Speculative {
                 let logits: Vec<Vec<f32>> = (0..rows)
                     .map(|i| logits_row(&out.logits, 0, i))
                     .collect::<Result<_>>()?;
-                // The root is the prompt's last token: drafters learn from the positions before it here and
-                // from the root with the verified tree below.
-                let before_root = chunk.len().min(root_pos - from);
+                // Every prompt position, the root (the prompt's last token) included: its logits are known
+                // before the first draft, so the first tree can start from them. The verified tree below shows
+                // the root again with the same logits.
                 if learn && let Some(d) = self.drafter.as_mut() {
                     d.observe(&Observation {
-                        tokens: &chunk[..before_root],
-                        logits: &logits[..before_root],
+                        tokens: chunk,
+                        logits: &logits,
                         accepted_path: &[],
                     });
                 }

@@ -4,9 +4,11 @@
 //! after the verification forward the row of EVERY fed token (rejected nodes included) is overwritten with that
 //! position's top-k, which is what makes the matrix adapt within a few steps.
 //!
-//! Two departures from the paper, both visible: the prompt's positions write their rows too (the paper only
-//! learns from tree forwards, so its first query drafts nothing for a while), and the matrix starts empty for
-//! every run unless `keep_matrix` asks for the paper's hot start (the matrix inherited from the previous query).
+//! The prompt's positions write their rows too, its last token (the first tree's root) included, so the first
+//! tree starts from the prefill's own prediction: the paper's text only describes updates from tree forwards
+//! (its first query drafts nothing for a while), while implementations seed the matrix from the prompt's logits.
+//! The matrix starts empty for every run unless `keep_matrix` asks for the paper's hot start (the matrix
+//! inherited from the previous query).
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
@@ -333,7 +335,8 @@ impl Drafter for TokenRecycling {
     }
 
     /// Within a run, the prompt's own predictions are the only history there is: without them a cold matrix
-    /// drafts nothing for the first dozen steps. (The paper learns from tree forwards only.)
+    /// drafts nothing for the first dozen steps, and the first tree's root would draft from the row an earlier
+    /// occurrence of its token left (for ChatML's final newline, the `<|im_start|>` that follows `<|im_end|>`).
     fn learns_from_prompt(&self) -> bool {
         true
     }
