@@ -95,20 +95,12 @@ impl Isa {
 }
 
 /// `out[r] = dot(weights, acts[r])` for every activation row, in passes of up to [`ACTIVATION_ROWS`] rows over the
-/// weight row, so k tokens cost one read of the weights.
+/// weight row, with a chosen instruction set (one this CPU lacks runs the reference). The matmuls call the same
+/// kernels through [`q4_1_few_rows`], which loops over weight rows inside them; this per-row entry point is what the
+/// tests compare across instruction sets.
 ///
 /// One weight row at a time is deliberate: decoding streams the weights from memory, and rows read in order form
 /// one sequential stream the hardware prefetcher follows; interleaving several rows measured slower here.
-pub fn q4_1_rows(weights: &[BlockQ4_1], acts: &[&[ActivationBlock]], out: &mut [f32]) {
-    q4_1_rows_on(Isa::best(), weights, acts, out);
-}
-
-/// [`q4_1_rows`] for Q8_0 weights.
-pub fn q8_0_rows(weights: &[BlockQ8_0], acts: &[&[ActivationBlock]], out: &mut [f32]) {
-    q8_0_rows_on(Isa::best(), weights, acts, out);
-}
-
-/// [`q4_1_rows`] with a chosen instruction set; one this CPU lacks runs the reference.
 pub fn q4_1_rows_on(isa: Isa, weights: &[BlockQ4_1], acts: &[&[ActivationBlock]], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if isa.available() {
@@ -123,7 +115,7 @@ pub fn q4_1_rows_on(isa: Isa, weights: &[BlockQ4_1], acts: &[&[ActivationBlock]]
     }
 }
 
-/// [`q8_0_rows`] with a chosen instruction set; one this CPU lacks runs the reference.
+/// [`q4_1_rows_on`] for Q8_0 weights.
 pub fn q8_0_rows_on(isa: Isa, weights: &[BlockQ8_0], acts: &[&[ActivationBlock]], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if isa.available() {
