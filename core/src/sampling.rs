@@ -157,13 +157,7 @@ impl Warped {
     /// The most likely token, ties to the lower id; `None` for an empty support. `warp` puts it first, but a
     /// `Warped` built elsewhere need not, so this looks at every entry.
     pub fn most_likely(&self) -> Option<u32> {
-        self.support
-            .iter()
-            .fold(None::<(u32, f32)>, |best, &(t, p)| match best {
-                Some((bt, bp)) if bp > p || (bp == p && bt < t) => Some((bt, bp)),
-                _ => Some((t, p)),
-            })
-            .map(|(t, _)| t)
+        heaviest(self.support.iter().copied())
     }
 
     /// Draws a token: inverse CDF over the support in its fixed order.
@@ -377,6 +371,18 @@ impl PositionStats {
             source,
         }
     }
+}
+
+/// The token with the largest weight, ties to the lower id (so the choice never depends on the support's order);
+/// `None` for an empty support.
+pub fn heaviest<W: PartialOrd + Copy>(weights: impl IntoIterator<Item = (u32, W)>) -> Option<u32> {
+    weights
+        .into_iter()
+        .fold(None::<(u32, W)>, |best, (t, w)| match best {
+            Some((bt, bw)) if bw > w || (bw == w && bt < t) => Some((bt, bw)),
+            _ => Some((t, w)),
+        })
+        .map(|(t, _)| t)
 }
 
 #[cfg(test)]

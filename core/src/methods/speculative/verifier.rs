@@ -280,13 +280,7 @@ fn draw(dist: &[(u32, f64)], greedy: bool, rng: &mut RunRng) -> u32 {
     if greedy {
         // Greedy distributions are point masses (or residuals of one, which keep it): take the heaviest, ties
         // to the lower id.
-        return dist
-            .iter()
-            .fold(None::<(u32, f64)>, |best, &(t, w)| match best {
-                Some((bt, bw)) if bw > w || (bw == w && bt < t) => Some((bt, bw)),
-                _ => Some((t, w)),
-            })
-            .map_or(0, |(t, _)| t);
+        return crate::sampling::heaviest(dist.iter().copied()).unwrap_or(0);
     }
     let total: f64 = dist.iter().map(|(_, w)| w).sum();
     let r: f64 = rng.random::<f64>() * total;
