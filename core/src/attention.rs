@@ -132,6 +132,24 @@ impl Cells<'_> {
         let at = cell * self.width + group * d;
         self.values.get(at..at + d).unwrap_or_default()
     }
+
+    /// The given cells' keys and values of a 64-wide head group, for the vector online softmax; `None` if one
+    /// is not 64 wide (a cell out of range), which sends the caller to the scalar path.
+    fn pairs_64(
+        &self,
+        cells: impl Iterator<Item = usize>,
+        group: usize,
+    ) -> Option<Vec<(&[f32; 64], &[f32; 64])>> {
+        cells
+            .map(|cell| {
+                let key = <&[f32; 64]>::try_from(self.key(cell, group, 64)).ok()?;
+                Some((
+                    key,
+                    <&[f32; 64]>::try_from(self.value(cell, group, 64)).ok()?,
+                ))
+            })
+            .collect()
+    }
 }
 
 impl From<OnlineSoftmax> for Partial {
@@ -213,16 +231,7 @@ fn online(
     round_to_f16(&mut q);
     if flavor == Flavor::Avx512 && d == 64 {
         // A cell whose key or value is not 64 wide (none is, with 64-wide heads) sends it to the scalar path.
-        let pairs: Option<Vec<_>> = visible
-            .iter()
-            .map(|&cell| {
-                let key = <&[f32; 64]>::try_from(cells.key(cell, group, d)).ok()?;
-                Some((
-                    key,
-                    <&[f32; 64]>::try_from(cells.value(cell, group, d)).ok()?,
-                ))
-            })
-            .collect();
+        let pairs = cells.pairs_64(visible.iter().copied(), group);
         let heads: Vec<&[f32; 64]> = q
             .chunks_exact(64)
             .filter_map(|head| head.try_into().ok())
@@ -536,17 +545,8 @@ impl AttentionJob {
             visible: &[],
             tiles: None,
         };
-        let pairs = |cells_seen: &mut dyn Iterator<Item = usize>| -> Vec<(&[f32; 64], &[f32; 64])> {
-            cells_seen
-                .filter_map(|cell| {
-                    let key = <&[f32; 64]>::try_from(cells.key(cell, group, d)).ok()?;
-                    Some((
-                        key,
-                        <&[f32; 64]>::try_from(cells.value(cell, group, d)).ok()?,
-                    ))
-                })
-                .collect()
-        };
+        let pairs =
+            |seen: &mut dyn Iterator<Item = usize>| cells.pairs_64(seen, group).unwrap_or_default();
         let mut q: Vec<f32> = tokens
             .clone()
             .flat_map(|token| {
