@@ -206,6 +206,7 @@ fn bench_prints_its_figures() {
     for key in [
         "verify8_over_step",
         "verify16_over_step",
+        "verify_token_cost",
         "trace_capture_cost",
         "attention_capture_cost_last_2_layers",
         "busy_thread_over_idle",

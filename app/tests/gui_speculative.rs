@@ -250,7 +250,8 @@ fn the_speculative_method_shows_its_parameters() {
     harness.run();
     harness.get_by_label("Drafter");
     assert!(harness.query_all_by_label("Draft length").next().is_some());
-    harness.get_by_label("Adaptive draft length").click();
+    assert!(harness.query_by_label("Stop threshold").is_some());
+    harness.get_by_label("Stop threshold").click();
     harness.run();
     let settings = &mut harness.state_mut().settings_mut().run;
     settings.drafter = "layer-skip".into();
@@ -260,6 +261,20 @@ fn the_speculative_method_shows_its_parameters() {
     assert_eq!(spec.params.speculative.drafter, "layer-skip");
     assert_eq!(spec.params.speculative.draft_len, 6);
     assert_eq!(spec.params.speculative.adaptive, Some(0.5));
+    assert_eq!(spec.params.speculative.draft_cost, None);
+
+    // The cost-aware policy replaces the threshold and shows its own slider.
+    harness.get_by_label("Cost-aware").click();
+    harness.run();
+    assert!(
+        harness
+            .query_all_by_label("Cost per draft")
+            .next()
+            .is_some()
+    );
+    let spec = harness.state_mut().settings_mut().run.run_spec();
+    assert_eq!(spec.params.speculative.adaptive, None);
+    assert_eq!(spec.params.speculative.draft_cost, Some(0.3));
 }
 
 /// Token recycling's tree size, template and kept matrix show for that drafter only, and reach the run.

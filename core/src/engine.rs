@@ -427,9 +427,10 @@ fn default_label(method: &str, params: &MethodParams) -> String {
         "sample" => format!("sample {}", params.sampling.describe()),
         "speculative" => {
             let s = &params.speculative;
-            let len = match s.adaptive {
-                Some(h) => format!("adaptive h={h}"),
-                None => format!("k={}", s.draft_len),
+            let len = match (s.adaptive, s.draft_cost) {
+                (Some(h), _) => format!("adaptive h={h}"),
+                (None, Some(c)) => format!("cost-aware c={c} k≤{}", s.draft_len),
+                (None, None) => format!("k={}", s.draft_len),
             };
             format!(
                 "speculative {} {len} {}",

@@ -9,6 +9,7 @@ use std::sync::OnceLock;
 
 use common::{model, spec, speculative_params};
 use specula_core::Trace;
+use specula_core::methods::speculative::cost_aware_length;
 use specula_core::methods::speculative::token_recycling::SharedMatrix;
 use specula_core::trace::{StepPayload, TokenSource};
 use specula_core::{MethodParams, Model, SamplingParams, generate};
@@ -59,19 +60,18 @@ fn greedy_baseline() -> &'static [(String, Trace)] {
 /// own argmax, and a multi-token forward returns the logits single-token steps return, bit for bit (model.rs
 /// tests it), so speculation cannot part from plain greedy even at a near-tie.
 fn greedy_lossless(drafter: &str) {
+    greedy_lossless_with(speculative_params(drafter, SamplingParams::greedy()));
+}
+
+fn greedy_lossless_with(params: MethodParams) {
+    let drafter = params.speculative.drafter.clone();
     let started = std::time::Instant::now();
     let baseline = greedy_baseline();
     let (mut drafted, mut accepted, mut calls, mut tokens) = (0u64, 0u64, 0u64, 0u64);
     for (prompt, plain) in baseline {
         let spec_trace = generate(
             model(),
-            spec(
-                "speculative",
-                prompt,
-                speculative_params(drafter, SamplingParams::greedy()),
-                MAX_TOKENS,
-                0,
-            ),
+            spec("speculative", prompt, params.clone(), MAX_TOKENS, 0),
         )
         .unwrap();
         let s = spec_trace.summary.as_ref().unwrap();
@@ -152,6 +152,77 @@ fn greedy_lossless_early_exit() {
     greedy_lossless("early-exit");
 }
 
+/// The cost-aware draft length, on the drafters with point masses (prompt lookup's per-match acceptance) and
+/// with a real q (layer skip's confidence): still token-identical to plain greedy.
+#[test]
+fn greedy_lossless_cost_aware() {
+    for drafter in ["prompt-lookup", "layer-skip"] {
+        let mut params = speculative_params(drafter, SamplingParams::greedy());
+        params.speculative.draft_cost = Some(0.3);
+        params.speculative.draft_len = 8;
+        greedy_lossless_with(params);
+    }
+}
+
+/// The cost-aware policy drafts only what pays for its verification: at no cost prompt lookup drafts exactly
+/// what the fixed length drafts; at a cost of one step per drafted token no draft can pay (a round commits
+/// fewer than k + 1 tokens), so nobody drafts; in between, prompt lookup drafts after some matches and not
+/// after others, and says so in its notes.
+#[test]
+fn cost_aware_length_drafts_only_what_pays() {
+    let prompt = "Repeat exactly: the quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy dog.";
+    let run = |drafter: &str, cost: Option<f32>| {
+        let mut params = speculative_params(drafter, SamplingParams::greedy());
+        params.speculative.draft_cost = cost;
+        generate(model(), spec("speculative", prompt, params, 60, 0)).unwrap()
+    };
+    let drafted = |t: &Trace| t.summary.as_ref().unwrap().draft_n;
+    let ids = |t: &Trace| t.summary.as_ref().unwrap().token_ids.clone();
+    let fixed = run("prompt-lookup", None);
+    let free = run("prompt-lookup", Some(0.0));
+    assert!(drafted(&fixed) > 0);
+    assert_eq!(drafted(&free), drafted(&fixed));
+    assert_eq!(ids(&free), ids(&fixed));
+    for drafter in ["prompt-lookup", "layer-skip", "token-recycling"] {
+        let dear = run(drafter, Some(1.0));
+        assert_eq!(
+            drafted(&dear),
+            0,
+            "{drafter} drafted at a cost of one step per token"
+        );
+        assert_eq!(ids(&dear), ids(&fixed));
+    }
+    // Each draft is at most the length the match's own acceptance pays for (less only where the context ends).
+    let cost = 0.45;
+    let priced = run("prompt-lookup", Some(cost));
+    assert_eq!(ids(&priced), ids(&fixed));
+    let (mut plain_steps, mut drafting_steps) = (0, 0);
+    for note in notes(&priced).iter().filter(|n| n.starts_with("matched")) {
+        let number_after = |key: &str| -> f64 {
+            let at = note.find(key).unwrap_or_else(|| panic!("{note:?}")) + key.len();
+            let text: String = note[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_digit() || *c == '.')
+                .collect();
+            text.parse().unwrap()
+        };
+        let proposed = number_after("proposed ") as usize;
+        let acceptance = number_after("such matches ");
+        let pays = cost_aware_length(acceptance, f64::from(cost), 4);
+        assert!(proposed <= pays, "{note:?}: the policy pays for {pays}");
+        if pays == 0 {
+            plain_steps += 1;
+        } else {
+            drafting_steps += 1;
+        }
+    }
+    assert!(
+        plain_steps > 0 && drafting_steps > 0,
+        "{:?}",
+        notes(&priced)
+    );
+}
+
 #[test]
 fn trace_records_the_speculative_story() {
     let prompt = "Repeat exactly: the quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy dog.";
@@ -220,6 +291,13 @@ fn bad_parameters_are_refused() {
     assert!(generate(model(), spec("speculative", "Hi", params.clone(), 4, 0)).is_err());
     params.speculative.tree_template = "paper".into();
     params.speculative.adaptive = Some(1.5);
+    assert!(generate(model(), spec("speculative", "Hi", params.clone(), 4, 0)).is_err());
+    // One adaptive policy at a time, and a draft cost no acceptance could pay is refused.
+    params.speculative.adaptive = Some(0.5);
+    params.speculative.draft_cost = Some(0.3);
+    assert!(generate(model(), spec("speculative", "Hi", params.clone(), 4, 0)).is_err());
+    params.speculative.adaptive = None;
+    params.speculative.draft_cost = Some(3.0);
     assert!(generate(model(), spec("speculative", "Hi", params, 4, 0)).is_err());
 }
 

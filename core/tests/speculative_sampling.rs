@@ -291,8 +291,10 @@ fn tree_draft(o: &mut Oracle, done: &[u32], rng: &mut RunRng) -> DraftTree {
 fn lookup_draft(o: &mut Oracle, done: &[u32], _rng: &mut RunRng) -> DraftTree {
     let mut ctx = o.prompt.clone();
     ctx.extend_from_slice(done);
-    let (tokens, _) = prompt_lookup::lookup(&ctx, 3);
-    DraftTree::point_chain(&tokens)
+    let tokens = prompt_lookup::find_match(&ctx).map_or(&[][..], |(_, from)| {
+        prompt_lookup::continuation(&ctx, from, 3)
+    });
+    DraftTree::point_chain(tokens)
 }
 
 /// A tree of point masses like token recycling's: the draft model's top 3 as deterministic siblings.

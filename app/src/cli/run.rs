@@ -122,6 +122,11 @@ pub struct RunArgs {
     /// draft token is rejected passes H (0 < H < 1).
     #[arg(long)]
     pub adaptive: Option<f32>,
+    /// speculative: cost-aware draft length, up to --draft-len: every drafted token the verification feeds costs
+    /// C one-token steps (`specula bench` prints it as verify_token_cost), and each step drafts the length,
+    /// possibly none, that maximises expected tokens per unit of cost.
+    #[arg(long, value_name = "C", conflicts_with = "adaptive")]
+    pub draft_cost: Option<f32>,
     /// speculative: node budget of tree drafters (token-recycling).
     #[arg(long, default_value_t = 16)]
     pub tree_size: usize,
@@ -251,6 +256,7 @@ impl RunArgs {
                 self.draft_len
             },
             adaptive: self.adaptive,
+            draft_cost: self.draft_cost,
             tree_size: self.tree_size,
             tree_template: self.tree_template.clone(),
             // One run per process: there is no earlier run whose matrix could be kept.

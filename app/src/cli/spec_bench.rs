@@ -37,6 +37,14 @@ pub struct SpecBenchArgs {
     /// Draft length (tree depth for token-recycling).
     #[arg(long, default_value_t = 4)]
     pub draft_len: usize,
+    /// Adaptive draft length up to --draft-len: stop drafting when the estimated probability that some draft
+    /// token is rejected passes H.
+    #[arg(long, conflicts_with = "draft_cost")]
+    pub adaptive: Option<f32>,
+    /// Cost-aware draft length up to --draft-len: each drafted token costs C one-token steps (`specula bench`
+    /// prints it as verify_token_cost).
+    #[arg(long, value_name = "C")]
+    pub draft_cost: Option<f32>,
     /// Node budget of tree drafters (token-recycling).
     #[arg(long, default_value_t = 16)]
     pub tree_size: usize,
@@ -208,6 +216,8 @@ fn decode(
             speculative: SpeculativeParams {
                 drafter: drafter.unwrap_or("prompt-lookup").into(),
                 draft_len: args.draft_len,
+                adaptive: args.adaptive,
+                draft_cost: args.draft_cost,
                 tree_size: args.tree_size,
                 tree_template: args.tree_template.clone(),
                 keep_matrix: args.keep_matrix,

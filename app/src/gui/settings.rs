@@ -9,6 +9,22 @@ use specula_core::{MethodParams, PromptSpec, RunSpec};
 /// The decoding methods the GUI offers, as `specula run --method` names them.
 pub const METHODS: &[&str] = specula_core::methods::METHOD_NAMES;
 
+/// How a speculative step chooses its draft length (`--draft-len`, `--adaptive`, `--draft-cost`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DraftLength {
+    /// Always the draft length.
+    #[default]
+    Fixed,
+    /// Stop once a rejection becomes likely.
+    StopThreshold,
+    /// The length, possibly none, that maximises expected tokens per unit of cost.
+    CostAware,
+}
+
+/// What a drafted token adds to a short verification on this machine's CPU, in one-token steps (`specula bench`
+/// prints it as `verify_token_cost`).
+pub const DEFAULT_DRAFT_COST: f32 = 0.3;
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct RunSettings {
@@ -27,9 +43,11 @@ pub struct RunSettings {
     /// Speculative decoding: the drafter (`--drafter`), the draft length and the adaptive policy.
     pub drafter: String,
     pub draft_len: usize,
-    pub adaptive: bool,
+    pub draft_length: DraftLength,
     /// Stop drafting once the estimated chance that a draft is rejected exceeds this.
     pub adaptive_threshold: f32,
+    /// The cost-aware policy's cost of one drafted token, in one-token steps.
+    pub draft_cost: f32,
     /// Token recycling: node budget, tree template ("scored" or "paper") and keeping the matrix across runs.
     pub tree_size: usize,
     pub tree_template: String,
@@ -64,8 +82,9 @@ impl Default for RunSettings {
             max_tokens: 64,
             drafter: spec.drafter,
             draft_len: spec.draft_len,
-            adaptive: spec.adaptive.is_some(),
+            draft_length: DraftLength::Fixed,
             adaptive_threshold: spec.adaptive.unwrap_or(0.5),
+            draft_cost: spec.draft_cost.unwrap_or(DEFAULT_DRAFT_COST),
             tree_size: spec.tree_size,
             tree_template: spec.tree_template,
             keep_matrix: spec.keep_matrix,
@@ -110,7 +129,9 @@ impl RunSettings {
         let speculative = SpeculativeParams {
             drafter: self.drafter.clone(),
             draft_len: self.draft_len,
-            adaptive: self.adaptive.then_some(self.adaptive_threshold),
+            adaptive: (self.draft_length == DraftLength::StopThreshold)
+                .then_some(self.adaptive_threshold),
+            draft_cost: (self.draft_length == DraftLength::CostAware).then_some(self.draft_cost),
             tree_size: self.tree_size,
             tree_template: self.tree_template.clone(),
             keep_matrix: self.keep_matrix,

@@ -140,6 +140,7 @@ pub fn sweep_specs(settings: &RunSettings) -> Vec<RunSpec> {
         let mut params = base.params.clone();
         params.speculative.draft_len = k;
         params.speculative.adaptive = None;
+        params.speculative.draft_cost = None;
         specs.push(RunSpec {
             label: format!("sweep: {} k={k}", params.speculative.drafter),
             method: "speculative".to_owned(),

@@ -184,6 +184,11 @@ pub struct SpeculativeParams {
     /// Adaptive draft length: stop drafting once the estimated probability that some draft token is rejected
     /// exceeds this threshold h (SpecDec++'s threshold policy, estimated without training). `None` = fixed.
     pub adaptive: Option<f32>,
+    /// Cost-aware draft length: each drafted token the verification feeds costs this fraction of a one-token
+    /// step, and each step drafts the length (0 = a plain step, up to `draft_len`) that maximises expected
+    /// tokens per unit of cost, from the running acceptance. `None` = off. Exclusive with `adaptive`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draft_cost: Option<f32>,
     /// Node budget of tree drafters (token recycling).
     pub tree_size: usize,
     /// Token recycling's tree template: "scored" (the `tree_size` likeliest nodes by candidate rank) or
@@ -205,6 +210,7 @@ impl Default for SpeculativeParams {
             drafter: "prompt-lookup".to_owned(),
             draft_len: 4,
             adaptive: None,
+            draft_cost: None,
             tree_size: 16,
             tree_template: "scored".to_owned(),
             keep_matrix: false,

@@ -5,7 +5,7 @@ use egui::RichText;
 
 use super::ViewCtx;
 use crate::gui::command::Command;
-use crate::gui::settings::RunSettings;
+use crate::gui::settings::{DraftLength, RunSettings};
 
 #[derive(Default)]
 pub struct PromptPanel;
@@ -134,16 +134,45 @@ fn speculative_ui(ui: &mut egui::Ui, settings: &mut RunSettings) {
     if settings.drafter == "token-recycling" {
         recycling_ui(ui, settings);
     }
-    ui.checkbox(&mut settings.adaptive, "Adaptive draft length")
-        .on_hover_text("Stop drafting early when a rejection becomes likely");
-    ui.add_enabled_ui(settings.adaptive, |ui| {
-        ui.add(
-            egui::Slider::new(&mut settings.adaptive_threshold, 0.05..=0.95).text("Stop threshold"),
-        )
-        .on_hover_text(
-            "Stop drafting once the estimated chance that a draft is rejected exceeds this",
-        );
+    ui.horizontal(|ui| {
+        ui.label("Draft length policy");
+        for (policy, name, hover) in [
+            (DraftLength::Fixed, "Fixed", "Always draft the draft length"),
+            (
+                DraftLength::StopThreshold,
+                "Stop threshold",
+                "Stop drafting early when a rejection becomes likely",
+            ),
+            (
+                DraftLength::CostAware,
+                "Cost-aware",
+                "Draft the length, possibly none, that maximises expected tokens per unit of verification \
+                 cost, from the running acceptance (prompt lookup keeps one per match length)",
+            ),
+        ] {
+            ui.radio_value(&mut settings.draft_length, policy, name)
+                .on_hover_text(hover);
+        }
     });
+    match settings.draft_length {
+        DraftLength::Fixed => {}
+        DraftLength::StopThreshold => {
+            ui.add(
+                egui::Slider::new(&mut settings.adaptive_threshold, 0.05..=0.95)
+                    .text("Rejection threshold"),
+            )
+            .on_hover_text(
+                "Stop drafting once the estimated chance that a draft is rejected exceeds this",
+            );
+        }
+        DraftLength::CostAware => {
+            ui.add(egui::Slider::new(&mut settings.draft_cost, 0.0..=1.0).text("Cost per draft"))
+                .on_hover_text(
+                    "What one drafted token adds to the verification, in one-token steps \
+                     (`specula bench` prints this machine's as verify_token_cost)",
+                );
+        }
+    }
     ui.label(
         RichText::new(
             "Temperature 0 verifies greedily (keep drafts while they are the target's top token); above 0 the \

@@ -41,9 +41,13 @@ impl StatsPanel {
                     row("Parameters", h.params.sampling.describe());
                     if h.method == "speculative" {
                         let sp = &h.params.speculative;
-                        let adaptive = sp
-                            .adaptive
-                            .map_or(String::new(), |t| format!(", adaptive (stop at {t:.2})"));
+                        let adaptive = match (sp.adaptive, sp.draft_cost) {
+                            (Some(t), _) => format!(", adaptive (stop at {t:.2})"),
+                            (None, Some(c)) => {
+                                format!(", cost-aware (a drafted token costs {c:.2} steps)")
+                            }
+                            (None, None) => String::new(),
+                        };
                         let tree = if sp.drafter == "token-recycling" {
                             format!(
                                 ", {} tree of {} nodes{}",

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
+use super::cost_aware_length;
 use super::verifier::DraftTree;
 use crate::error::Result;
 use crate::model::{KvCache, Llama};
@@ -33,13 +34,25 @@ impl DraftInput<'_> {
         self.context.len().saturating_sub(1)
     }
 
-    /// The adaptive policy for drafters whose tokens are point masses: with a running per-token acceptance a,
-    /// P(some of n drafts rejected) is estimated as 1 - a^n; draft while it stays at or under h (at least one).
+    /// The draft length for drafters whose tokens are point masses, at the running acceptance (tree drafters
+    /// take it as their depth).
     pub fn point_mass_budget(&self) -> usize {
-        match self.params.speculative.adaptive {
+        self.point_mass_budget_at(self.acceptance)
+    }
+
+    /// The draft length for point-mass drafts each accepted with probability `acceptance` (a drafter that knows
+    /// its acceptance better than the running mean passes its own): the cost-aware length (which may be 0, a
+    /// plain step), else the threshold policy, where P(some of n drafts rejected) is estimated as 1 - a^n and
+    /// drafting goes on while it stays at or under h (at least one), else the fixed length.
+    pub fn point_mass_budget_at(&self, acceptance: f64) -> usize {
+        let spec = &self.params.speculative;
+        let a = acceptance.clamp(1e-6, 1.0 - 1e-9);
+        if let Some(cost) = spec.draft_cost {
+            return cost_aware_length(a, f64::from(cost), self.max_len);
+        }
+        match spec.adaptive {
             None => self.max_len,
             Some(h) => {
-                let a = self.acceptance.clamp(1e-6, 1.0 - 1e-9);
                 let mut n = 1;
                 while n < self.max_len && 1.0 - a.powi(n as i32 + 1) <= f64::from(h) {
                     n += 1;
@@ -48,6 +61,22 @@ impl DraftInput<'_> {
             }
         }
     }
+}
+
+/// Acceptance assumed before any draft was tested, and the level an unused estimate drifts back to.
+pub const PRIOR_ACCEPTANCE: f64 = 0.5;
+
+/// Folds one verification into a running per-token acceptance: `accepted` of the `tested` drafts held.
+pub fn update_acceptance(acceptance: &mut f64, accepted: usize, tested: usize) {
+    if tested > 0 {
+        *acceptance = 0.8 * *acceptance + 0.2 * accepted as f64 / tested as f64;
+    }
+}
+
+/// A step that drafted nothing tests nothing: the estimate drifts back towards the prior, so that a policy
+/// which stopped drafting on a low estimate tries again after a while instead of never.
+pub fn drift_acceptance(acceptance: &mut f64) {
+    *acceptance += 0.02 * (PRIOR_ACCEPTANCE - *acceptance);
 }
 
 /// A draft: the tree, what it cost, and a note for the panel.

@@ -209,8 +209,16 @@ pub(crate) fn draft_chain(
     draft_chain_on(input, &llama, &mut cache, &capture)
 }
 
+/// About how many weights a forward reads (each layer's projections ~12 dim^2, plus the LM head): the cost
+/// of a draft forward relative to the target's.
+fn forward_weights(config: &crate::model::Config, skipped: &BTreeSet<usize>) -> f64 {
+    let layers = config.n_layers.saturating_sub(skipped.len()) as f64;
+    let dim = config.dim as f64;
+    layers * 12.0 * dim * dim + config.vocab_size as f64 * dim
+}
+
 /// Drafts a chain from the root with `llama` on `cache` (which holds the context before the root), each token
-/// drawn from the warped q (argmax for greedy), stopping early under the adaptive threshold. Returns the nodes and
+/// drawn from the warped q (argmax for greedy), stopping early under the adaptive threshold or cost. Returns the nodes and
 /// the number of draft forwards; `cache` is left holding the root and the drafts.
 pub(crate) fn draft_chain_on(
     input: &mut DraftInput<'_>,
@@ -226,6 +234,14 @@ pub(crate) fn draft_chain_on(
     let mut nodes: Vec<DraftTreeNode> = Vec::new();
     let mut calls = 0;
     let mut confidence = 1.0f64;
+    // Expected tokens a round commits with the drafts so far (the verifier's own token, then each draft while
+    // all before it hold), and what a drafted token costs: its verification plus its own draft forward.
+    let mut expected = 1.0f64;
+    let token_cost = input.params.speculative.draft_cost.map(|verify| {
+        f64::from(verify)
+            + forward_weights(&llama.config, &capture.skip_layers)
+                / forward_weights(&input.llama.config, &BTreeSet::new())
+    });
     let limit = input.max_len.min(
         llama
             .config
@@ -256,6 +272,17 @@ pub(crate) fn draft_chain_on(
             let x = q.sample(input.rng);
             (x, f64::from(q.prob(x)))
         };
+        // The cost-aware policy with the draft's confidence as the acceptance estimate: keep this token only
+        // if it raises the expected tokens per unit of cost (its draft forward is spent either way).
+        if let Some(cost) = token_cost {
+            let drafted = nodes.len() as f64;
+            let now = expected / (1.0 + drafted * cost);
+            let with = (expected + confidence * conf) / (1.0 + (drafted + 1.0) * cost);
+            if with <= now {
+                break;
+            }
+            expected += confidence * conf;
+        }
         nodes.push(DraftTreeNode {
             token: x,
             parent: depth.checked_sub(1),

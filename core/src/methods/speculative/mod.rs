@@ -45,6 +45,9 @@ pub const DRAFTER_NAMES: &[&str] = &[
 
 /// Longest draft a step may ask for: a 16-token verification already costs ~10 single steps on CPU.
 pub const MAX_DRAFT_LEN: usize = 16;
+/// Highest per-token draft cost the cost-aware policy takes: at 2 a drafted token costs two steps, and no
+/// acceptance can pay for it.
+pub const MAX_DRAFT_COST: f32 = 2.0;
 /// Largest tree a tree drafter may build.
 pub const MAX_TREE_SIZE: usize = 128;
 
@@ -83,6 +86,24 @@ impl SpeculativeParams {
                 h,
                 "the rejection-probability threshold must be in (0, 1)",
             ));
+        }
+        if let Some(c) = self.draft_cost {
+            if !(c.is_finite() && (0.0..=MAX_DRAFT_COST).contains(&c)) {
+                return Err(bad_param(
+                    "draft_cost",
+                    c,
+                    format!(
+                        "the cost of a drafted token, as a fraction of a one-token step, must be in 0..={MAX_DRAFT_COST}"
+                    ),
+                ));
+            }
+            if self.adaptive.is_some() {
+                return Err(bad_param(
+                    "draft_cost",
+                    c,
+                    "choose one adaptive policy: the stop threshold (adaptive) or the cost-aware length",
+                ));
+            }
         }
         if !(1..=MAX_TREE_SIZE).contains(&self.tree_size) {
             return Err(bad_param(
@@ -146,7 +167,7 @@ pub fn create_drafter(
         "token-recycling" => Ok(Box::new(token_recycling::TokenRecycling::new(
             llama.config.vocab_size,
         ))),
-        "prompt-lookup" => Ok(Box::new(prompt_lookup::PromptLookup)),
+        "prompt-lookup" => Ok(Box::new(prompt_lookup::PromptLookup::default())),
         "layer-skip" => Ok(Box::new(layer_skip::LayerSkip::default())),
         "early-exit" => Ok(Box::new(early_exit::EarlyExit)),
         "lookahead" => Ok(Box::new(lookahead::Lookahead::default())),
@@ -184,7 +205,7 @@ impl Speculative {
             drafter: None,
             drafter_for: (String::new(), false),
             kept_matrix: model.recycled.clone(),
-            acceptance: 0.5,
+            acceptance: drafter::PRIOR_ACCEPTANCE,
         }
     }
 }
@@ -379,10 +400,11 @@ impl DecodingMethod for Speculative {
         }
 
         // Running acceptance per drafted token along the verified chain (for the adaptive policy).
-        let tested = verdict.accepted_path.len() + usize::from(!verdict.bonus);
-        if tested > 0 && !tree.nodes.is_empty() {
-            let rate = verdict.accepted_path.len() as f64 / tested as f64;
-            self.acceptance = 0.8 * self.acceptance + 0.2 * rate;
+        if tree.nodes.is_empty() {
+            drafter::drift_acceptance(&mut self.acceptance);
+        } else {
+            let tested = verdict.accepted_path.len() + usize::from(!verdict.bonus);
+            drafter::update_acceptance(&mut self.acceptance, verdict.accepted_path.len(), tested);
         }
 
         // The committed tokens, each with the target's view at its position.
@@ -498,6 +520,20 @@ pub fn predicted_speedup(alpha: f64, k: f64, c: f64) -> f64 {
     expected_tokens_per_round(alpha, k) / (k * c + 1.0)
 }
 
+/// The cost-aware draft length: the k in 0..=`max_len` that maximises the predicted speedup at per-token
+/// acceptance `alpha` and per-token cost `c`; 0 (a plain step) when no draft pays for its verification. Ties go to
+/// the shorter draft.
+pub fn cost_aware_length(alpha: f64, c: f64, max_len: usize) -> usize {
+    let mut best = (0, 1.0);
+    for k in 1..=max_len {
+        let speedup = predicted_speedup(alpha, k as f64, c);
+        if speedup > best.1 + 1e-12 {
+            best = (k, speedup);
+        }
+    }
+    best.0
+}
+
 /// The speculative figures of a finished run, for `specula run --json`: drafted and accepted counts, mean
 /// accepted tokens per target forward, acceptance rate, mean alpha, the measured draft/target cost ratio c and
 /// the speedup the i.i.d. model predicts from them, (1 - a^(k+1)) / ((1 - a)(k c + 1)) with k the mean draft
@@ -550,4 +586,29 @@ pub fn speculative_summary(trace: &crate::trace::Trace) -> Option<serde_json::Va
         "draft_cost_ratio": c,
         "predicted_speedup": predicted,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The cost-aware length drafts nothing when one drafted token costs more than its acceptance is worth,
+    /// everything when drafting is free, and never less when acceptance rises.
+    #[test]
+    fn cost_aware_length_follows_acceptance_and_cost() {
+        assert_eq!(cost_aware_length(0.2, 0.3, 8), 0);
+        assert_eq!(cost_aware_length(0.5, 0.0, 8), 8);
+        assert_eq!(cost_aware_length(0.9, 1.0, 8), 0);
+        assert_eq!(cost_aware_length(0.8, 0.28, 16), 3);
+        let mut last = 0;
+        for a in (0..100).map(|i| f64::from(i) / 100.0) {
+            let k = cost_aware_length(a, 0.3, 16);
+            assert!(
+                k >= last,
+                "length fell from {last} to {k} at acceptance {a}"
+            );
+            last = k;
+        }
+        assert!(last >= 8);
+    }
 }

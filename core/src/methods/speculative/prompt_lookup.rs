@@ -1,15 +1,31 @@
 //! Prompt lookup (PLD; input-guided aggressive decoding): find the most recent earlier occurrence of the last
 //! n tokens (n = 3, 2, 1) in prompt + output and propose the tokens that followed it. No model, point masses.
 
-use super::drafter::{Draft, DraftInput, Drafter};
+use super::drafter::{
+    Draft, DraftInput, Drafter, Observation, PRIOR_ACCEPTANCE, drift_acceptance, update_acceptance,
+};
 use super::verifier::DraftTree;
 use crate::error::Result;
 
 /// Longest n-gram tried first: longer matches predict better, shorter ones match more often.
 const MAX_NGRAM: usize = 3;
 
-#[derive(Default)]
-pub struct PromptLookup;
+pub struct PromptLookup {
+    /// Running per-token acceptance of drafts that followed a match of the last n tokens, index n - 1: a longer
+    /// match predicts better, so the draft length can follow the match found.
+    acceptance: [f64; MAX_NGRAM],
+    /// The match length of the last draft, if it drafted anything.
+    last_match: Option<usize>,
+}
+
+impl Default for PromptLookup {
+    fn default() -> Self {
+        Self {
+            acceptance: [PRIOR_ACCEPTANCE; MAX_NGRAM],
+            last_match: None,
+        }
+    }
+}
 
 /// The match: (n, start of the continuation) for the most recent earlier occurrence of the last n tokens.
 pub fn find_match(context: &[u32]) -> Option<(usize, usize)> {
@@ -29,15 +45,10 @@ pub fn find_match(context: &[u32]) -> Option<(usize, usize)> {
     None
 }
 
-/// Up to `k` tokens following the match.
-pub fn lookup(context: &[u32], k: usize) -> (Vec<u32>, Option<usize>) {
-    match find_match(context) {
-        Some((n, from)) => {
-            let to = (from + k).min(context.len());
-            (context[from..to].to_vec(), Some(n))
-        }
-        None => (Vec::new(), None),
-    }
+/// Up to `k` tokens of `context` from `from`, the start of a match's continuation.
+pub fn continuation(context: &[u32], from: usize, k: usize) -> &[u32] {
+    let rest = context.get(from..).unwrap_or_default();
+    rest.get(..k).unwrap_or(rest)
 }
 
 impl Drafter for PromptLookup {
@@ -46,17 +57,53 @@ impl Drafter for PromptLookup {
     }
 
     fn draft(&mut self, input: &mut DraftInput<'_>) -> Result<Draft> {
-        let k = input.point_mass_budget();
-        let (tokens, n) = lookup(input.context, k);
-        let note = match n {
-            Some(n) => format!("matched the last {n} token(s); proposed {}", tokens.len()),
-            None => "no earlier match of the last 1-3 tokens".to_owned(),
+        self.last_match = None;
+        let Some((n, from)) = find_match(input.context) else {
+            return Ok(Draft {
+                note: "no earlier match of the last 1-3 tokens".to_owned(),
+                ..Draft::default()
+            });
         };
+        let slot = n - 1;
+        let (k, policy) = match (
+            input.params.speculative.draft_cost,
+            self.acceptance.get(slot),
+        ) {
+            (Some(_), Some(&a)) => (
+                input.point_mass_budget_at(a),
+                format!(" (cost-aware, acceptance after such matches {a:.2})"),
+            ),
+            _ => (input.point_mass_budget(), String::new()),
+        };
+        let tokens = continuation(input.context, from, k);
+        if tokens.is_empty() {
+            if let Some(a) = self.acceptance.get_mut(slot) {
+                drift_acceptance(a);
+            }
+        } else {
+            self.last_match = Some(n);
+        }
         Ok(Draft {
-            tree: DraftTree::point_chain(&tokens),
+            tree: DraftTree::point_chain(tokens),
             forward_calls: 0,
-            note,
+            note: format!(
+                "matched the last {n} token(s); proposed {}{policy}",
+                tokens.len()
+            ),
         })
+    }
+
+    fn observe(&mut self, obs: &Observation<'_>) {
+        let Some(n) = self.last_match.take() else {
+            return;
+        };
+        let drafted = obs.tokens.len().saturating_sub(1);
+        let accepted = obs.accepted_path.len();
+        // Drafts tested: the accepted ones and the first rejected one, if any.
+        let tested = (accepted + 1).min(drafted);
+        if let Some(a) = self.acceptance.get_mut(n - 1) {
+            update_acceptance(a, accepted, tested);
+        }
     }
 }
 
@@ -67,8 +114,10 @@ mod tests {
     #[test]
     fn finds_the_most_recent_longest_match() {
         let ctx = [1, 2, 3, 9, 1, 2, 3, 7, 8, 2, 3];
-        // last 3 = [8,2,3] never seen; last 2 = [2,3] most recently at 5..7 -> continuation 7, 8
-        assert_eq!(lookup(&ctx, 2), (vec![7, 8], Some(2)));
-        assert_eq!(lookup(&[5, 6], 3), (Vec::new(), None));
+        // last 3 = [8,2,3] never seen; last 2 = [2,3] most recently at 5..7 -> continuation from 7
+        assert_eq!(find_match(&ctx), Some((2, 7)));
+        assert_eq!(continuation(&ctx, 7, 2), [7, 8]);
+        assert_eq!(continuation(&ctx, 9, 5), [2, 3]);
+        assert_eq!(find_match(&[5, 6]), None);
     }
 }
