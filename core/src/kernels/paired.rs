@@ -182,6 +182,7 @@ mod simd {
     use std::arch::x86_64::*;
 
     use super::{BlockQ4_1, BlockQ8_0, Group, MAGIC, MAX_PAIRS};
+    use crate::kernels::dot::simd::{PREFETCH_BLOCKS_Q4_1, PREFETCH_BLOCKS_Q8_0, prefetch};
 
     pub fn q4_1(group: &Group, weights: &[BlockQ4_1], per_row: usize, out: &mut [f32]) {
         // SAFETY: the caller checked the instruction sets at run time.
@@ -353,10 +354,11 @@ mod simd {
         let mut min_terms = _mm512_setzero_ps();
         let spread = spreads::<P>();
         let blocks = group.qs.chunks_exact(P).zip(&group.scales).zip(&group.sums);
-        for (w, ((qs, scales), row_sums)) in weights.iter().zip(blocks) {
+        for (b, (w, ((qs, scales), row_sums))) in weights.iter().zip(blocks).enumerate() {
             let Ok(qs) = <&[[i8; 64]; P]>::try_from(qs) else {
                 break;
             };
+            prefetch(weights, b + PREFETCH_BLOCKS_Q4_1);
             // SAFETY: reads exactly the 16 bytes of `qs`.
             let packed = unsafe { _mm_loadu_si128(w.qs.as_ptr().cast()) };
             // Low nibbles (elements 0..16) then high nibbles (16..32), unpacked in 256 bits (half the work of
@@ -394,10 +396,11 @@ mod simd {
         let mut acc = [_mm512_setzero_ps(); P];
         let spread = spreads::<P>();
         let blocks = group.shifted.chunks_exact(P).zip(&group.scales);
-        for (w, (shifted, scales)) in weights.iter().zip(blocks) {
+        for (b, (w, (shifted, scales))) in weights.iter().zip(blocks).enumerate() {
             let Ok(shifted) = <&[[u8; 64]; P]>::try_from(shifted) else {
                 break;
             };
+            prefetch(weights, b + PREFETCH_BLOCKS_Q8_0);
             // SAFETY: reads exactly the 32 bytes of `qs`.
             let block = unsafe { _mm256_loadu_si256(w.qs.as_ptr().cast()) };
             let weight = _mm512_broadcast_i64x4(block);
