@@ -106,6 +106,14 @@ impl Projections {
         })
     }
 
+    /// Our own kernels' matrix, while nothing else shares it (during loading).
+    fn matrix_mut(&mut self) -> Option<&mut QuantMatrix> {
+        match &mut self.kernel {
+            ProjectionKernel::Specula(matrix) => Arc::get_mut(matrix),
+            ProjectionKernel::Candle(_) => None,
+        }
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
         match &self.kernel {
             ProjectionKernel::Candle(matmuls) => Ok(matmuls
@@ -413,7 +421,7 @@ impl Llama {
         } else {
             embeddings.clone()
         };
-        let lm_head = Projections::load(vec![lm_head], kernels)?;
+        let mut lm_head = Projections::load(vec![lm_head], kernels)?;
         let mut layers = Vec::with_capacity(config.n_layers);
         let mut weight_format = None;
         for i in 0..config.n_layers {
@@ -440,6 +448,15 @@ impl Llama {
                 down,
             });
         }
+        // Our kernels' weights on huge pages, in the order the forward reads them (a failure leaves them where
+        // they are, which only costs speed).
+        let mut matrices: Vec<&mut QuantMatrix> = layers
+            .iter_mut()
+            .flat_map(|l| [&mut l.qkv, &mut l.wo, &mut l.gate_up, &mut l.down])
+            .chain([&mut lm_head])
+            .filter_map(Projections::matrix_mut)
+            .collect();
+        QuantMatrix::pack(&mut matrices);
         let (cos, sin) = rope_tables(config.head_dim, config.rope_base, config.context_length);
         let info = ModelInfo {
             name: ct

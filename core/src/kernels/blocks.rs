@@ -7,7 +7,8 @@ pub const BLOCK: usize = 32;
 
 /// GGUF `Q4_1`: 32 weights stored as `d * q + m` with 4-bit `q`. Element `j < 16` is the low nibble of `qs[j]`,
 /// element `j + 16` its high nibble. 20 bytes on disk and in memory.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+#[repr(C)]
 pub struct BlockQ4_1 {
     pub d: f16,
     pub m: f16,
@@ -15,7 +16,8 @@ pub struct BlockQ4_1 {
 }
 
 /// GGUF `Q8_0`: 32 weights stored as `d * q` with signed 8-bit `q`. 34 bytes.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+#[repr(C)]
 pub struct BlockQ8_0 {
     pub d: f16,
     pub qs: [i8; 32],

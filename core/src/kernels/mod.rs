@@ -12,11 +12,13 @@
 //! - [`paired`]: the AVX-512 kernels for several activation rows (two rows per register; bit-identical).
 //! - [`pool`]: the thread split.
 //! - [`f16`]: rounding to f16 (llama.cpp's attention arithmetic).
+//! - [`huge_pages`]: weight storage advised for transparent huge pages.
 //! - [`vector`]: AVX-512 SwiGLU and activation quantization (bit-identical to their scalar definitions).
 
 pub mod blocks;
 pub mod dot;
 pub mod f16;
+pub mod huge_pages;
 pub mod paired;
 pub mod pool;
 pub mod vector;
@@ -27,14 +29,15 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use candle_core::quantized::{GgmlDType, QTensor};
 
 use blocks::{ActivationBlock, BLOCK, BlockQ4_1, BlockQ8_0};
+use huge_pages::{ArenaWriter, BlockBuffer};
 use paired::PairedActivations;
 use pool::{ComputePool, Job};
 
 /// Weight rows of one matrix in a supported GGUF block format.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Blocks {
-    Q4_1(Vec<BlockQ4_1>),
-    Q8_0(Vec<BlockQ8_0>),
+    Q4_1(BlockBuffer<BlockQ4_1>),
+    Q8_0(BlockBuffer<BlockQ8_0>),
 }
 
 /// A `(rows, cols)` weight matrix, `y = x Wᵀ`, stored as the file's quantized blocks (row-major).
@@ -43,6 +46,15 @@ pub struct QuantMatrix {
     pub rows: usize,
     pub cols: usize,
     blocks: Blocks,
+}
+
+/// The blocks of every part, in order, if `of` finds each part's blocks in the wanted format.
+fn concat<T: bytemuck::Pod>(
+    parts: &[&QuantMatrix],
+    of: impl Fn(&Blocks) -> Option<&BlockBuffer<T>>,
+) -> Option<BlockBuffer<T>> {
+    let parts: Vec<&BlockBuffer<T>> = parts.iter().map(|p| of(&p.blocks)).collect::<Option<_>>()?;
+    Some(parts.into_iter().flat_map(|b| b.iter().copied()).collect())
 }
 
 impl QuantMatrix {
@@ -81,22 +93,58 @@ impl QuantMatrix {
     /// single pass over their shared input). `None` if they differ.
     pub fn stack(parts: &[&QuantMatrix]) -> Option<Self> {
         let first = parts.first()?;
-        let mut blocks = first.blocks.clone();
-        for part in parts.iter().skip(1) {
-            if part.cols != first.cols {
-                return None;
-            }
-            match (&mut blocks, &part.blocks) {
-                (Blocks::Q4_1(all), Blocks::Q4_1(more)) => all.extend_from_slice(more),
-                (Blocks::Q8_0(all), Blocks::Q8_0(more)) => all.extend_from_slice(more),
-                _ => return None,
-            }
+        if parts.iter().any(|p| p.cols != first.cols) {
+            return None;
         }
+        let blocks = match &first.blocks {
+            Blocks::Q4_1(_) => Blocks::Q4_1(concat(parts, |b| match b {
+                Blocks::Q4_1(b) => Some(b),
+                Blocks::Q8_0(_) => None,
+            })?),
+            Blocks::Q8_0(_) => Blocks::Q8_0(concat(parts, |b| match b {
+                Blocks::Q8_0(b) => Some(b),
+                Blocks::Q4_1(_) => None,
+            })?),
+        };
         Some(Self {
             rows: parts.iter().map(|p| p.rows).sum(),
             cols: first.cols,
             blocks,
         })
+    }
+
+    /// Moves the blocks of `matrices`, in order (the order the forward reads them), into one mapping advised
+    /// for huge pages (see [`huge_pages`]). Returns whether every matrix moved; one that did not keeps its own
+    /// blocks.
+    pub fn pack(matrices: &mut [&mut QuantMatrix]) -> bool {
+        let room = matrices
+            .iter()
+            .map(|m| match &m.blocks {
+                Blocks::Q4_1(b) => ArenaWriter::room_for(b),
+                Blocks::Q8_0(b) => ArenaWriter::room_for(b),
+            })
+            .sum();
+        let Some(mut writer) = ArenaWriter::new(room) else {
+            return false;
+        };
+        // A matrix the arena has no room for (none, if `room` is right) keeps its own blocks.
+        let written: Vec<_> = matrices
+            .iter_mut()
+            .map(|m| match &mut m.blocks {
+                Blocks::Q4_1(b) => writer.write(b),
+                Blocks::Q8_0(b) => writer.write(b),
+            })
+            .collect();
+        let arena = writer.finish();
+        let mut all = true;
+        for (m, written) in matrices.iter_mut().zip(written) {
+            match (&mut m.blocks, written) {
+                (Blocks::Q4_1(b), Some(w)) => huge_pages::place(b, &arena, w),
+                (Blocks::Q8_0(b), Some(w)) => huge_pages::place(b, &arena, w),
+                (_, None) => all = false,
+            }
+        }
+        all
     }
 
     fn block_count(&self) -> usize {
