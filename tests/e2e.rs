@@ -222,6 +222,63 @@ fn bench_prints_its_figures() {
     }
 }
 
+/// `bench --spec-bench` prints Spec-Bench's table (MAT and speedup per category, a JSON row per drafter) and takes
+/// the draft-length policies; the two adaptive policies exclude each other.
+#[test]
+fn spec_bench_prints_its_table_with_a_cost_aware_drafter() {
+    let out = specula(&[
+        "bench",
+        "--spec-bench",
+        "1",
+        "--category",
+        "writing",
+        "--drafters",
+        "prompt-lookup,layer-skip",
+        "--max-tokens",
+        "12",
+        "--draft-cost",
+        "0.3",
+        "--draft-len",
+        "6",
+    ]);
+    let table = json_line(&out);
+    for drafter in ["prompt-lookup", "layer-skip"] {
+        let cell = &table[drafter]["writing"];
+        assert_eq!(cell["prompts"], 1, "{table}");
+        assert_eq!(cell["not_identical_to_greedy"], 0, "{table}");
+        // Per draft-and-verify step at least the verifier's own token (MAT also counts the prefill forward).
+        assert!(
+            cell["tokens_per_step"].as_f64().is_some_and(|m| m >= 1.0),
+            "{table}"
+        );
+        assert!(
+            cell["mean_accepted_tokens"]
+                .as_f64()
+                .is_some_and(|m| m > 0.5),
+            "{table}"
+        );
+        assert!(cell["speedup"].as_f64().is_some_and(|s| s > 0.0), "{table}");
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("| prompt-lookup "), "{stdout}");
+
+    let both = specula(&[
+        "bench",
+        "--spec-bench",
+        "1",
+        "--adaptive",
+        "0.5",
+        "--draft-cost",
+        "0.3",
+    ]);
+    assert!(!both.status.success());
+    assert!(
+        stderr(&both).contains("cannot be used with"),
+        "{}",
+        stderr(&both)
+    );
+}
+
 /// Lookahead under sampling follows SJD: `--json` reports acceptance, and in the trace the Jacobi window's
 /// guesses carry the q they were sampled from (greedy lookahead's guesses are point masses, q = 1), and their
 /// argmax siblings are labelled as such.

@@ -218,8 +218,8 @@ fn forward_weights(config: &crate::model::Config, skipped: &BTreeSet<usize>) -> 
 }
 
 /// Drafts a chain from the root with `llama` on `cache` (which holds the context before the root), each token
-/// drawn from the warped q (argmax for greedy), stopping early under the adaptive threshold or cost. Returns the nodes and
-/// the number of draft forwards; `cache` is left holding the root and the drafts.
+/// drawn from the warped q (argmax for greedy), stopping early under the adaptive threshold or the cost-aware
+/// policy. Returns the nodes and the number of draft forwards; `cache` is left holding the root and the drafts.
 pub(crate) fn draft_chain_on(
     input: &mut DraftInput<'_>,
     llama: &Llama,
@@ -242,7 +242,13 @@ pub(crate) fn draft_chain_on(
             + forward_weights(&llama.config, &capture.skip_layers)
                 / forward_weights(&input.llama.config, &BTreeSet::new())
     });
-    let limit = input.max_len.min(
+    // A token that costs a whole step or more cannot pay even if certain (2 tokens for 1 + cost): no forward.
+    let max_len = if token_cost.is_some_and(|c| c >= 1.0) {
+        0
+    } else {
+        input.max_len
+    };
+    let limit = max_len.min(
         llama
             .config
             .context_length
