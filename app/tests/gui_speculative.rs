@@ -277,6 +277,19 @@ fn the_speculative_method_shows_its_parameters() {
     assert_eq!(spec.params.speculative.draft_cost, Some(0.3));
 }
 
+/// The prompt panel with speculative decoding and the cost-aware draft length chosen.
+#[test]
+fn snapshot_speculative_settings() {
+    let (mut harness, _dir) = harness_with(&speculative_trace(), SIZE);
+    harness.state_mut().settings_mut().run.method = "speculative".into();
+    harness.run();
+    harness.get_by_label("Cost-aware").click();
+    harness.run();
+    harness.remove_cursor();
+    harness.run();
+    harness.snapshot("speculative_settings");
+}
+
 /// Token recycling's tree size, template and kept matrix show for that drafter only, and reach the run.
 #[test]
 fn token_recycling_shows_its_tree_and_matrix_options() {
