@@ -226,13 +226,13 @@ pub(crate) mod simd {
         _mm_prefetch::<_MM_HINT_T0>(blocks.as_ptr().wrapping_add(i).cast());
     }
 
-    /// A block's f16 scale and offset widened with one conversion instead of two (the same values).
+    /// A block's f16 scale (and offset) widened with one conversion instead of two (the same values): lanes 0
+    /// and 1.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn widen(d: half::f16, m: half::f16) -> (f32, f32) {
+    pub(crate) fn widen(d: half::f16, m: half::f16) -> __m128 {
         let bits = u32::from(d.to_bits()) | (u32::from(m.to_bits()) << 16);
-        let both = _mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32));
-        (_mm_cvtss_f32(both), _mm_cvtss_f32(_mm_movehdup_ps(both)))
+        _mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32))
     }
 
     /// The activation rows cut to the length they share with the weight row, as an array kept in registers.
@@ -375,7 +375,8 @@ pub(crate) mod simd {
                         low_nibbles,
                         _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed),
                     );
-                    let (d, m) = widen(w.d, w.m);
+                    let dm = widen(w.d, w.m);
+                    let (d, m) = (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)));
                     for r in 0..R {
                         let ab = &a[r][b];
                         min_term[r] = m.mul_add(ab.s, min_term[r]);

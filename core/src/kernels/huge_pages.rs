@@ -1,7 +1,8 @@
 //! Weight storage on huge pages. Decoding reads every weight once per token, 98 MB in 4 KB pages: each page
 //! needs its own address translation, and under virtualisation (two-level page tables) those walks measured
-//! close to half of a decode step on one host here. `QuantMatrix::pack` moves a model's blocks, in the order the forward
-//! reads them, into one anonymous mapping advised for transparent huge pages (2 MB), so the walks become rare.
+//! close to half of a decode step on one host here. `QuantMatrix::pack` moves a model's blocks, in the order
+//! the forward reads them, into one anonymous mapping advised for transparent huge pages (2 MB), so the walks
+//! become rare.
 //! Where the advice is not available (not Linux, THP off) the mapping works as plain memory; where even the
 //! mapping fails, the blocks stay where they were.
 
@@ -51,7 +52,8 @@ impl<T: Pod> Deref for BlockBuffer<T> {
     fn deref(&self) -> &[T] {
         match &self.storage {
             Storage::Owned(items) => items,
-            // `ArenaWriter` placed the `len` items at `offset`, a multiple of 64 from the mapping's page-aligned start.
+            // `ArenaWriter` placed the `len` items at `offset`, a multiple of 64 from the mapping's
+            // page-aligned start.
             Storage::Packed { arena, offset, len } => {
                 bytemuck::cast_slice(&arena[*offset..*offset + len * std::mem::size_of::<T>()])
             }

@@ -182,7 +182,7 @@ mod simd {
     use std::arch::x86_64::*;
 
     use super::{BlockQ4_1, BlockQ8_0, Group, MAGIC, MAX_PAIRS};
-    use crate::kernels::dot::simd::{PREFETCH_BLOCKS_Q4_1, PREFETCH_BLOCKS_Q8_0, prefetch};
+    use crate::kernels::dot::simd::{PREFETCH_BLOCKS_Q4_1, PREFETCH_BLOCKS_Q8_0, prefetch, widen};
 
     pub fn q4_1(group: &Group, weights: &[BlockQ4_1], per_row: usize, out: &mut [f32]) {
         // SAFETY: the caller checked the instruction sets at run time.
@@ -337,13 +337,6 @@ mod simd {
         );
         let row_order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
         _mm512_permutexvar_ps(row_order, transposed)
-    }
-
-    /// The blocks' f16 scale (and offset) widened with one conversion: lanes 0 and 1.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn widen(d: half::f16, m: half::f16) -> __m128 {
-        let bits = u32::from(d.to_bits()) | (u32::from(m.to_bits()) << 16);
-        _mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32))
     }
 
     #[inline]
