@@ -1,7 +1,8 @@
 //! Repeats one k-token forward after a prefill (64 tokens unless a third argument says otherwise), for profilers:
 //! `perf record -g target/release/examples/forward_profile 16 200` (k = 16, 200 forwards).
-//! `forward_profile matmul 8` times the matmul kernels alone (an FFN-sized Q4_1 matrix and the LM head's Q8_0
-//! shape, 8 activation rows). Prints medians, so a change can be checked without the full `specula bench`.
+//! `forward_profile matmul 8 [vecdot|tiles]` times the matmul kernels alone, in one arithmetic or both (an
+//! FFN-sized Q4_1 matrix and the LM head's Q8_0 shape, 8 activation rows). Prints medians, so a change can be
+//! checked without the full `specula bench`.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -9,7 +10,7 @@ use std::time::Instant;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use specula_core::Model;
-use specula_core::kernels::QuantMatrix;
+use specula_core::kernels::{Arithmetic, QuantMatrix};
 use specula_core::model::{Capture, Logits, Mask};
 
 fn median(mut times: Vec<f64>) -> f64 {
@@ -17,7 +18,7 @@ fn median(mut times: Vec<f64>) -> f64 {
     times.get(times.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-fn matmuls(t: usize) -> Result<(), Box<dyn std::error::Error>> {
+fn matmuls(t: usize, only: Option<Arithmetic>) -> Result<(), Box<dyn std::error::Error>> {
     for (name, rows, cols, dtype) in [
         ("gate/up Q4_1", 3072, 576, GgmlDType::Q4_1),
         ("down Q4_1", 576, 1536, GgmlDType::Q4_1),
@@ -31,20 +32,25 @@ fn matmuls(t: usize) -> Result<(), Box<dyn std::error::Error>> {
             .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
             .collect();
         let repeats = (100_000_000 / (rows * cols)).max(20);
-        let mut times = Vec::new();
-        for _ in 0..repeats {
-            let started = Instant::now();
-            std::hint::black_box(matrix.matmul(&x, t));
-            times.push(started.elapsed().as_secs_f64());
+        for arithmetic in [Arithmetic::VecDot, Arithmetic::Tiles] {
+            if only.is_some_and(|o| o != arithmetic) {
+                continue;
+            }
+            let mut times = Vec::new();
+            for _ in 0..repeats {
+                let started = Instant::now();
+                std::hint::black_box(matrix.matmul_in(&x, t, arithmetic));
+                times.push(started.elapsed().as_secs_f64());
+            }
+            // The fastest run: the kernel's own cost, least disturbed by the rest of the machine.
+            let seconds = times.iter().copied().fold(f64::INFINITY, f64::min);
+            let row_blocks = (rows * cols / 32 * t) as f64;
+            println!(
+                "{name:>13} {rows}x{cols}, {t} rows, {arithmetic:?}: {:.3} ms, {:.2} ns per weight block and row",
+                seconds * 1e3,
+                seconds * 1e9 / row_blocks
+            );
         }
-        // The fastest run: the kernel's own cost, least disturbed by the rest of the machine.
-        let seconds = times.iter().copied().fold(f64::INFINITY, f64::min);
-        let row_blocks = (rows * cols / 32 * t) as f64;
-        println!(
-            "{name:>13} {rows}x{cols}, {t} rows: {:.3} ms, {:.2} ns per weight block and row",
-            seconds * 1e3,
-            seconds * 1e9 / row_blocks
-        );
     }
     Ok(())
 }
@@ -52,7 +58,15 @@ fn matmuls(t: usize) -> Result<(), Box<dyn std::error::Error>> {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("matmul") {
-        return matmuls(args.get(1).map(|a| a.parse()).transpose()?.unwrap_or(8));
+        let only = match args.get(2).map(String::as_str) {
+            Some("tiles") => Some(Arithmetic::Tiles),
+            Some("vecdot") => Some(Arithmetic::VecDot),
+            _ => None,
+        };
+        return matmuls(
+            args.get(1).map(|a| a.parse()).transpose()?.unwrap_or(8),
+            only,
+        );
     }
     let mut args = args.iter().map(|a| a.parse::<usize>());
     let k = args.next().transpose()?.unwrap_or(16);

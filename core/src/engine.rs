@@ -4,7 +4,7 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use crate::error::{Error, Result};
@@ -28,10 +28,32 @@ pub struct Model {
     pub recycled: SharedMatrix,
 }
 
+/// Whether [`Model::load`] multiplies prompt chunks with AMX tiles ([`Kernels::PromptTiles`]).
+static PROMPT_TILES: AtomicBool = AtomicBool::new(false);
+
+/// Makes every later [`Model::load`] use [`Kernels::PromptTiles`] (the binary's `--prompt-tiles`): prompts
+/// processed faster on CPUs with AMX, in an arithmetic of their own. Refused where the CPU has no AMX.
+pub fn set_prompt_tiles(on: bool) -> Result<()> {
+    if on && !crate::kernels::amx::available() {
+        return Err(Error::InvalidInput(
+            "prompt tiles need a CPU with AMX-INT8 (and Linux 5.16 or later); this one has none"
+                .into(),
+        ));
+    }
+    PROMPT_TILES.store(on, Ordering::Relaxed);
+    Ok(())
+}
+
 impl Model {
     /// Loads a Llama GGUF. A corrupt, truncated or foreign file gives an error that names it, never a panic.
+    /// Uses the kernels [`set_prompt_tiles`] chose (the default's unless the binary asked for tiles).
     pub fn load(path: &Path) -> Result<Self> {
-        Self::load_with(path, Kernels::default())
+        let kernels = if PROMPT_TILES.load(Ordering::Relaxed) {
+            Kernels::PromptTiles
+        } else {
+            Kernels::default()
+        };
+        Self::load_with(path, kernels)
     }
 
     /// Loads with a choice of matmul kernels (tests compare ours with candle's).

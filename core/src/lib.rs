@@ -23,7 +23,7 @@ pub mod tokenizer;
 pub mod trace;
 pub mod worker;
 
-pub use engine::{Fork, Model, PromptSpec, Run, RunSpec, generate};
+pub use engine::{Fork, Model, PromptSpec, Run, RunSpec, generate, set_prompt_tiles};
 pub use error::{Error, Result};
 pub use trace::{MethodParams, SamplingParams, Trace};
 

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use candle_core::quantized::{QMatMul, QTensor, gguf_file};
 
-use crate::kernels::QuantMatrix;
+use crate::kernels::{Arithmetic as MatmulArithmetic, QuantMatrix};
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::attention::{self, Arithmetic, AttentionJob, AttentionPath, Cells, KeyTiles};
@@ -59,6 +59,10 @@ pub enum Kernels {
     /// Formats they do not cover fall back to candle's.
     #[default]
     Specula,
+    /// Ours, with prompt chunks multiplied by AMX tiles in their own arithmetic ([`crate::kernels::amx`]):
+    /// faster prompts, rounded differently from llama.cpp's `vec_dot` (greedy output may part from llama.cpp's
+    /// after a near-tie). Decoding steps and verification forwards are unchanged. Needs a CPU with AMX-INT8.
+    PromptTiles,
     /// candle's `QMatMul` everywhere: bit-identical to candle-transformers' `quantized_llama`, which is how the
     /// parity test checks the rest of the forward.
     Candle,
@@ -83,7 +87,7 @@ impl Projections {
             .iter()
             .map(|t| t.shape().dims().first().copied().unwrap_or(0))
             .collect();
-        if kernels == Kernels::Specula {
+        if kernels != Kernels::Candle {
             let own: Option<Vec<QuantMatrix>> = tensors
                 .iter()
                 .map(|t| QuantMatrix::from_qtensor(t))
@@ -154,8 +158,14 @@ impl Projections {
         }
     }
 
-    /// `x` holds `t` rows of the input width; returns each matrix's `t` output rows.
-    fn forward_rows(&self, x: &[f32], t: usize) -> Result<Vec<Vec<f32>>> {
+    /// `x` holds `t` rows of the input width; returns each matrix's `t` output rows, in the given arithmetic
+    /// (our kernels only; candle's have their own).
+    fn forward_rows_in(
+        &self,
+        x: &[f32],
+        t: usize,
+        arithmetic: MatmulArithmetic,
+    ) -> Result<Vec<Vec<f32>>> {
         match &self.kernel {
             ProjectionKernel::Specula(matrix) => {
                 if x.len() != t * matrix.cols {
@@ -165,7 +175,7 @@ impl Projections {
                         matrix.cols
                     )));
                 }
-                let output = matrix.matmul(x, t);
+                let output = matrix.matmul_in(x, t, arithmetic);
                 if let [_] = self.widths.as_slice() {
                     // One projection (o, down, the LM head): nothing to split, no copy.
                     return Ok(vec![output]);
@@ -198,7 +208,16 @@ impl Projections {
 
     /// The single output of a one-matrix projection, on rows.
     fn forward_one_rows(&self, x: &[f32], t: usize) -> Result<Vec<f32>> {
-        self.forward_rows(x, t)?
+        self.forward_one_rows_in(x, t, MatmulArithmetic::VecDot)
+    }
+
+    fn forward_one_rows_in(
+        &self,
+        x: &[f32],
+        t: usize,
+        arithmetic: MatmulArithmetic,
+    ) -> Result<Vec<f32>> {
+        self.forward_rows_in(x, t, arithmetic)?
             .into_iter()
             .next()
             .ok_or_else(|| Error::InvalidInput("projection without weights".into()))
@@ -218,6 +237,8 @@ pub struct Llama {
     sin: Vec<f32>,
     /// llama.cpp's rounding with our own kernels; exact f32 with candle's (the parity reference).
     arithmetic: Arithmetic,
+    /// The matmul arithmetic of prompt chunks (everything else takes `vec_dot`'s).
+    prompt_matmul: MatmulArithmetic,
     device: Device,
 }
 
@@ -398,6 +419,11 @@ impl Llama {
         sha256: String,
         kernels: Kernels,
     ) -> Result<Self> {
+        if kernels == Kernels::PromptTiles && !crate::kernels::amx::available() {
+            return Err(Error::InvalidInput(
+                "prompt tiles need a CPU with AMX-INT8 (and Linux 5.16 or later); this one has none".into(),
+            ));
+        }
         let device = Device::Cpu;
         let config = Config::from_gguf(ct, path)?;
         let file_bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
@@ -475,6 +501,7 @@ impl Llama {
             vocab_size: config.vocab_size,
             context_length: config.context_length,
             file_bytes,
+            prompt_matmul: (kernels == Kernels::PromptTiles).then(|| "amx-tiles".to_owned()),
         };
         Ok(Self {
             config,
@@ -486,8 +513,12 @@ impl Llama {
             cos,
             sin,
             arithmetic: match kernels {
-                Kernels::Specula => Arithmetic::LlamaCpp(Flavor::detect()),
+                Kernels::Specula | Kernels::PromptTiles => Arithmetic::LlamaCpp(Flavor::detect()),
                 Kernels::Candle => Arithmetic::Exact,
+            },
+            prompt_matmul: match kernels {
+                Kernels::PromptTiles => MatmulArithmetic::Tiles,
+                Kernels::Specula | Kernels::Candle => MatmulArithmetic::VecDot,
             },
             device,
         })
@@ -560,6 +591,12 @@ impl Llama {
         let visible = visibility(mask, t);
         let prompt_like = *mask == Mask::Causal && (logits == Logits::Last || capture.prompt);
         let paths = attention::paths(t, prompt_like);
+        // A tile holds 16 rows: shorter chunks (a decoding step, a short prompt) stay with `vec_dot`.
+        let matmul = if prompt_like && rows >= crate::kernels::amx::TILE_ROWS {
+            self.prompt_matmul
+        } else {
+            MatmulArithmetic::VecDot
+        };
 
         let mut out = ForwardOutput {
             logits: Tensor::zeros(1, DType::F32, dev)?,
@@ -598,7 +635,7 @@ impl Llama {
             }
             let past = cache.layer_len(i);
             let h = rms_norm(&x, &layer.attn_norm, eps);
-            let qkv = layer.qkv.forward_rows(&h, rows)?;
+            let qkv = layer.qkv.forward_rows_in(&h, rows, matmul)?;
             let [q, k, v] = qkv.as_slice() else {
                 return Err(Error::InvalidInput("q/k/v projection shape".into()));
             };
@@ -627,9 +664,9 @@ impl Llama {
                 out.attention
                     .push((i, Tensor::from_vec(probs, (b, cfg.n_heads, t, s), dev)?));
             }
-            add_in_place(&mut x, &layer.wo.forward_one_rows(&y, rows)?);
+            add_in_place(&mut x, &layer.wo.forward_one_rows_in(&y, rows, matmul)?);
             let h = rms_norm(&x, &layer.ffn_norm, eps);
-            let gate_up = layer.gate_up.forward_rows(&h, rows)?;
+            let gate_up = layer.gate_up.forward_rows_in(&h, rows, matmul)?;
             let [gate, up] = gate_up.as_slice() else {
                 return Err(Error::InvalidInput("gate/up projection shape".into()));
             };
@@ -637,7 +674,7 @@ impl Llama {
                 Arithmetic::LlamaCpp(flavor) => crate::kernels::vector::swiglu(flavor, gate, up),
                 Arithmetic::Exact => gate.iter().zip(up).map(|(&g, &u)| silu(g) * u).collect(),
             };
-            add_in_place(&mut x, &layer.down.forward_one_rows(&act, rows)?);
+            add_in_place(&mut x, &layer.down.forward_one_rows_in(&act, rows, matmul)?);
             if capture.hidden_states {
                 out.hidden_states.push(as_tensor(&x)?);
             }

@@ -298,3 +298,132 @@ fn engine_runs_give_llama_cpp_greedy_output() {
 /// A margin (nats) below which rounding alone can pick either token: before our attention followed llama.cpp's,
 /// summing it in another order moved our logits by up to 0.6.
 const NEAR_TIE: f32 = 0.6;
+
+/// `--prompt-tiles` (AMX tiles for prompt chunks, an arithmetic of their own): it changes the prompt's logits
+/// (rounding that this model amplifies), still picks llama.cpp's first token, and leaves a verification
+/// forward (not a prompt) exactly the default's, so speculation stays token-identical to greedy decoding.
+#[test]
+fn prompt_tiles_change_prompts_only() {
+    use specula_core::model::Kernels;
+    if !specula_core::kernels::amx::available() {
+        eprintln!("no AMX-INT8 here: the tile arithmetic is covered by the kernel tests only");
+        assert!(specula_core::set_prompt_tiles(true).is_err());
+        return;
+    }
+    let default = model();
+    let tiles =
+        specula_core::Model::load_with(&common::model_path(), Kernels::PromptTiles).unwrap();
+    assert_eq!(tiles.llama.info.prompt_matmul.as_deref(), Some("amx-tiles"));
+    assert_eq!(default.llama.info.prompt_matmul, None);
+    let fixtures: Vec<Greedy> = jsonl("tests/fixtures/llamacpp_greedy.jsonl");
+    let (mut identical, mut moved, mut largest, mut first_agree) = (0, 0, 0f32, 0);
+    let mut far_from_tie = Vec::new();
+    for f in &fixtures {
+        let p = f.prompt_ids.len();
+        let positions: Vec<usize> = (0..p).collect();
+        let prefill = |m: &specula_core::Model| {
+            let mut cache = m.llama.new_cache();
+            let out = m
+                .llama
+                .forward(
+                    &mut cache,
+                    &f.prompt_ids,
+                    &positions,
+                    1,
+                    &Mask::Causal,
+                    Logits::Last,
+                    &Capture::default(),
+                )
+                .unwrap();
+            (cache, logits_row(&out.logits, 0, 0).unwrap())
+        };
+        let (default_cache, want) = prefill(default);
+        let (mut cache, got) = prefill(&tiles);
+        if got != want {
+            moved += 1;
+        }
+        largest = largest.max(common::max_abs_diff(&got, &want));
+        if argmax(&got) == f.ids[0] {
+            first_agree += 1;
+        } else {
+            let stats = PositionStats::new(&got);
+            let margin = stats.logprobs[argmax(&got) as usize] - stats.logprobs[f.ids[0] as usize];
+            eprintln!(
+                "question {}: first token {} against llama.cpp's {}, margin {margin:.4}",
+                f.question_id,
+                argmax(&got),
+                f.ids[0]
+            );
+            if margin > NEAR_TIE {
+                far_from_tie.push(f.question_id);
+            }
+        }
+
+        // A draft-verification forward on the same cache: bit for bit the default's.
+        let fed = &f.ids[..f.ids.len().min(8)];
+        let pos: Vec<usize> = (p..p + fed.len()).collect();
+        let verify = |m: &specula_core::Model| {
+            let mut cache = default_cache.clone();
+            let out = m
+                .llama
+                .forward(
+                    &mut cache,
+                    fed,
+                    &pos,
+                    1,
+                    &Mask::Causal,
+                    Logits::All,
+                    &Capture::default(),
+                )
+                .unwrap();
+            out.logits.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        };
+        assert_eq!(
+            verify(&tiles),
+            verify(default),
+            "question {}: verification must not use the tiles",
+            f.question_id
+        );
+
+        // Free running from the tiles' prefill, 32 tokens, as llama.cpp's runner counts them.
+        let mut free = vec![argmax(&got)];
+        while free.len() < 32 && !tiles.tokenizer.is_end_of_generation(free[free.len() - 1]) {
+            let last = free[free.len() - 1];
+            let at = p + free.len() - 1;
+            let out = tiles
+                .llama
+                .forward(
+                    &mut cache,
+                    &[last],
+                    &[at],
+                    1,
+                    &Mask::Causal,
+                    Logits::Last,
+                    &Capture::default(),
+                )
+                .unwrap();
+            free.push(argmax(&logits_row(&out.logits, 0, 0).unwrap()));
+        }
+        free.retain(|&id| !tiles.tokenizer.is_end_of_generation(id));
+        if free == f.ids {
+            identical += 1;
+        }
+    }
+    eprintln!(
+        "prompt tiles: {moved} of 40 prompts' last logits differ from the default's (largest difference \
+         {largest:.4}); first token llama.cpp's on {first_agree} of 40; {identical} of 40 greedy \
+         continuations of 32 tokens equal llama.cpp's (40 with the default arithmetic)"
+    );
+    assert!(
+        moved > 0,
+        "the tiles changed no prompt's logits: were they used?"
+    );
+    assert!(
+        far_from_tie.is_empty(),
+        "first tokens unlike llama.cpp's beyond a near-tie: questions {far_from_tie:?}"
+    );
+    assert!(
+        first_agree >= 36,
+        "first token llama.cpp's on only {first_agree} of 40"
+    );
+}

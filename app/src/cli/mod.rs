@@ -26,6 +26,11 @@ pub struct Cli {
     /// machine.
     #[arg(long, global = true, default_value_t = 1)]
     pub threads: usize,
+    /// Multiply prompt chunks with AMX tiles (CPUs with AMX-INT8): faster prompts, rounded differently from
+    /// llama.cpp's `vec_dot`, so greedy output may part from llama.cpp's after a near-tie (recorded in the
+    /// trace's model info). Decoding steps and draft verification are unchanged.
+    #[arg(long, global = true)]
+    pub prompt_tiles: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -50,6 +55,7 @@ pub struct FetchArgs {
 }
 
 pub fn main(cli: Cli) -> Result<()> {
+    specula_core::set_prompt_tiles(cli.prompt_tiles)?;
     match cli.command {
         Some(Command::Run(args)) => run::run(cli.model.as_deref(), *args),
         Some(Command::Bench(args)) => bench::bench(cli.model.as_deref(), cli.threads, args),

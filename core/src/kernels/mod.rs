@@ -7,6 +7,7 @@
 //! replaces it for the formats the default model uses (Q4_1 blocks, Q8_0 embeddings as the tied LM head); other
 //! formats keep candle's `QMatMul`.
 //!
+//! - [`amx`]: AMX tiles for prompt chunks, an opt-in arithmetic of its own (per-block integer sums).
 //! - [`blocks`]: block layouts and activation quantization.
 //! - [`dot`]: scalar reference dot products and their AVX2 versions (bit-identical).
 //! - [`paired`]: the AVX-512 kernels for several activation rows (two rows per register; bit-identical).
@@ -15,6 +16,7 @@
 //! - [`huge_pages`]: weight storage advised for transparent huge pages.
 //! - [`vector`]: AVX-512 SwiGLU and activation quantization (bit-identical to their scalar definitions).
 
+pub mod amx;
 pub mod blocks;
 pub mod dot;
 pub mod f16;
@@ -28,6 +30,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use candle_core::quantized::{GgmlDType, QTensor};
 
+use amx::TileActivations;
 use blocks::{ActivationBlock, BLOCK, BlockQ4_1, BlockQ8_0};
 use huge_pages::{ArenaWriter, BlockBuffer};
 use paired::PairedActivations;
@@ -164,29 +167,49 @@ impl QuantMatrix {
 
     /// `x` holds `t` rows of `cols` values; returns `t` rows of `rows` values.
     pub fn matmul(self: &Arc<Self>, x: &[f32], t: usize) -> Vec<f32> {
-        self.matmul_on(compute_pool(), x, t)
+        self.matmul_on(compute_pool(), x, t, Arithmetic::VecDot)
     }
 
-    /// [`Self::matmul`] on a given pool (tests run several pool sizes in one process).
-    pub fn matmul_on(self: &Arc<Self>, pool: &ComputePool, x: &[f32], t: usize) -> Vec<f32> {
+    /// [`Self::matmul`] in the given arithmetic.
+    pub fn matmul_in(self: &Arc<Self>, x: &[f32], t: usize, arithmetic: Arithmetic) -> Vec<f32> {
+        self.matmul_on(compute_pool(), x, t, arithmetic)
+    }
+
+    /// [`Self::matmul_in`] on a given pool (tests run several pool sizes in one process).
+    pub fn matmul_on(
+        self: &Arc<Self>,
+        pool: &ComputePool,
+        x: &[f32],
+        t: usize,
+        arithmetic: Arithmetic,
+    ) -> Vec<f32> {
         let mut activations = Vec::with_capacity(t * self.cols / BLOCK);
         for row in x.chunks_exact(self.cols).take(t) {
             blocks::quantize_activations(row, &mut activations);
         }
         let threads = pool.threads();
-        // Enough chunks that a helper stalled by the scheduler leaves little behind, few enough to stay cheap.
+        let tiles = (arithmetic == Arithmetic::Tiles && matches!(self.blocks, Blocks::Q4_1(_)))
+            .then(|| TileActivations::new(&activations, self.cols / BLOCK));
+        // Enough chunks that a helper stalled by the scheduler leaves little behind, few enough to stay cheap;
+        // whole tiles of 16 weight rows for the tile kernel.
         let chunk_rows = if threads == 1 {
             self.rows
         } else {
-            (self.rows / (8 * threads)).clamp(16, 256)
+            let rows = (self.rows / (8 * threads)).clamp(16, 256);
+            if tiles.is_some() {
+                rows.next_multiple_of(amx::TILE_ROWS)
+            } else {
+                rows
+            }
         };
         // One row streams the weights at memory speed with the 256-bit kernel; several rows are bound by
         // arithmetic, where pairing rows in 512-bit registers halves the instructions.
-        let paired = (t > PAIRED_FROM && PairedActivations::available())
+        let paired = (tiles.is_none() && t > PAIRED_FROM && PairedActivations::available())
             .then(|| PairedActivations::new(&activations, self.cols / BLOCK));
         let job = Arc::new(MatmulJob {
             matrix: self.clone(),
             activations,
+            tiles,
             paired,
             t,
             chunk_rows,
@@ -212,6 +235,17 @@ impl QuantMatrix {
     }
 }
 
+/// The order of operations of a matmul.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Arithmetic {
+    /// ggml's `vec_dot`, bit for bit: the default, and what verification forwards always use.
+    #[default]
+    VecDot,
+    /// Per-block integer sums ([`amx`]): AMX tiles where the CPU has them, the same arithmetic in scalar code
+    /// elsewhere. Q8_0 matrices keep [`Arithmetic::VecDot`].
+    Tiles,
+}
+
 /// Above this many activation rows the paired AVX-512 kernels win; at or below it, the 256-bit kernels with one
 /// register per row (a decode step, a short verification).
 const PAIRED_FROM: usize = 2;
@@ -219,6 +253,7 @@ const PAIRED_FROM: usize = 2;
 struct MatmulJob {
     matrix: Arc<QuantMatrix>,
     activations: Vec<ActivationBlock>,
+    tiles: Option<TileActivations>,
     paired: Option<PairedActivations>,
     t: usize,
     chunk_rows: usize,
@@ -238,7 +273,9 @@ impl Job for MatmulJob {
         let len = last - first;
         let range = first * per_row..last * per_row;
         let mut values = vec![0f32; len * self.t];
-        if let Some(paired) = &self.paired {
+        if let (Some(tiles), Blocks::Q4_1(b)) = (&self.tiles, &m.blocks) {
+            tiles.q4_1(b.get(range).unwrap_or(&[]), per_row, &mut values);
+        } else if let Some(paired) = &self.paired {
             match &m.blocks {
                 Blocks::Q4_1(b) => paired.q4_1(b.get(range).unwrap_or(&[]), per_row, &mut values),
                 Blocks::Q8_0(b) => paired.q8_0(b.get(range).unwrap_or(&[]), per_row, &mut values),
@@ -331,6 +368,11 @@ mod tests {
 
     /// Row by row with the scalar reference: what every thread split and row count must reproduce bit for bit.
     fn reference(m: &QuantMatrix, x: &[f32], t: usize) -> Vec<f32> {
+        reference_in(m, x, t, Arithmetic::VecDot)
+    }
+
+    /// [`reference`] in either arithmetic (tiles cover Q4_1 only).
+    fn reference_in(m: &QuantMatrix, x: &[f32], t: usize, arithmetic: Arithmetic) -> Vec<f32> {
         let per_row = m.cols / BLOCK;
         let mut out = vec![0f32; t * m.rows];
         for (r, input) in x.chunks_exact(m.cols).enumerate() {
@@ -339,6 +381,9 @@ mod tests {
             for row in 0..m.rows {
                 let range = row * per_row..(row + 1) * per_row;
                 out[r * m.rows + row] = match &m.blocks {
+                    Blocks::Q4_1(b) if arithmetic == Arithmetic::Tiles => {
+                        amx::q4_1_reference(&b[range], &acts)
+                    }
                     Blocks::Q4_1(b) => dot::q4_1_reference(&b[range], &acts),
                     Blocks::Q8_0(b) => dot::q8_0_reference(&b[range], &acts),
                 };
@@ -359,12 +404,20 @@ mod tests {
             for t in [1, 2, 3, 4, 5, 6, 16, 19] {
                 let x: Vec<f32> = (0..t * cols).map(|_| rng.random_range(-2.0..2.0)).collect();
                 let want = reference(&m, &x, t);
+                let want_tiles = reference_in(&m, &x, t, Arithmetic::Tiles);
                 for pool in &pools {
-                    let got = m.matmul_on(pool, &x, t);
+                    let got = m.matmul_on(pool, &x, t, Arithmetic::VecDot);
                     assert_eq!(
                         got,
                         want,
                         "rows {rows} cols {cols} t {t} threads {}",
+                        pool.threads()
+                    );
+                    let got = m.matmul_on(pool, &x, t, Arithmetic::Tiles);
+                    assert_eq!(
+                        got,
+                        want_tiles,
+                        "tiles: rows {rows} cols {cols} t {t} threads {}",
                         pool.threads()
                     );
                 }

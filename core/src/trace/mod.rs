@@ -117,6 +117,10 @@ pub struct ModelInfo {
     pub vocab_size: usize,
     pub context_length: usize,
     pub file_bytes: u64,
+    /// "amx-tiles" when prompt chunks were multiplied in the AMX tile arithmetic (`--prompt-tiles`), whose
+    /// logits differ from the default's in the last bits; absent for the default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_matmul: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
