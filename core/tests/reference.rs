@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use common::{model, spec, speculative_params, workspace_root};
 use serde::Deserialize;
+use specula_core::kv_cache::KvCache;
 use specula_core::model::{Capture, Logits, Mask, logits_row};
 use specula_core::sampling::{PositionStats, argmax};
 use specula_core::{MethodParams, SamplingParams, generate};
@@ -176,25 +177,7 @@ fn greedy_agrees_with_llama_cpp() {
         }
 
         // Free running from the same prefill: our own argmax fed back, 32 tokens.
-        let mut free = vec![argmax(&rows[0])];
-        while free.len() < 32 && !m.tokenizer.is_end_of_generation(free[free.len() - 1]) {
-            let last = free[free.len() - 1];
-            let pos = p + free.len() - 1;
-            let out = llama
-                .forward(
-                    &mut free_cache,
-                    &[last],
-                    &[pos],
-                    1,
-                    &Mask::Causal,
-                    Logits::Last,
-                    &Capture::default(),
-                )
-                .unwrap();
-            free.push(argmax(&logits_row(&out.logits, 0, 0).unwrap()));
-        }
-        // llama.cpp's runner stops before yielding the end-of-generation token.
-        free.retain(|&id| !m.tokenizer.is_end_of_generation(id));
+        let free = free_run(m, &mut free_cache, p, &rows[0]);
         if free == f.ids {
             identical += 1;
         }
@@ -218,6 +201,31 @@ fn greedy_agrees_with_llama_cpp() {
         identical >= 38,
         "only {identical} of 40 greedy continuations equal llama.cpp's"
     );
+}
+
+/// Greedy decoding after a prefill of `p` tokens whose last logits are `first`: our own argmax fed back, up to 32
+/// tokens, without the end-of-generation token (llama.cpp's runner stops before yielding it).
+fn free_run(m: &specula_core::Model, cache: &mut KvCache, p: usize, first: &[f32]) -> Vec<u32> {
+    let mut free = vec![argmax(first)];
+    while free.len() < 32 && !m.tokenizer.is_end_of_generation(free[free.len() - 1]) {
+        let last = free[free.len() - 1];
+        let pos = p + free.len() - 1;
+        let out = m
+            .llama
+            .forward(
+                cache,
+                &[last],
+                &[pos],
+                1,
+                &Mask::Causal,
+                Logits::Last,
+                &Capture::default(),
+            )
+            .unwrap();
+        free.push(argmax(&logits_row(&out.logits, 0, 0).unwrap()));
+    }
+    free.retain(|&id| !m.tokenizer.is_end_of_generation(id));
+    free
 }
 
 #[derive(Deserialize)]
@@ -386,25 +394,7 @@ fn prompt_tiles_change_prompts_only() {
         );
 
         // Free running from the tiles' prefill, 32 tokens, as llama.cpp's runner counts them.
-        let mut free = vec![argmax(&got)];
-        while free.len() < 32 && !tiles.tokenizer.is_end_of_generation(free[free.len() - 1]) {
-            let last = free[free.len() - 1];
-            let at = p + free.len() - 1;
-            let out = tiles
-                .llama
-                .forward(
-                    &mut cache,
-                    &[last],
-                    &[at],
-                    1,
-                    &Mask::Causal,
-                    Logits::Last,
-                    &Capture::default(),
-                )
-                .unwrap();
-            free.push(argmax(&logits_row(&out.logits, 0, 0).unwrap()));
-        }
-        free.retain(|&id| !tiles.tokenizer.is_end_of_generation(id));
+        let free = free_run(&tiles, &mut cache, p, &got);
         if free == f.ids {
             identical += 1;
         }
