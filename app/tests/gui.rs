@@ -77,6 +77,12 @@ impl Backend for FakeBackend {
     fn cancel(&mut self, _id: RunId) {}
     fn set_params(&mut self, _id: RunId, _params: MethodParams) {}
 
+    /// Answers as the worker does, with a cost a real machine could measure.
+    fn measure_draft_cost(&mut self) {
+        self.events
+            .push_back(Event::DraftCostMeasured { draft_cost: 0.42 });
+    }
+
     fn try_event(&mut self) -> Option<Event> {
         self.events.pop_front()
     }
@@ -322,6 +328,35 @@ fn fork_from_a_token_builds_the_run_spec() {
     assert_eq!(last.logprob, forced.logprob);
     assert_eq!(started[0].prompt.text, trace.header.prompt.text);
     assert_eq!(started[0].method, trace.header.method);
+}
+
+/// "Measure here" asks the worker for this machine's draft cost; "Use" puts it into the run's parameters.
+#[test]
+fn the_measured_draft_cost_can_be_used() {
+    let trace = load("greedy.jsonl");
+    let started = Rc::new(RefCell::new(Vec::new()));
+    let backend = FakeBackend {
+        model: Some(trace.header.model.clone()),
+        started: started.clone(),
+        ..Default::default()
+    };
+    let setup = Setup {
+        backend,
+        model: Ok(PathBuf::from("model.gguf")),
+        ..Default::default()
+    };
+    let mut harness = harness(setup);
+    harness.state_mut().settings_mut().run.method = "speculative".into();
+    harness.run();
+    harness.get_by_label("Cost-aware").click();
+    harness.run();
+    assert!(harness.query_by_label("Use 0.42").is_none());
+    harness.get_by_label("Measure here").click();
+    harness.run();
+    harness.get_by_label("Use 0.42").click();
+    harness.run();
+    let spec = harness.state_mut().settings_mut().run.run_spec();
+    assert_eq!(spec.params.speculative.draft_cost, Some(0.42));
 }
 
 #[test]

@@ -79,6 +79,7 @@ impl Backend for ScriptedBackend {
     }
 
     fn set_params(&mut self, _id: RunId, _params: MethodParams) {}
+    fn measure_draft_cost(&mut self) {}
 
     fn try_event(&mut self) -> Option<Event> {
         self.0.borrow_mut().events.pop_front()

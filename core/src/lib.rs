@@ -9,6 +9,7 @@
 //! The trace is the contract: everything the app shows can be rebuilt from an exported trace file.
 
 pub mod attention;
+pub mod calibrate;
 pub mod engine;
 pub mod error;
 pub mod ggml_float;

@@ -15,10 +15,14 @@ use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 
+use crate::calibrate;
 use crate::engine::{Model, Run, RunSpec, panic_message};
 use crate::trace::{MethodParams, ModelInfo, RunHeader, RunSummary, StepRecord};
 
 pub type RunId = u64;
+
+/// Timings of each forward size behind a measured draft cost (about a third of a second with the default model).
+const DRAFT_COST_REPEATS: usize = 7;
 
 /// Called after every event, so the UI can repaint (core knows nothing of egui).
 pub type Waker = Arc<dyn Fn() + Send + Sync>;
@@ -37,6 +41,8 @@ pub enum Command {
     StepOnce(RunId),
     Cancel(RunId),
     SetParams(RunId, Box<MethodParams>),
+    /// Time the loaded model's forwards and report the cost of one drafted token ([`crate::calibrate`]).
+    MeasureDraftCost,
     Shutdown,
 }
 
@@ -80,6 +86,13 @@ pub enum Event {
     /// The run could not start (no model, bad parameter, prompt too long...).
     RunFailed {
         id: RunId,
+        error: String,
+    },
+    /// What one drafted token adds to a verification forward on this machine, in one-token steps.
+    DraftCostMeasured {
+        draft_cost: f32,
+    },
+    DraftCostFailed {
         error: String,
     },
 }
@@ -153,6 +166,12 @@ impl Worker {
 
     pub fn set_params(&self, id: RunId, params: MethodParams) {
         self.send(Command::SetParams(id, Box::new(params)));
+    }
+
+    /// Asks for [`Event::DraftCostMeasured`] on the loaded model (the worker is busy for about a third of a
+    /// second).
+    pub fn measure_draft_cost(&self) {
+        self.send(Command::MeasureDraftCost);
     }
 
     pub fn cancel(&mut self, id: RunId) {
@@ -290,6 +309,25 @@ impl WorkerLoop {
                     });
                 }
             }
+            Command::MeasureDraftCost => match &self.model {
+                Some(model) => {
+                    let measured = catch_unwind(AssertUnwindSafe(|| {
+                        calibrate::measure_draft_cost(&model.llama, DRAFT_COST_REPEATS)
+                    }));
+                    self.emit(match measured {
+                        Ok(Ok(draft_cost)) => Event::DraftCostMeasured { draft_cost },
+                        Ok(Err(e)) => Event::DraftCostFailed {
+                            error: e.to_string(),
+                        },
+                        Err(panic) => Event::DraftCostFailed {
+                            error: format!("measuring failed: {}", panic_message(&panic)),
+                        },
+                    });
+                }
+                None => self.emit(Event::DraftCostFailed {
+                    error: "load a model first: the cost is measured on its forwards".into(),
+                }),
+            },
             Command::Shutdown => {}
         }
     }

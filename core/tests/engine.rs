@@ -382,6 +382,13 @@ fn worker_streams_interleaves_pauses_and_cancels() {
     assert!(
         matches!(collect_until_finished(&worker, &[id]).last(), Some(Event::RunFailed { error, .. }) if error.contains("no model"))
     );
+    // So does measuring the draft cost.
+    worker.measure_draft_cost();
+    let answer = worker.events().recv_timeout(Duration::from_secs(60));
+    assert!(
+        matches!(&answer, Ok(Event::DraftCostFailed { error }) if error.contains("load a model")),
+        "{answer:?}"
+    );
     // A bad model file is reported, and the worker goes on.
     worker.load_model("/nonexistent/model.gguf".into());
     worker.load_model(model_path());
@@ -401,6 +408,16 @@ fn worker_streams_interleaves_pauses_and_cancels() {
         }
     }
     assert!(failed);
+
+    // The draft cost is measured on the loaded model's forwards: a 4-token forward costs more than a step.
+    worker.measure_draft_cost();
+    match worker.events().recv_timeout(Duration::from_secs(60)) {
+        Ok(Event::DraftCostMeasured { draft_cost }) => assert!(
+            draft_cost > 0.0 && draft_cost <= specula_core::methods::speculative::MAX_DRAFT_COST,
+            "{draft_cost}"
+        ),
+        other => panic!("expected a measured draft cost, got {other:?}"),
+    }
 
     let a = worker.start(spec("greedy", SamplingParams::greedy(), 6, 0), false);
     let b = worker.start(spec("sample", sampling(), 6, 3), false);

@@ -13,6 +13,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::{Value, json};
+use specula_core::calibrate;
 use specula_core::model::{Capture, KvCache, Llama, Logits, Mask, logits_row};
 use specula_core::sampling::argmax;
 use specula_core::{MethodParams, Model, PromptSpec, Run, RunSpec, SamplingParams};
@@ -41,7 +42,6 @@ pub struct BenchArgs {
     pub spec: super::spec_bench::SpecBenchArgs,
 }
 
-const PREFILL_TOKENS: usize = 64;
 const FORWARD_SIZES: [usize; 5] = [1, 2, 4, 8, 16];
 /// Context length of each of the four runs held open for the memory figure.
 const MEMORY_RUN_TOKENS: usize = 2000;
@@ -117,7 +117,7 @@ pub fn bench(model_path: Option<&Path>, threads: usize, args: BenchArgs) -> Resu
             "prefill_tokens_per_s",
             prompt.len() as f64 * 1000.0 / prefill,
         );
-        for (k, t) in verify_costs(llama)? {
+        for (k, t) in calibrate::forward_ms(llama, &FORWARD_SIZES)? {
             forward_ms.entry(k).or_default().push(t);
         }
         record("decode_tokens_per_s", engine_decode(&model, n, None)?);
@@ -172,7 +172,7 @@ pub fn bench(model_path: Option<&Path>, threads: usize, args: BenchArgs) -> Resu
         "verify16_over_step": round(ratio_to_step(16)),
         // What one drafted token adds to a 4-token verification, in one-token steps: the cost `--draft-cost`
         // takes.
-        "verify_token_cost": round((ratio_to_step(4) - 1.0) / 3.0),
+        "verify_token_cost": round(f64::from(calibrate::draft_cost(1.0, ratio_to_step(4)))),
         // What recording the trace costs: the engine's decode against bare forwards with an argmax.
         "trace_capture_cost": round(1.0 - decode / median("forward_only_tokens_per_s")),
         "attention_capture_cost_last_2_layers": round(
@@ -276,33 +276,6 @@ fn timed_prefill(llama: &Llama, prompt: &[u32]) -> Result<(KvCache, f64)> {
     let t = Instant::now();
     feed(llama, &mut cache, prompt, &Capture::default())?;
     Ok((cache, ms(t)))
-}
-
-/// Milliseconds of one forward of k tokens after a 64-token prefill, for each k in [`FORWARD_SIZES`].
-fn verify_costs(llama: &Llama) -> Result<Vec<(usize, f64)>> {
-    let ids: Vec<u32> = (0..PREFILL_TOKENS as u32).map(|i| 300 + 7 * i).collect();
-    let (mut cache, _) = timed_prefill(llama, &ids)?;
-    FORWARD_SIZES
-        .iter()
-        .map(|&k| {
-            let tokens: Vec<u32> = ids.iter().copied().take(k).collect();
-            let pos: Vec<usize> = (PREFILL_TOKENS..PREFILL_TOKENS + k).collect();
-            let t = Instant::now();
-            llama.forward(
-                &mut cache,
-                &tokens,
-                &pos,
-                1,
-                &Mask::Causal,
-                Logits::All,
-                &Capture::default(),
-            )?;
-            let elapsed = ms(t);
-            // Back to the prefix in place (a clone would share rows and make the next append copy them).
-            cache.truncate(PREFILL_TOKENS)?;
-            Ok((k, elapsed))
-        })
-        .collect()
 }
 
 fn engine_decode(model: &Model, n: usize, busy: Option<BusyThread>) -> Result<f64> {

@@ -15,6 +15,8 @@ pub trait Backend {
     fn step_once(&mut self, id: RunId);
     fn cancel(&mut self, id: RunId);
     fn set_params(&mut self, id: RunId, params: MethodParams);
+    /// Asks for the cost of one drafted token on the loaded model (`Event::DraftCostMeasured`).
+    fn measure_draft_cost(&mut self);
     /// The next event, if one is waiting; never blocks.
     fn try_event(&mut self) -> Option<Event>;
 }
@@ -46,6 +48,10 @@ impl Backend for Worker {
 
     fn set_params(&mut self, id: RunId, params: MethodParams) {
         Worker::set_params(self, id, params);
+    }
+
+    fn measure_draft_cost(&mut self) {
+        Worker::measure_draft_cost(self);
     }
 
     fn try_event(&mut self) -> Option<Event> {

@@ -55,6 +55,8 @@ pub enum Command {
     /// 1..=12, one run after the other.
     StartSweep,
     CancelSweep,
+    /// Time the loaded model's forwards to suggest the cost-aware draft length's cost per draft.
+    MeasureDraftCost,
 }
 
 /// The queue panels push into. `&self` so that a shared view context can hand it to every panel.

@@ -10,7 +10,7 @@ use super::cursor::CursorMove;
 use super::download::Download;
 use super::fork::fork_spec;
 use super::picker::PickFilter;
-use super::store::{ModelState, Notice, RunKey, tokens_with_steps};
+use super::store::{DraftCost, ModelState, Notice, RunKey, tokens_with_steps};
 
 impl SpeculaApp {
     pub fn handle(&mut self, command: Command) {
@@ -89,6 +89,10 @@ impl SpeculaApp {
             Command::ExportPanel(pane) => self.start_export(pane),
             Command::StartSweep => self.start_sweep(),
             Command::CancelSweep => self.cancel_sweep(),
+            Command::MeasureDraftCost => {
+                self.store.draft_cost = DraftCost::Measuring;
+                self.backend.measure_draft_cost();
+            }
         }
     }
 

@@ -252,6 +252,17 @@ pub struct RunStore {
     pending: BTreeMap<RunId, PendingRun>,
     selected: Option<RunKey>,
     pub model: ModelState,
+    /// The cost of one drafted token, measured on the loaded model when the user asks.
+    pub draft_cost: DraftCost,
+}
+
+/// Where the measurement of the machine's draft cost stands.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub enum DraftCost {
+    #[default]
+    NotMeasured,
+    Measuring,
+    Measured(f32),
 }
 
 impl RunStore {
@@ -262,6 +273,7 @@ impl RunStore {
             pending: BTreeMap::new(),
             selected: None,
             model,
+            draft_cost: DraftCost::NotMeasured,
         }
     }
 
@@ -405,6 +417,8 @@ impl RunStore {
                     info,
                     load_ms,
                 };
+                // A measured cost belongs to the model it was measured on.
+                self.draft_cost = DraftCost::NotMeasured;
                 Some(notice)
             }
             // The model panel shows the failure; the status line would only repeat it.
@@ -464,6 +478,18 @@ impl RunStore {
             Event::RunFailed { id, error } => {
                 self.pending.remove(&id);
                 Some(Notice::error(format!("The run could not start: {error}")))
+            }
+            Event::DraftCostMeasured { draft_cost } => {
+                self.draft_cost = DraftCost::Measured(draft_cost);
+                Some(Notice::info(format!(
+                    "Measured here: one drafted token costs {draft_cost:.2} of a one-token step."
+                )))
+            }
+            Event::DraftCostFailed { error } => {
+                self.draft_cost = DraftCost::NotMeasured;
+                Some(Notice::error(format!(
+                    "The draft cost could not be measured: {error}"
+                )))
             }
         }
     }

@@ -33,6 +33,7 @@ impl Backend for NoBackend {
     fn step_once(&mut self, _id: RunId) {}
     fn cancel(&mut self, _id: RunId) {}
     fn set_params(&mut self, _id: RunId, _params: MethodParams) {}
+    fn measure_draft_cost(&mut self) {}
     fn try_event(&mut self) -> Option<Event> {
         None
     }
