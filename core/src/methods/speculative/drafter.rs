@@ -4,8 +4,8 @@
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use super::cost_aware_length;
 use super::verifier::DraftTree;
+use super::{cost_aware_depth, cost_aware_length};
 use crate::error::Result;
 use crate::model::{KvCache, Llama};
 use crate::sampling::RunRng;
@@ -38,6 +38,19 @@ impl DraftInput<'_> {
     /// take it as their depth).
     pub fn point_mass_budget(&self) -> usize {
         self.point_mass_budget_at(self.acceptance)
+    }
+
+    /// The depth of a point-mass draft tree whose cut to depth d holds `nodes_at(d)` nodes: under the cost-aware
+    /// policy the depth whose nodes pay for themselves ([`cost_aware_depth`]), else [`Self::point_mass_budget`].
+    pub fn tree_depth(&self, nodes_at: impl Fn(usize) -> usize) -> usize {
+        match self.params.speculative.draft_cost {
+            Some(cost) => {
+                let nodes: Vec<usize> = (0..=self.max_len).map(nodes_at).collect();
+                let a = self.acceptance.clamp(1e-6, 1.0 - 1e-9);
+                cost_aware_depth(a, f64::from(cost), &nodes)
+            }
+            None => self.point_mass_budget(),
+        }
     }
 
     /// The draft length for point-mass drafts each accepted with probability `acceptance` (a drafter that knows

@@ -524,11 +524,20 @@ pub fn predicted_speedup(alpha: f64, k: f64, c: f64) -> f64 {
 /// acceptance `alpha` and per-token cost `c`; 0 (a plain step) when no draft pays for its verification. Ties go to
 /// the shorter draft.
 pub fn cost_aware_length(alpha: f64, c: f64, max_len: usize) -> usize {
+    let chain: Vec<usize> = (0..=max_len).collect();
+    cost_aware_depth(alpha, c, &chain)
+}
+
+/// The cost-aware depth of a draft tree whose cut to depth d holds `nodes[d]` nodes (`nodes[0]` = 0): the d that
+/// maximises the expected tokens per round at per-level acceptance `alpha` over the verification's cost in
+/// one-token steps, 1 + c · nodes[d]. A chain (one node per level) gives [`cost_aware_length`]; a tree pays for
+/// every node it verifies, not only for its depth.
+pub fn cost_aware_depth(alpha: f64, c: f64, nodes: &[usize]) -> usize {
     let mut best = (0, 1.0);
-    for k in 1..=max_len {
-        let speedup = predicted_speedup(alpha, k as f64, c);
+    for (d, &n) in nodes.iter().enumerate().skip(1) {
+        let speedup = expected_tokens_per_round(alpha, d as f64) / (n as f64 * c + 1.0);
         if speedup > best.1 + 1e-12 {
-            best = (k, speedup);
+            best = (d, speedup);
         }
     }
     best.0
@@ -610,5 +619,16 @@ mod tests {
             last = k;
         }
         assert!(last >= 8);
+    }
+
+    /// A tree pays for each node it verifies: where a chain of two pays, a tree of 8 then 29 nodes stops at
+    /// its first level, and at a cost of 0.2 per node not even that.
+    #[test]
+    fn cost_aware_depth_counts_nodes() {
+        assert_eq!(cost_aware_length(0.6, 0.05, 2), 2);
+        assert_eq!(cost_aware_depth(0.6, 0.05, &[0, 1, 2]), 2);
+        assert_eq!(cost_aware_depth(0.6, 0.05, &[0, 8, 29]), 1);
+        assert_eq!(cost_aware_depth(0.6, 0.2, &[0, 8, 29]), 0);
+        assert_eq!(cost_aware_depth(0.6, 0.0, &[0, 8, 29]), 2);
     }
 }

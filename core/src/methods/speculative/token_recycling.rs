@@ -272,8 +272,9 @@ impl Drafter for TokenRecycling {
     }
 
     fn draft(&mut self, input: &mut DraftInput<'_>) -> Result<Draft> {
-        let depth = input.point_mass_budget();
         let spec = &input.params.speculative;
+        let depth =
+            input.tree_depth(|d| template_named(&spec.tree_template, spec.tree_size, d).len());
         let shape = template_named(&spec.tree_template, spec.tree_size, depth);
         let root = input.context.last().copied().unwrap_or(0);
         let vocab = self.vocab;
