@@ -339,3 +339,15 @@ fn search_methods_show_their_parameters_and_cad_its_context() {
     assert!(shown(&harness, "Beams") && shown(&harness, "Groups"));
     assert!(!shown(&harness, "Context for CAD"));
 }
+
+/// A trace made with `--prompt-tiles` says so in its statistics, since its prompt was rounded differently.
+#[test]
+fn run_statistics_name_the_prompt_matmul() {
+    let mut trace = speculative_trace();
+    trace.header.model.prompt_matmul = Some("amx-tiles".into());
+    let (mut harness, _dir) = harness_with(&trace, SIZE);
+    harness.get_by_label("Run statistics").click();
+    harness.run();
+    harness.get_by_label("Prompt matmul");
+    harness.get_by_label("amx-tiles");
+}

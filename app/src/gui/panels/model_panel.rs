@@ -25,6 +25,13 @@ pub fn model_status_ui(ui: &mut egui::Ui, ctx: &ViewCtx<'_>) {
                 info.weight_format,
                 megabytes(info.file_bytes)
             ));
+            if info.prompt_matmul.is_some() {
+                ui.label(RichText::new("AMX prompts").color(ui.visuals().warn_fg_color))
+                    .on_hover_text(
+                        "Started with --prompt-tiles: prompt chunks are multiplied with AMX tiles, rounded \
+                         differently from llama.cpp's vec_dot (decoding steps and verification are not)",
+                    );
+            }
         }
         ModelState::Loading { path } => {
             ui.spinner();

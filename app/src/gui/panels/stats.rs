@@ -37,6 +37,9 @@ impl StatsPanel {
                             megabytes(h.model.file_bytes)
                         ),
                     );
+                    if let Some(matmul) = &h.model.prompt_matmul {
+                        row("Prompt matmul", matmul.clone());
+                    }
                     row("Method", h.method.clone());
                     row("Parameters", h.params.sampling.describe());
                     if h.method == "speculative" {
