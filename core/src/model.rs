@@ -11,14 +11,13 @@
 
 use std::collections::BTreeSet;
 use std::fs::File;
-use std::io::{Read, Seek};
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::quantized::{QMatMul, QTensor, gguf_file};
+use candle_core::quantized::{QTensor, gguf_file};
 
 use crate::kernels::{Arithmetic as MatmulArithmetic, QuantMatrix};
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::attention::{self, Arithmetic, AttentionJob, AttentionPath, Cells, KeyTiles};
 use crate::error::{Error, Result};
@@ -27,19 +26,13 @@ pub use crate::kv_cache::KvCache;
 use crate::kv_cache::LayerCache;
 use crate::trace::{AttentionMap, ModelInfo};
 
-/// Hyper-parameters read from the GGUF metadata.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Config {
-    pub n_layers: usize,
-    pub n_heads: usize,
-    pub n_kv_heads: usize,
-    pub dim: usize,
-    pub head_dim: usize,
-    pub vocab_size: usize,
-    pub context_length: usize,
-    pub rms_eps: f64,
-    pub rope_base: f32,
-}
+mod gguf;
+mod projections;
+
+pub use gguf::{Config, read_gguf_header};
+use gguf::{file_name, read_tensor, vector};
+pub use projections::Kernels;
+use projections::Projections;
 
 struct Layer {
     attn_norm: Vec<f32>,
@@ -50,178 +43,6 @@ struct Layer {
     /// Gate and up projections, computed together.
     gate_up: Projections,
     down: Projections,
-}
-
-/// Which matmul kernels the forward uses.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Kernels {
-    /// Ours ([`crate::kernels`]): llama.cpp's arithmetic, several tokens per read of the weights, our thread pool.
-    /// Formats they do not cover fall back to candle's.
-    #[default]
-    Specula,
-    /// Ours, with prompt chunks multiplied by AMX tiles in their own arithmetic ([`crate::kernels::amx`]):
-    /// faster prompts, rounded differently from llama.cpp's `vec_dot` (greedy output may part from llama.cpp's
-    /// after a near-tie). Decoding steps and verification forwards are unchanged. Needs a CPU with AMX-INT8.
-    PromptTiles,
-    /// candle's `QMatMul` everywhere: bit-identical to candle-transformers' `quantized_llama`, which is how the
-    /// parity test checks the rest of the forward.
-    Candle,
-}
-
-/// One or more weight matrices applied to the same input (`y = x Wᵀ` each), returned separately.
-struct Projections {
-    kernel: ProjectionKernel,
-    /// Output width of each matrix, in order.
-    widths: Vec<usize>,
-}
-
-enum ProjectionKernel {
-    Candle(Vec<QMatMul>),
-    /// The matrices stacked into one, so the input is quantized once and read in one pass.
-    Specula(Arc<QuantMatrix>),
-}
-
-impl Projections {
-    fn load(tensors: Vec<Arc<QTensor>>, kernels: Kernels) -> Result<Self> {
-        let widths = tensors
-            .iter()
-            .map(|t| t.shape().dims().first().copied().unwrap_or(0))
-            .collect();
-        if kernels != Kernels::Candle {
-            let own: Option<Vec<QuantMatrix>> = tensors
-                .iter()
-                .map(|t| QuantMatrix::from_qtensor(t))
-                .collect::<candle_core::Result<_>>()?;
-            let stacked = own.and_then(|m| QuantMatrix::stack(&m.iter().collect::<Vec<_>>()));
-            if let Some(matrix) = stacked {
-                return Ok(Self {
-                    kernel: ProjectionKernel::Specula(Arc::new(matrix)),
-                    widths,
-                });
-            }
-        }
-        let candle = tensors
-            .into_iter()
-            .map(QMatMul::from_arc)
-            .collect::<candle_core::Result<_>>()?;
-        Ok(Self {
-            kernel: ProjectionKernel::Candle(candle),
-            widths,
-        })
-    }
-
-    /// Our own kernels' matrix, while nothing else shares it (during loading).
-    fn matrix_mut(&mut self) -> Option<&mut QuantMatrix> {
-        match &mut self.kernel {
-            ProjectionKernel::Specula(matrix) => Arc::get_mut(matrix),
-            ProjectionKernel::Candle(_) => None,
-        }
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
-        match &self.kernel {
-            ProjectionKernel::Candle(matmuls) => Ok(matmuls
-                .iter()
-                .map(|m| m.forward(x))
-                .collect::<candle_core::Result<_>>()?),
-            ProjectionKernel::Specula(matrix) => {
-                let mut dims = x.dims().to_vec();
-                let cols = dims.pop().unwrap_or(0);
-                if cols != matrix.cols {
-                    return Err(Error::InvalidInput(format!(
-                        "matmul: input width {cols}, weights expect {}",
-                        matrix.cols
-                    )));
-                }
-                let t = x.elem_count() / cols.max(1);
-                let input = x.flatten_all()?.to_vec1::<f32>()?;
-                let output = matrix.matmul(&input, t);
-                let mut parts = vec![Vec::with_capacity(t * matrix.rows); self.widths.len()];
-                for row in output.chunks_exact(matrix.rows) {
-                    let mut rest = row;
-                    for (part, &w) in parts.iter_mut().zip(&self.widths) {
-                        let (mine, tail) = rest.split_at(w.min(rest.len()));
-                        part.extend_from_slice(mine);
-                        rest = tail;
-                    }
-                }
-                parts
-                    .into_iter()
-                    .zip(&self.widths)
-                    .map(|(part, &w)| {
-                        let mut shape = dims.clone();
-                        shape.push(w);
-                        Ok(Tensor::from_vec(part, shape, x.device())?)
-                    })
-                    .collect()
-            }
-        }
-    }
-
-    /// `x` holds `t` rows of the input width; returns each matrix's `t` output rows, in the given arithmetic
-    /// (our kernels only; candle's have their own).
-    fn forward_rows_in(
-        &self,
-        x: &[f32],
-        t: usize,
-        arithmetic: MatmulArithmetic,
-    ) -> Result<Vec<Vec<f32>>> {
-        match &self.kernel {
-            ProjectionKernel::Specula(matrix) => {
-                if x.len() != t * matrix.cols {
-                    return Err(Error::InvalidInput(format!(
-                        "matmul: {} values are not {t} rows of {}",
-                        x.len(),
-                        matrix.cols
-                    )));
-                }
-                let output = matrix.matmul_in(x, t, arithmetic);
-                if let [_] = self.widths.as_slice() {
-                    // One projection (o, down, the LM head): nothing to split, no copy.
-                    return Ok(vec![output]);
-                }
-                let mut parts: Vec<Vec<f32>> = self
-                    .widths
-                    .iter()
-                    .map(|w| Vec::with_capacity(t * w))
-                    .collect();
-                for row in output.chunks_exact(matrix.rows) {
-                    let mut rest = row;
-                    for (part, &w) in parts.iter_mut().zip(&self.widths) {
-                        let (mine, tail) = rest.split_at(w.min(rest.len()));
-                        part.extend_from_slice(mine);
-                        rest = tail;
-                    }
-                }
-                Ok(parts)
-            }
-            ProjectionKernel::Candle(_) => {
-                let cols = x.len() / t.max(1);
-                let input = Tensor::from_slice(x, (t, cols), &Device::Cpu)?;
-                self.forward(&input)?
-                    .into_iter()
-                    .map(|y| Ok(y.flatten_all()?.to_vec1::<f32>()?))
-                    .collect()
-            }
-        }
-    }
-
-    /// The single output of a one-matrix projection, on rows.
-    fn forward_one_rows(&self, x: &[f32], t: usize) -> Result<Vec<f32>> {
-        self.forward_one_rows_in(x, t, MatmulArithmetic::VecDot)
-    }
-
-    fn forward_one_rows_in(
-        &self,
-        x: &[f32],
-        t: usize,
-        arithmetic: MatmulArithmetic,
-    ) -> Result<Vec<f32>> {
-        self.forward_rows_in(x, t, arithmetic)?
-            .into_iter()
-            .next()
-            .ok_or_else(|| Error::InvalidInput("projection without weights".into()))
-    }
 }
 
 /// The weights. Loaded once and shared (`Arc<Llama>`) by every run; all per-run state lives in [`KvCache`].
@@ -303,110 +124,6 @@ pub struct ForwardOutput {
     /// (b, t, dim) residual streams: index 0 after the embeddings, index i+1 after layer i (skipped layers repeat
     /// their input). Empty unless captured.
     pub hidden_states: Vec<Tensor>,
-}
-
-/// Reads a metadata value, naming the key in the error.
-fn meta<'a>(ct: &'a gguf_file::Content, path: &Path, key: &str) -> Result<&'a gguf_file::Value> {
-    ct.metadata.get(key).ok_or_else(|| Error::MissingMetadata {
-        path: path.to_owned(),
-        key: key.to_owned(),
-    })
-}
-
-fn meta_usize(ct: &gguf_file::Content, path: &Path, key: &str) -> Result<usize> {
-    let v = meta(ct, path, key)?;
-    v.to_u32()
-        .map(|x| x as usize)
-        .or_else(|_| v.to_u64().map(|x| x as usize))
-        .map_err(|e| Error::ModelFile {
-            path: path.to_owned(),
-            message: format!("metadata `{key}`: {e}"),
-        })
-}
-
-fn meta_f32(ct: &gguf_file::Content, path: &Path, key: &str) -> Result<f32> {
-    meta(ct, path, key)?.to_f32().map_err(|e| Error::ModelFile {
-        path: path.to_owned(),
-        message: format!("metadata `{key}`: {e}"),
-    })
-}
-
-/// Opens a GGUF and parses its header (metadata and tensor table), with errors that name the file.
-pub fn read_gguf_header(path: &Path) -> Result<(File, gguf_file::Content)> {
-    let mut file = File::open(path).map_err(|e| Error::ModelFile {
-        path: path.to_owned(),
-        message: e.to_string(),
-    })?;
-    let content = gguf_file::Content::read(&mut file).map_err(|e| Error::ModelFile {
-        path: path.to_owned(),
-        message: format!("not a readable GGUF file ({e})"),
-    })?;
-    Ok((file, content))
-}
-
-impl Config {
-    pub fn from_gguf(ct: &gguf_file::Content, path: &Path) -> Result<Self> {
-        let arch = meta(ct, path, "general.architecture")?
-            .to_string()
-            .map_err(|e| Error::ModelFile {
-                path: path.to_owned(),
-                message: e.to_string(),
-            })?;
-        if arch != "llama" {
-            return Err(Error::UnsupportedArchitecture {
-                path: path.to_owned(),
-                architecture: arch.clone(),
-            });
-        }
-        let n_heads = meta_usize(ct, path, "llama.attention.head_count")?;
-        let n_kv_heads = meta_usize(ct, path, "llama.attention.head_count_kv").unwrap_or(n_heads);
-        let dim = meta_usize(ct, path, "llama.embedding_length")?;
-        let n_layers = meta_usize(ct, path, "llama.block_count")?;
-        let rms_eps = f64::from(meta_f32(
-            ct,
-            path,
-            "llama.attention.layer_norm_rms_epsilon",
-        )?);
-        let rope_base = meta_f32(ct, path, "llama.rope.freq_base").unwrap_or(10_000.0);
-        let context_length = meta_usize(ct, path, "llama.context_length").unwrap_or(4096);
-        let bad = |message: String| Error::ModelFile {
-            path: path.to_owned(),
-            message,
-        };
-        if n_heads == 0 || n_kv_heads == 0 || n_heads % n_kv_heads != 0 || dim % n_heads != 0 {
-            return Err(bad(format!(
-                "inconsistent attention shape: {n_heads} heads, {n_kv_heads} kv heads, dim {dim}"
-            )));
-        }
-        let head_dim = dim / n_heads;
-        if let Ok(rope_dim) = meta_usize(ct, path, "llama.rope.dimension_count")
-            && rope_dim != head_dim
-        {
-            return Err(bad(format!(
-                "partial rotary embeddings ({rope_dim} of {head_dim}) are not supported"
-            )));
-        }
-        let vocab_size = match ct.tensor_infos.get("token_embd.weight") {
-            Some(info) => info.shape.dims().first().copied().unwrap_or(0),
-            None => {
-                return Err(Error::MissingTensor {
-                    path: path.to_owned(),
-                    name: "token_embd.weight".into(),
-                });
-            }
-        };
-        Ok(Self {
-            n_layers,
-            n_heads,
-            n_kv_heads,
-            dim,
-            head_dim,
-            vocab_size,
-            context_length,
-            rms_eps,
-            rope_base,
-        })
-    }
 }
 
 impl Llama {
@@ -891,31 +608,6 @@ fn is_ancestor_or_self(parents: &[Option<usize>], ancestor: usize, node: usize) 
     false
 }
 
-fn read_tensor(
-    ct: &gguf_file::Content,
-    file: &mut File,
-    name: &str,
-    device: &Device,
-) -> candle_core::Result<QTensor> {
-    // candle reads the tensor with `read_exact`; a truncated file surfaces as an io error here.
-    let mut reader = ReadSeek(file);
-    ct.tensor(&mut reader, name, device)
-}
-
-struct ReadSeek<'a>(&'a mut File);
-
-impl Read for ReadSeek<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.0.read(buf)
-    }
-}
-
-impl Seek for ReadSeek<'_> {
-    fn seek(&mut self, pos: std::io::SeekFrom) -> std::io::Result<u64> {
-        self.0.seek(pos)
-    }
-}
-
 fn rope_tables(head_dim: usize, base: f32, context: usize) -> (Vec<f32>, Vec<f32>) {
     let theta_scale = base.powf(-2.0 / head_dim as f32);
     let (mut cos, mut sin) = (Vec::new(), Vec::new());
@@ -928,17 +620,6 @@ fn rope_tables(head_dim: usize, base: f32, context: usize) -> (Vec<f32>, Vec<f32
         }
     }
     (cos, sin)
-}
-
-/// A 1-D tensor (norm weights) as a vector.
-fn vector(tensor: QTensor, device: &Device) -> candle_core::Result<Vec<f32>> {
-    tensor.dequantize(device)?.flatten_all()?.to_vec1::<f32>()
-}
-
-fn file_name(path: &Path) -> String {
-    path.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default()
 }
 
 /// One position's logits as a vector.
