@@ -10,7 +10,7 @@ use std::rc::Rc;
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
 use specula::gui::speedup::speedup_series;
-use specula::gui::sweep::{SweepData, sweep_data, sweep_ids};
+use specula::gui::sweep::{SWEEP_COSTS, SweepData, SweepKind, sweep_data, sweep_ids};
 use specula::gui::{AppOptions, Backend, Command, FilePicker, Pane, PickFilter, SpeculaApp};
 use specula_core::trace::{ExportOptions, RunSummary, StepRecord, StopReason, Trace};
 use specula_core::worker::{Event, RunId};
@@ -453,7 +453,9 @@ fn a_finished_sweep_plots_mat_and_speedup_against_k_and_reopens_from_a_file() {
     let (mut harness, script) = sweep_harness(SavePicker {
         save: Some(saved.clone()),
     });
-    harness.state().send(Command::StartSweep);
+    harness.state().send(Command::StartSweep {
+        kind: SweepKind::DraftLength,
+    });
     harness.run();
     play_run(&script, 1, &load("greedy.jsonl").steps, true);
     harness.run();
@@ -486,6 +488,51 @@ fn a_finished_sweep_plots_mat_and_speedup_against_k_and_reopens_from_a_file() {
     assert_points_follow_the_runs(&sweep_data(store, id), 1..=12);
 }
 
+/// A cost sweep runs the cost-aware draft length (up to the prompt panel's draft length) at each cost, and
+/// plots against the cost.
+#[test]
+fn a_cost_sweep_runs_the_cost_aware_length_at_each_cost() {
+    let (mut harness, script) = sweep_harness(SavePicker { save: None });
+    harness.get_by_label("Cost per draft C").click();
+    harness.run();
+    harness.get_by_label("Sweep C = 0..0.8").click();
+    harness.run();
+    play_run(&script, 1, &load("greedy.jsonl").steps, true);
+    harness.run();
+    for (i, &cost) in SWEEP_COSTS.iter().enumerate() {
+        {
+            let s = script.borrow();
+            assert_eq!(s.started.len(), i + 2, "one run at a time");
+            let speculative = &s.started[i + 1].params.speculative;
+            assert_eq!(speculative.draft_cost, Some(cost));
+            assert_eq!(speculative.adaptive, None);
+            assert_eq!(
+                speculative.draft_len,
+                s.started[0].params.speculative.draft_len
+            );
+        }
+        play_run(&script, i as RunId + 2, &steps_for_k(i + 1), true);
+        harness.run();
+    }
+    assert_eq!(script.borrow().started.len(), 1 + SWEEP_COSTS.len());
+    assert!(harness.state().sweep().is_none());
+    let store = harness.state().store();
+    let data = sweep_data(store, sweep_ids(store)[0]);
+    assert_eq!(data.kind, SweepKind::Cost);
+    assert_eq!(
+        data.points.iter().map(|p| p.cost).collect::<Vec<_>>(),
+        SWEEP_COSTS.iter().map(|&c| Some(c)).collect::<Vec<_>>()
+    );
+    harness.get_by_label("Mean accepted tokens per target forward (MAT) against cost per draft C");
+    harness.get_by_label("C");
+
+    harness.state().send(Command::DismissNotice);
+    harness.set_size(egui::vec2(1600.0, 1000.0));
+    harness.remove_cursor();
+    harness.run();
+    harness.snapshot("sweep_cost");
+}
+
 #[test]
 fn a_sweep_without_a_model_says_what_to_do() {
     let script: Rc<RefCell<Script>> = Rc::default();
@@ -505,7 +552,9 @@ fn a_sweep_without_a_model_says_what_to_do() {
 #[test]
 fn snapshot_sweep() {
     let (mut harness, script) = sweep_harness(SavePicker { save: None });
-    harness.state().send(Command::StartSweep);
+    harness.state().send(Command::StartSweep {
+        kind: SweepKind::DraftLength,
+    });
     harness.run();
     play_run(&script, 1, &load("greedy.jsonl").steps, true);
     harness.run();

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use egui_kittest::Harness;
 use specula::gui::app::repaint_waker;
-use specula::gui::sweep::{sweep_data, sweep_ids};
+use specula::gui::sweep::{SweepKind, sweep_data, sweep_ids};
 use specula::gui::{AppOptions, Command, SpeculaApp};
 use specula_core::worker::Worker;
 use support::NoPicker;
@@ -62,7 +62,9 @@ fn a_sweep_on_the_real_model_decodes_the_baseline_and_twelve_draft_lengths() {
         run.drafter = "layer-skip".into();
         run.max_tokens = 8;
     }
-    harness.state().send(Command::StartSweep);
+    harness.state().send(Command::StartSweep {
+        kind: SweepKind::DraftLength,
+    });
     harness.step();
     assert!(harness.state().sweep().is_some());
     frames_until(&mut harness, |app| app.sweep().is_none());

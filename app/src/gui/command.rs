@@ -8,6 +8,7 @@ use specula_core::MethodParams;
 
 use super::cursor::CursorMove;
 use super::store::RunKey;
+use super::sweep::SweepKind;
 use super::tiles::Pane;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -52,8 +53,10 @@ pub enum Command {
     /// Export a panel as PNG: ask where, then screenshot the window and crop it to the panel.
     ExportPanel(Pane),
     /// Run the prompt panel's prompt and settings as plain decoding, then speculatively with draft lengths
-    /// 1..=12, one run after the other.
-    StartSweep,
+    /// 1..=12 or, for a cost sweep, with the cost-aware draft length at several costs, one run after the other.
+    StartSweep {
+        kind: SweepKind,
+    },
     CancelSweep,
     /// Time the loaded model's forwards to suggest the cost-aware draft length's cost per draft.
     MeasureDraftCost,

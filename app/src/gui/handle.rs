@@ -87,7 +87,7 @@ impl SpeculaApp {
             }
             Command::DismissNotice => self.notice = None,
             Command::ExportPanel(pane) => self.start_export(pane),
-            Command::StartSweep => self.start_sweep(),
+            Command::StartSweep { kind } => self.start_sweep(kind),
             Command::CancelSweep => self.cancel_sweep(),
             Command::MeasureDraftCost => {
                 self.store.draft_cost = DraftCost::Measuring;

@@ -1,6 +1,6 @@
 //! The draft-length sweep, with no egui: the same prompt and settings decoded plainly (the baseline) and then
-//! speculatively with draft lengths 1..=12, one run after the other so that no two runs share the CPU (their
-//! times would be worth nothing). The runs are ordinary runs in the store; their headers carry the sweep's id,
+//! speculatively with draft lengths 1..=12, or with the cost-aware draft length at a range of costs per draft,
+//! one run after the other so that no two runs share the CPU (their times would be worth nothing). The runs are ordinary runs in the store; their headers carry the sweep's id,
 //! so the sweep's curves are rebuilt from the store, and from saved traces, by [`sweep_data`].
 
 use std::collections::VecDeque;
@@ -18,6 +18,20 @@ use super::store::{Notice, RunKey, RunStatus, RunStore};
 
 /// The draft lengths a sweep tries.
 pub const SWEEP_KS: RangeInclusive<usize> = 1..=12;
+
+/// The costs per draft a cost sweep tries (one-token steps per drafted token; `specula bench` prints this
+/// machine's as `verify_token_cost`).
+pub const SWEEP_COSTS: [f32; 9] = [0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8];
+
+/// What a sweep varies.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SweepKind {
+    /// Fixed draft lengths [`SWEEP_KS`].
+    #[default]
+    DraftLength,
+    /// The cost-aware draft length, up to the prompt panel's draft length, at each of [`SWEEP_COSTS`].
+    Cost,
+}
 
 /// A sweep in progress.
 pub struct Sweep {
@@ -122,8 +136,9 @@ impl Sweep {
 }
 
 /// The sweep's runs: the plain baseline first, then speculative decoding with each draft length (fixed, not
-/// adaptive), all with the prompt, sampling, seed and token budget of `settings`.
-pub fn sweep_specs(settings: &RunSettings) -> Vec<RunSpec> {
+/// adaptive) or each cost per draft (cost-aware), all with the prompt, sampling, seed and token budget of
+/// `settings`.
+pub fn sweep_specs(settings: &RunSettings, kind: SweepKind) -> Vec<RunSpec> {
     let base = settings.run_spec();
     let sampling = base.params.sampling;
     let plain = if sampling.is_greedy() {
@@ -136,13 +151,24 @@ pub fn sweep_specs(settings: &RunSettings) -> Vec<RunSpec> {
         method: plain.to_owned(),
         ..base.clone()
     }];
-    for k in SWEEP_KS {
+    let variants: Vec<(usize, Option<f32>)> = match kind {
+        SweepKind::DraftLength => SWEEP_KS.map(|k| (k, None)).collect(),
+        SweepKind::Cost => SWEEP_COSTS
+            .iter()
+            .map(|&c| (base.params.speculative.draft_len, Some(c)))
+            .collect(),
+    };
+    for (k, cost) in variants {
         let mut params = base.params.clone();
         params.speculative.draft_len = k;
         params.speculative.adaptive = None;
-        params.speculative.draft_cost = None;
+        params.speculative.draft_cost = cost;
+        let label = match cost {
+            None => format!("sweep: {} k={k}", params.speculative.drafter),
+            Some(c) => format!("sweep: {} C={c} (k<={k})", params.speculative.drafter),
+        };
         specs.push(RunSpec {
-            label: format!("sweep: {} k={k}", params.speculative.drafter),
+            label,
             method: "speculative".to_owned(),
             params,
             ..base.clone()
@@ -151,10 +177,12 @@ pub fn sweep_specs(settings: &RunSettings) -> Vec<RunSpec> {
     specs
 }
 
-/// One draft length of a sweep.
+/// One draft length (or cost per draft) of a sweep.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SweepPoint {
     pub k: usize,
+    /// The cost per draft of a cost sweep's run (its `k` is then the longest draft).
+    pub cost: Option<f32>,
     pub key: RunKey,
     /// Tokens per target forward.
     pub mat: Option<f64>,
@@ -167,12 +195,20 @@ pub struct SweepPoint {
     pub finished: bool,
 }
 
+impl SweepPoint {
+    /// Where the point sits on the sweep's axis: its cost in a cost sweep, else its draft length.
+    pub fn x(&self) -> f64 {
+        self.cost.map_or(self.k as f64, f64::from)
+    }
+}
+
 /// A sweep as the store holds it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SweepData {
     pub id: u64,
+    pub kind: SweepKind,
     pub baseline: Option<RunKey>,
-    /// One point per draft length, by k (the newest run when a k appears twice).
+    /// One point per draft length or cost, in increasing order (the newest run when one appears twice).
     pub points: Vec<SweepPoint>,
 }
 
@@ -205,6 +241,7 @@ pub fn sweep_data(store: &RunStore, id: u64) -> SweepData {
             .unwrap_or_default();
         let point = SweepPoint {
             k: run.trace.header.params.speculative.draft_len,
+            cost: run.trace.header.params.speculative.draft_cost,
             key: *key,
             mat: last.mat,
             measured: last.measured,
@@ -212,22 +249,31 @@ pub fn sweep_data(store: &RunStore, id: u64) -> SweepData {
             adjusted: last.adjusted,
             finished: !run.status.is_live(),
         };
-        // Keys grow with time, so a later run of the same k replaces an earlier one.
-        match points.iter_mut().find(|p| p.k == point.k) {
+        // Keys grow with time, so a later run of the same k and cost replaces an earlier one.
+        match points
+            .iter_mut()
+            .find(|p| p.k == point.k && p.cost == point.cost)
+        {
             Some(p) => *p = point,
             None => points.push(point),
         }
     }
-    points.sort_by_key(|p| p.k);
+    points.sort_by(|a, b| a.x().total_cmp(&b.x()));
+    let kind = if points.iter().any(|p| p.cost.is_some()) {
+        SweepKind::Cost
+    } else {
+        SweepKind::DraftLength
+    };
     SweepData {
         id,
+        kind,
         baseline: baseline.map(|(k, _)| *k),
         points,
     }
 }
 
 impl SpeculaApp {
-    pub(super) fn start_sweep(&mut self) {
+    pub(super) fn start_sweep(&mut self, kind: SweepKind) {
         if self.sweep.is_some() {
             self.notice = Some(Notice::error(
                 "A sweep is already running; cancel it first (Draft sweep panel).",
@@ -249,7 +295,7 @@ impl SpeculaApp {
         let id = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        self.sweep = Some(Sweep::new(id, sweep_specs(&self.settings.run)));
+        self.sweep = Some(Sweep::new(id, sweep_specs(&self.settings.run, kind)));
         self.notice = None;
         self.advance_sweep();
     }

@@ -1,6 +1,7 @@
 //! The draft-length sweep: a button that decodes the prompt panel's prompt plainly and then with draft lengths
-//! k = 1..12 (one run after the other, progress and Cancel while it runs), and what each k gave: mean accepted
-//! tokens (MAT) and the measured and predicted speedups against k. The curves are rebuilt from the store's runs
+//! k = 1..12, or with the cost-aware draft length at costs per draft C = 0..0.8 (one run after the other,
+//! progress and Cancel while it runs), and what each k or C gave: mean accepted tokens (MAT) and the measured and
+//! predicted speedups against it. The curves are rebuilt from the store's runs
 //! that carry the sweep's id, so a saved sweep reopens with them.
 
 use egui::{Color32, RichText};
@@ -9,7 +10,9 @@ use egui_plot::{HLine, Line, Plot, PlotPoints, Points};
 use super::speedup::{ADJUSTED, BREAK_EVEN, MEASURED, PREDICTED, figure, legend_ui};
 use super::{ViewCtx, empty_state, readable_axes};
 use crate::gui::command::Command;
-use crate::gui::sweep::{SWEEP_KS, SweepData, SweepPoint, sweep_data, sweep_ids};
+use crate::gui::sweep::{
+    SWEEP_COSTS, SWEEP_KS, SweepData, SweepKind, SweepPoint, sweep_data, sweep_ids,
+};
 
 const MAT: Color32 = Color32::from_rgb(69, 117, 180);
 
@@ -20,12 +23,13 @@ type Value = fn(&SweepPoint) -> Option<f64>;
 pub struct SweepPanel {
     /// The sweep shown when the store holds several (`None`: the newest).
     chosen: Option<u64>,
+    /// What the next sweep varies.
+    kind: SweepKind,
 }
 
 impl SweepPanel {
     pub fn ui(&mut self, ui: &mut egui::Ui, ctx: &ViewCtx<'_>) {
-        let (first, last) = (*SWEEP_KS.start(), *SWEEP_KS.end());
-        controls_ui(ui, ctx, first, last);
+        controls_ui(ui, ctx, &mut self.kind);
         ui.separator();
         let ids = sweep_ids(ctx.store);
         let Some(&newest) = ids.last() else {
@@ -33,9 +37,11 @@ impl SweepPanel {
                 ui,
                 "No sweep yet",
                 &format!(
-                    "Press “Sweep k = {first}..{last}” above to decode the prompt on the left plainly and then \
-                     with draft lengths {first} to {last} (a model must be loaded), or open a trace file saved \
-                     from a sweep (File > Save all runs… keeps one)."
+                    "Press “{}” above to decode the prompt on the left plainly and then speculatively with \
+                     each {} (a model must be loaded), or open a trace file saved from a sweep (File > Save \
+                     all runs… keeps one).",
+                    button_text(self.kind),
+                    axis(self.kind).1
                 ),
             );
             return;
@@ -62,7 +68,37 @@ impl SweepPanel {
         let height = ((ui.available_height() - 380.0) / 2.0).clamp(130.0, 220.0);
         egui::ScrollArea::vertical()
             .auto_shrink([false, false])
-            .show(ui, |ui| results_ui(ui, ctx, &data, height, first, last));
+            .show(ui, |ui| results_ui(ui, ctx, &data, height));
+    }
+}
+
+fn button_text(kind: SweepKind) -> String {
+    match kind {
+        SweepKind::DraftLength => format!("Sweep k = {}..{}", SWEEP_KS.start(), SWEEP_KS.end()),
+        SweepKind::Cost => format!(
+            "Sweep C = {}..{}",
+            SWEEP_COSTS.first().copied().unwrap_or_default(),
+            SWEEP_COSTS.last().copied().unwrap_or_default()
+        ),
+    }
+}
+
+/// The axis of a sweep: its symbol, its name, and the range the plots show.
+fn axis(kind: SweepKind) -> (&'static str, &'static str, [f64; 2]) {
+    match kind {
+        SweepKind::DraftLength => (
+            "k",
+            "draft length k",
+            [*SWEEP_KS.start() as f64 - 0.5, *SWEEP_KS.end() as f64 + 0.5],
+        ),
+        SweepKind::Cost => (
+            "C",
+            "cost per draft C",
+            [
+                -0.05,
+                f64::from(SWEEP_COSTS.last().copied().unwrap_or(1.0)) + 0.05,
+            ],
+        ),
     }
 }
 
@@ -71,12 +107,28 @@ fn sweep_name(ids: &[u64], id: u64) -> String {
     format!("sweep {n} of {}", ids.len())
 }
 
-fn controls_ui(ui: &mut egui::Ui, ctx: &ViewCtx<'_>, first: usize, last: usize) {
-    ui.label(format!(
+fn controls_ui(ui: &mut egui::Ui, ctx: &ViewCtx<'_>, kind: &mut SweepKind) {
+    ui.label(
         "Decodes the prompt on the left with its settings (sampling, seed, drafter, max tokens) once plainly, \
-         then speculatively with draft lengths k = {first} to {last}, one run after the other so that their \
-         times can be compared."
-    ));
+         then speculatively with each draft length or each cost per draft, one run after the other so that \
+         their times can be compared.",
+    );
+    ui.add_enabled_ui(ctx.sweep.is_none(), |ui| {
+        ui.horizontal(|ui| {
+            ui.label("Vary");
+            ui.radio_value(kind, SweepKind::DraftLength, "Draft length k")
+                .on_hover_text("Fixed draft lengths 1 to 12");
+            ui.radio_value(kind, SweepKind::Cost, "Cost per draft C")
+                .on_hover_text(
+                    "The cost-aware draft length (up to the prompt panel's draft length) at costs per draft \
+                     from 0 to 0.8: where drafting stops paying on this machine",
+                );
+        });
+    });
+    let runs = 1 + match kind {
+        SweepKind::DraftLength => SWEEP_KS.count(),
+        SweepKind::Cost => SWEEP_COSTS.len(),
+    };
     ui.horizontal(|ui| match ctx.sweep {
         Some(sweep) => {
             let now = sweep
@@ -97,24 +149,20 @@ fn controls_ui(ui: &mut egui::Ui, ctx: &ViewCtx<'_>, first: usize, last: usize) 
         }
         None => {
             if ui
-                .button(format!("Sweep k = {first}..{last}"))
-                .on_hover_text("Start the plain baseline and the speculative runs (13 runs in all)")
+                .button(button_text(*kind))
+                .on_hover_text(format!(
+                    "Start the plain baseline and the speculative runs ({runs} runs in all)"
+                ))
                 .clicked()
             {
-                ctx.send(Command::StartSweep);
+                ctx.send(Command::StartSweep { kind: *kind });
             }
         }
     });
 }
 
-fn results_ui(
-    ui: &mut egui::Ui,
-    ctx: &ViewCtx<'_>,
-    data: &SweepData,
-    height: f32,
-    first: usize,
-    last: usize,
-) {
+fn results_ui(ui: &mut egui::Ui, ctx: &ViewCtx<'_>, data: &SweepData, height: f32) {
+    let (symbol, name, range) = axis(data.kind);
     match data.baseline.and_then(|k| ctx.store.run(k)) {
         Some(b) => ui.label(format!(
             "Baseline: “{}”. Speedups are its decode time for as many tokens over each run's.",
@@ -130,16 +178,17 @@ fn results_ui(
         return;
     }
     ui.label(
-        RichText::new("Mean accepted tokens per target forward (MAT) against draft length k")
-            .strong(),
+        RichText::new(format!(
+            "Mean accepted tokens per target forward (MAT) against {name}"
+        ))
+        .strong(),
     );
-    k_plot(
+    sweep_plot(
         ui,
         ("sweep_mat", data.id),
-        "MAT",
+        (name, "MAT"),
         height,
-        first,
-        last,
+        range,
         |p| {
             let mat = points(&data.points, |q| q.mat);
             p.line(
@@ -151,7 +200,10 @@ fn results_ui(
         },
     );
     ui.label(
-        RichText::new("Speedup against draft length k (1 = as fast as plain decoding)").strong(),
+        RichText::new(format!(
+            "Speedup against {name} (1 = as fast as plain decoding)"
+        ))
+        .strong(),
     );
     let present = |value: Value| data.points.iter().any(|q| value(q).is_some());
     legend_ui(
@@ -166,13 +218,12 @@ fn results_ui(
             ),
         ],
     );
-    k_plot(
+    sweep_plot(
         ui,
         ("sweep_speedup", data.id),
-        "speedup",
+        (name, "speedup"),
         height,
-        first,
-        last,
+        range,
         |p| {
             p.hline(
                 HLine::new("1 = no speedup", 1.0)
@@ -205,7 +256,7 @@ fn results_ui(
         .spacing([14.0, 4.0])
         .show(ui, |ui| {
             for title in [
-                "k",
+                symbol,
                 "MAT",
                 "measured",
                 "predicted",
@@ -216,7 +267,10 @@ fn results_ui(
             }
             ui.end_row();
             for q in &data.points {
-                ui.monospace(q.k.to_string());
+                ui.monospace(match q.cost {
+                    Some(c) => format!("{c:.2}"),
+                    None => q.k.to_string(),
+                });
                 ui.monospace(figure(q.mat, 2));
                 ui.monospace(figure(q.measured, 2));
                 ui.monospace(figure(q.predicted, 2));
@@ -241,27 +295,26 @@ fn results_ui(
 
 fn points(data: &[SweepPoint], value: Value) -> Vec<[f64; 2]> {
     data.iter()
-        .filter_map(|q| value(q).map(|v| [q.k as f64, v]))
+        .filter_map(|q| value(q).map(|v| [q.x(), v]))
         .collect()
 }
 
-fn k_plot(
+fn sweep_plot(
     ui: &mut egui::Ui,
     id: impl std::hash::Hash + std::fmt::Debug,
-    y_label: &str,
+    (x_label, y_label): (&str, &str),
     height: f32,
-    first: usize,
-    last: usize,
+    [x_min, x_max]: [f64; 2],
     body: impl FnOnce(&mut egui_plot::PlotUi<'_>),
 ) {
-    readable_axes(Plot::new(id), "draft length k", y_label)
+    readable_axes(Plot::new(id), x_label, y_label)
         .height(height)
         .allow_drag(false)
         .allow_scroll(false)
         .allow_zoom(false)
         .allow_boxed_zoom(false)
-        .include_x(first as f64 - 0.5)
-        .include_x(last as f64 + 0.5)
+        .include_x(x_min)
+        .include_x(x_max)
         .include_y(0.0)
         .include_y(1.2)
         .show(ui, body);
