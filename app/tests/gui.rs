@@ -107,6 +107,19 @@ impl Default for Setup {
     }
 }
 
+/// A setup whose fake worker "loads" the model `greedy.jsonl` was made with and records the runs it starts.
+fn setup_with_model(started: &Rc<RefCell<Vec<RunSpec>>>) -> Setup {
+    Setup {
+        backend: FakeBackend {
+            model: Some(load("greedy.jsonl").header.model),
+            started: started.clone(),
+            ..Default::default()
+        },
+        model: Ok(PathBuf::from("model.gguf")),
+        ..Default::default()
+    }
+}
+
 fn harness(setup: Setup) -> Harness<'static, SpeculaApp> {
     let Setup {
         picker,
@@ -285,17 +298,7 @@ fn hovering_and_clicking_a_token_shows_its_candidates() {
 fn fork_from_a_token_builds_the_run_spec() {
     let trace = load("greedy.jsonl");
     let started = Rc::new(RefCell::new(Vec::new()));
-    let backend = FakeBackend {
-        model: Some(trace.header.model.clone()),
-        started: started.clone(),
-        ..Default::default()
-    };
-    let setup = Setup {
-        backend,
-        model: Ok(PathBuf::from("model.gguf")),
-        ..Default::default()
-    };
-    let mut harness = with_traces(setup, &["greedy.jsonl"]);
+    let mut harness = with_traces(setup_with_model(&started), &["greedy.jsonl"]);
 
     let index = 5;
     harness.state().send(Command::FocusToken(index));
@@ -333,19 +336,7 @@ fn fork_from_a_token_builds_the_run_spec() {
 /// "Measure here" asks the worker for this machine's draft cost; "Use" puts it into the run's parameters.
 #[test]
 fn the_measured_draft_cost_can_be_used() {
-    let trace = load("greedy.jsonl");
-    let started = Rc::new(RefCell::new(Vec::new()));
-    let backend = FakeBackend {
-        model: Some(trace.header.model.clone()),
-        started: started.clone(),
-        ..Default::default()
-    };
-    let setup = Setup {
-        backend,
-        model: Ok(PathBuf::from("model.gguf")),
-        ..Default::default()
-    };
-    let mut harness = harness(setup);
+    let mut harness = harness(setup_with_model(&Rc::default()));
     harness.state_mut().settings_mut().run.method = "speculative".into();
     harness.run();
     harness.get_by_label("Cost-aware").click();

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use common::{model, spec, speculative_params, workspace_root};
 use serde::Deserialize;
 use specula_core::kv_cache::KvCache;
-use specula_core::model::{Capture, Logits, Mask, logits_row};
+use specula_core::model::{Capture, ForwardOutput, Llama, Logits, Mask, logits_row};
 use specula_core::sampling::{PositionStats, argmax};
 use specula_core::{MethodParams, SamplingParams, generate};
 
@@ -143,18 +143,7 @@ fn greedy_agrees_with_llama_cpp() {
         let mut free_cache = cache.clone();
         if f.ids.len() > 1 {
             let fed = &f.ids[..f.ids.len() - 1];
-            let pos: Vec<usize> = (p..p + fed.len()).collect();
-            let out = llama
-                .forward(
-                    &mut cache,
-                    fed,
-                    &pos,
-                    1,
-                    &Mask::Causal,
-                    Logits::All,
-                    &Capture::default(),
-                )
-                .unwrap();
+            let out = verify_forward(llama, &mut cache, fed, p);
             rows.extend((0..fed.len()).map(|i| logits_row(&out.logits, 0, i).unwrap()));
         }
         for (i, (row, &want)) in rows.iter().zip(&f.ids).enumerate() {
@@ -201,6 +190,28 @@ fn greedy_agrees_with_llama_cpp() {
         identical >= 38,
         "only {identical} of 40 greedy continuations equal llama.cpp's"
     );
+}
+
+/// Feeds `tokens` after the `start` cached positions as a draft verification does: causal, every position's
+/// logits, each token as if decoded alone.
+fn verify_forward(
+    llama: &Llama,
+    cache: &mut KvCache,
+    tokens: &[u32],
+    start: usize,
+) -> ForwardOutput {
+    let positions: Vec<usize> = (start..start + tokens.len()).collect();
+    llama
+        .forward(
+            cache,
+            tokens,
+            &positions,
+            1,
+            &Mask::Causal,
+            Logits::All,
+            &Capture::default(),
+        )
+        .unwrap()
 }
 
 /// Greedy decoding after a prefill of `p` tokens whose last logits are `first`: our own argmax fed back, up to 32
@@ -369,21 +380,8 @@ fn prompt_tiles_change_prompts_only() {
 
         // A draft-verification forward on the same cache: bit for bit the default's.
         let fed = &f.ids[..f.ids.len().min(8)];
-        let pos: Vec<usize> = (p..p + fed.len()).collect();
         let verify = |m: &specula_core::Model| {
-            let mut cache = default_cache.clone();
-            let out = m
-                .llama
-                .forward(
-                    &mut cache,
-                    fed,
-                    &pos,
-                    1,
-                    &Mask::Causal,
-                    Logits::All,
-                    &Capture::default(),
-                )
-                .unwrap();
+            let out = verify_forward(&m.llama, &mut default_cache.clone(), fed, p);
             out.logits.flatten_all().unwrap().to_vec1::<f32>().unwrap()
         };
         assert_eq!(

@@ -91,16 +91,7 @@ impl Projections {
                 }
                 let t = x.elem_count() / cols.max(1);
                 let input = x.flatten_all()?.to_vec1::<f32>()?;
-                let output = matrix.matmul(&input, t);
-                let mut parts = vec![Vec::with_capacity(t * matrix.rows); self.widths.len()];
-                for row in output.chunks_exact(matrix.rows) {
-                    let mut rest = row;
-                    for (part, &w) in parts.iter_mut().zip(&self.widths) {
-                        let (mine, tail) = rest.split_at(w.min(rest.len()));
-                        part.extend_from_slice(mine);
-                        rest = tail;
-                    }
-                }
+                let parts = self.forward_rows_in(&input, t, MatmulArithmetic::VecDot)?;
                 parts
                     .into_iter()
                     .zip(&self.widths)
