@@ -173,7 +173,7 @@ fn with_tiles<R>(f: impl FnOnce(Configured) -> R) -> R {
 #[derive(Default)]
 struct Scratch {
     #[cfg(target_arch = "x86_64")]
-    sums: [simd::Sums; 2],
+    sums: simd::Sums,
 }
 
 /// Up to 16 weight rows unpacked for the tile multiply's left operand.
@@ -306,8 +306,8 @@ mod simd {
         granted == 0
     }
 
-    /// The tile shapes: tmm0 and tmm3 16 × 16 integer sums (weight row × activation row), tmm1 and tmm4 16
-    /// weight rows × 32 bytes, tmm2 and tmm5 8 rows of 64 activation bytes (four of each of 16 rows).
+    /// The tile shapes: tmm0 16 × 16 integer sums (weight row × activation row), tmm1 16 weight rows × 32 bytes,
+    /// tmm2 8 rows of 64 activation bytes (four of each of 16 rows).
     #[repr(C, align(64))]
     struct TileConfig {
         palette: u8,
@@ -321,62 +321,34 @@ mod simd {
         palette: 1,
         start_row: 0,
         reserved: [0; 14],
-        bytes_per_row: [64, 32, 64, 64, 32, 64, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-        rows: [16, 16, 8, 16, 16, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        bytes_per_row: [64, 32, 64, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        rows: [16, 16, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
     };
 
     #[repr(C, align(64))]
     #[derive(Default)]
     pub struct Sums([[i32; TILE_ROWS]; TILE_ROWS]);
 
-    /// Integer tiles of one block each for blocks `b` (into `first`) and `b + 1` (into `second`, if any).
+    /// One block's integer tile: 16 weight rows' 32 bytes against 16 activation rows' 32 bytes.
     #[inline]
-    fn tile_sums(
-        weights: (&[u8; 512], Option<&[u8; 512]>),
-        activations: (&[[i8; 64]; 8], Option<&[[i8; 64]; 8]>),
-        first: &mut Sums,
-        second: &mut Sums,
-    ) {
-        // SAFETY: the configured shapes read exactly 16 × 32 bytes of each weight array and 8 × 64 bytes of each
-        // activation array, and write exactly the 16 × 16 integers of `first` and `second`; the tiles were
-        // configured by the caller on this thread.
+    fn block_sums(weights: &[u8; 512], activations: &[[i8; 64]; 8], sums: &mut Sums) {
+        // SAFETY: the configured shapes read exactly the 16 × 32 bytes of `weights` and the 8 × 64 bytes of
+        // `activations`, and write exactly the 16 × 16 integers of `sums`; the caller configured the tiles on this
+        // thread.
         unsafe {
-            match (weights.1, activations.1) {
-                (Some(w2), Some(a2)) => asm!(
-                    "tileloadd tmm1, [{w1} + {s32}*1]",
-                    "tileloadd tmm2, [{a1} + {s64}*1]",
-                    "tilezero tmm0",
-                    "tdpbusd tmm0, tmm1, tmm2",
-                    "tileloadd tmm4, [{w2} + {s32}*1]",
-                    "tileloadd tmm5, [{a2} + {s64}*1]",
-                    "tilezero tmm3",
-                    "tdpbusd tmm3, tmm4, tmm5",
-                    "tilestored [{c1} + {s64}*1], tmm0",
-                    "tilestored [{c2} + {s64}*1], tmm3",
-                    w1 = in(reg) weights.0.as_ptr(),
-                    a1 = in(reg) activations.0.as_ptr(),
-                    w2 = in(reg) w2.as_ptr(),
-                    a2 = in(reg) a2.as_ptr(),
-                    c1 = in(reg) first.0.as_mut_ptr(),
-                    c2 = in(reg) second.0.as_mut_ptr(),
-                    s32 = in(reg) 32usize,
-                    s64 = in(reg) 64usize,
-                    options(nostack),
-                ),
-                _ => asm!(
-                    "tileloadd tmm1, [{w1} + {s32}*1]",
-                    "tileloadd tmm2, [{a1} + {s64}*1]",
-                    "tilezero tmm0",
-                    "tdpbusd tmm0, tmm1, tmm2",
-                    "tilestored [{c1} + {s64}*1], tmm0",
-                    w1 = in(reg) weights.0.as_ptr(),
-                    a1 = in(reg) activations.0.as_ptr(),
-                    c1 = in(reg) first.0.as_mut_ptr(),
-                    s32 = in(reg) 32usize,
-                    s64 = in(reg) 64usize,
-                    options(nostack),
-                ),
-            }
+            asm!(
+                "tileloadd tmm1, [{w} + {s32}*1]",
+                "tileloadd tmm2, [{a} + {s64}*1]",
+                "tilezero tmm0",
+                "tdpbusd tmm0, tmm1, tmm2",
+                "tilestored [{c} + {s64}*1], tmm0",
+                w = in(reg) weights.as_ptr(),
+                a = in(reg) activations.as_ptr(),
+                c = in(reg) sums.0.as_mut_ptr(),
+                s32 = in(reg) 32usize,
+                s64 = in(reg) 64usize,
+                options(nostack),
+            );
         }
     }
 
@@ -431,7 +403,7 @@ mod simd {
     pub fn multiply(
         group: &ActivationGroup,
         tile: &WeightTile,
-        sums: &mut [Sums; 2],
+        sums: &mut Sums,
         out: &mut [[f32; TILE_ROWS]; TILE_ROWS],
     ) {
         // SAFETY: `available()` checked AVX-512 and was granted the tiles, which the caller configured.
@@ -442,28 +414,18 @@ mod simd {
     fn multiply_tiles(
         group: &ActivationGroup,
         tile: &WeightTile,
-        sums: &mut [Sums; 2],
+        sums: &mut Sums,
         out: &mut [[f32; TILE_ROWS]; TILE_ROWS],
     ) {
         let mut acc = [_mm512_setzero_ps(); TILE_ROWS];
-        let [first, second] = sums;
-        let blocks = tile.qs.len().min(group.qs.len());
-        let mut b = 0;
-        while b < blocks {
-            let (Some(w1), Some(a1)) = (tile.qs.get(b), group.qs.get(b)) else {
-                break;
-            };
-            let (w2, a2) = (tile.qs.get(b + 1), group.qs.get(b + 1));
-            tile_sums((w1, w2), (a1, a2), first, second);
-            for (sums, at) in [(&*first, b), (&*second, b + 1)] {
-                let (Some(dw), Some(da)) = (tile.scales.get(at), group.scales.get(at)) else {
-                    break;
-                };
-                if at < blocks {
-                    scale_into(&mut acc, sums, dw, da);
-                }
-            }
-            b += 2;
+        let blocks = tile
+            .qs
+            .iter()
+            .zip(&tile.scales)
+            .zip(group.qs.iter().zip(&group.scales));
+        for ((weights, dw), (activations, da)) in blocks {
+            block_sums(weights, activations, sums);
+            scale_into(&mut acc, sums, dw, da);
         }
         add_min_terms(&mut acc, tile, group);
         for (o, acc) in out.iter_mut().zip(acc) {
