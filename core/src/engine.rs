@@ -34,11 +34,8 @@ static PROMPT_TILES: AtomicBool = AtomicBool::new(false);
 /// Makes every later [`Model::load`] use [`Kernels::PromptTiles`] (the binary's `--prompt-tiles`): prompts
 /// processed faster on CPUs with AMX, in an arithmetic of their own. Refused where the CPU has no AMX.
 pub fn set_prompt_tiles(on: bool) -> Result<()> {
-    if on && !crate::kernels::amx::available() {
-        return Err(Error::InvalidInput(
-            "prompt tiles need a CPU with AMX-INT8 (and Linux 5.16 or later); this one has none"
-                .into(),
-        ));
+    if on {
+        crate::kernels::amx::require()?;
     }
     PROMPT_TILES.store(on, Ordering::Relaxed);
     Ok(())

@@ -136,10 +136,8 @@ impl Llama {
         sha256: String,
         kernels: Kernels,
     ) -> Result<Self> {
-        if kernels == Kernels::PromptTiles && !crate::kernels::amx::available() {
-            return Err(Error::InvalidInput(
-                "prompt tiles need a CPU with AMX-INT8 (and Linux 5.16 or later); this one has none".into(),
-            ));
+        if kernels == Kernels::PromptTiles {
+            crate::kernels::amx::require()?;
         }
         let device = Device::Cpu;
         let config = Config::from_gguf(ct, path)?;
@@ -308,8 +306,9 @@ impl Llama {
         let visible = visibility(mask, t);
         let prompt_like = *mask == Mask::Causal && (logits == Logits::Last || capture.prompt);
         let paths = attention::paths(t, prompt_like);
-        // A tile holds 16 rows: shorter chunks (a decoding step, a short prompt) stay with `vec_dot`.
-        let matmul = if prompt_like && rows >= crate::kernels::amx::TILE_ROWS {
+        // A tile holds 16 rows: shorter chunks (a short prompt) and decoding steps, batched beams included, stay
+        // with `vec_dot`.
+        let matmul = if prompt_like && t >= crate::kernels::amx::TILE_ROWS {
             self.prompt_matmul
         } else {
             MatmulArithmetic::VecDot

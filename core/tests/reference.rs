@@ -336,6 +336,7 @@ fn prompt_tiles_change_prompts_only() {
     assert_eq!(default.llama.info.prompt_matmul, None);
     let fixtures: Vec<Greedy> = jsonl("tests/fixtures/llamacpp_greedy.jsonl");
     let (mut identical, mut moved, mut largest, mut first_agree) = (0, 0, 0f32, 0);
+    let mut tile_sized = 0;
     let mut far_from_tie = Vec::new();
     for f in &fixtures {
         let p = f.prompt_ids.len();
@@ -378,8 +379,12 @@ fn prompt_tiles_change_prompts_only() {
             }
         }
 
-        // A draft-verification forward on the same cache: bit for bit the default's.
-        let fed = &f.ids[..f.ids.len().min(8)];
+        // A draft-verification forward on the same cache, long enough to fill tiles if it took them: bit for bit
+        // the default's.
+        let fed = &f.ids[..];
+        if fed.len() >= specula_core::kernels::amx::TILE_ROWS {
+            tile_sized += 1;
+        }
         let verify = |m: &specula_core::Model| {
             let out = verify_forward(&m.llama, &mut default_cache.clone(), fed, p);
             out.logits.flatten_all().unwrap().to_vec1::<f32>().unwrap()
@@ -405,6 +410,10 @@ fn prompt_tiles_change_prompts_only() {
     assert!(
         moved > 0,
         "the tiles changed no prompt's logits: were they used?"
+    );
+    assert!(
+        tile_sized >= 30,
+        "only {tile_sized} verification forwards were long enough for tiles"
     );
     assert!(
         far_from_tie.is_empty(),

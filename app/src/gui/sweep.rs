@@ -1,7 +1,8 @@
 //! The draft-length sweep, with no egui: the same prompt and settings decoded plainly (the baseline) and then
 //! speculatively with draft lengths 1..=12, or with the cost-aware draft length at a range of costs per draft,
-//! one run after the other so that no two runs share the CPU (their times would be worth nothing). The runs are ordinary runs in the store; their headers carry the sweep's id,
-//! so the sweep's curves are rebuilt from the store, and from saved traces, by [`sweep_data`].
+//! one run after the other so that no two runs share the CPU (their times would be worth nothing). The runs are
+//! ordinary runs in the store; their headers carry the sweep's id, so the sweep's curves are rebuilt from the
+//! store, and from saved traces, by [`sweep_data`].
 
 use std::collections::VecDeque;
 use std::ops::RangeInclusive;

@@ -48,6 +48,18 @@ pub fn available() -> bool {
     })
 }
 
+/// [`available`], or the error that says why the tiles cannot be used here.
+pub fn require() -> crate::error::Result<()> {
+    if available() {
+        Ok(())
+    } else {
+        Err(crate::error::Error::InvalidInput(
+            "prompt tiles need a CPU with AMX-INT8 (and Linux 5.16 or later); this one has none"
+                .into(),
+        ))
+    }
+}
+
 /// The arithmetic of the tile kernel for one weight row and one activation row, in portable scalar code: the
 /// definition the tiles are tested against.
 pub fn q4_1_reference(weights: &[BlockQ4_1], activations: &[ActivationBlock]) -> f32 {
@@ -152,20 +164,29 @@ impl TileActivations {
     }
 }
 
-/// Proof that this thread's tile registers are configured (see [`with_tiles`]); `None` without AMX.
+/// Proof that this thread's tile registers are configured: only [`with_tiles`] makes one, and only while they are.
 #[derive(Clone, Copy)]
-struct Configured(Option<()>);
+struct Configured(());
 
-/// Runs `f` with the tile registers configured on this thread (when AMX is [`available`]), releasing them after.
-fn with_tiles<R>(f: impl FnOnce(Configured) -> R) -> R {
+/// Releases the tiles when dropped, so a panic inside [`with_tiles`] does not leave them configured.
+struct Release;
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        #[cfg(target_arch = "x86_64")]
+        simd::release();
+    }
+}
+
+/// Runs `f` with the tile registers configured on this thread (`None` where AMX is not [`available`]).
+fn with_tiles<R>(f: impl FnOnce(Option<Configured>) -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     if available() {
         simd::configure();
-        let result = f(Configured(Some(())));
-        simd::release();
-        return result;
+        let _release = Release;
+        return f(Some(Configured(())));
     }
-    f(Configured(None))
+    f(None)
 }
 
 /// Integer tiles written by the tile multiply, kept between calls (zeroing them per call costs more than the
@@ -234,14 +255,14 @@ impl ActivationGroup {
     /// `out[i][r]` = weight row `i` · activation row `r` over every block.
     fn multiply(
         &self,
-        tiles: Configured,
+        tiles: Option<Configured>,
         tile: &WeightTile,
         scratch: &mut Scratch,
         out: &mut [[f32; TILE_ROWS]; TILE_ROWS],
     ) {
         #[cfg(target_arch = "x86_64")]
-        if tiles.0.is_some() {
-            simd::multiply(self, tile, &mut scratch.sums, out);
+        if let Some(configured) = tiles {
+            simd::multiply(configured, self, tile, &mut scratch.sums, out);
             return;
         }
         let _ = (tiles, scratch);
@@ -277,7 +298,7 @@ mod simd {
     use std::arch::asm;
     use std::arch::x86_64::*;
 
-    use super::{ActivationGroup, TILE_ROWS, WeightTile};
+    use super::{ActivationGroup, Configured, TILE_ROWS, WeightTile};
 
     /// `arch_prctl` asks for the tile data state (`XFEATURE_XTILEDATA`).
     const ARCH_REQ_XCOMP_PERM: libc::c_ulong = 0x1023;
@@ -401,12 +422,14 @@ mod simd {
 
     /// Runs only between [`configure`] and [`release`] on this thread.
     pub fn multiply(
+        _configured: Configured,
         group: &ActivationGroup,
         tile: &WeightTile,
         sums: &mut Sums,
         out: &mut [[f32; TILE_ROWS]; TILE_ROWS],
     ) {
-        // SAFETY: `available()` checked AVX-512 and was granted the tiles, which the caller configured.
+        // SAFETY: `available()` checked AVX-512 and was granted the tiles, which `Configured` proves are
+        // configured on this thread.
         unsafe { multiply_tiles(group, tile, sums, out) }
     }
 

@@ -165,12 +165,7 @@ impl QuantMatrix {
         }
     }
 
-    /// `x` holds `t` rows of `cols` values; returns `t` rows of `rows` values.
-    pub fn matmul(self: &Arc<Self>, x: &[f32], t: usize) -> Vec<f32> {
-        self.matmul_on(compute_pool(), x, t, Arithmetic::VecDot)
-    }
-
-    /// [`Self::matmul`] in the given arithmetic.
+    /// `x` holds `t` rows of `cols` values; returns `t` rows of `rows` values, in the given arithmetic.
     pub fn matmul_in(self: &Arc<Self>, x: &[f32], t: usize, arithmetic: Arithmetic) -> Vec<f32> {
         self.matmul_on(compute_pool(), x, t, arithmetic)
     }

@@ -97,8 +97,6 @@ impl PromptPanel {
     }
 }
 
-/// The drafter and how much it drafts. Temperature 0 below verifies greedily; above 0 the verifier uses
-/// lossless rejection sampling.
 /// Measures the machine's cost per draft on the loaded model and offers to use it.
 fn measured_cost_ui(ui: &mut egui::Ui, ctx: &ViewCtx<'_>, settings: &mut RunSettings) {
     ui.horizontal(|ui| {
@@ -130,6 +128,8 @@ fn measured_cost_ui(ui: &mut egui::Ui, ctx: &ViewCtx<'_>, settings: &mut RunSett
     });
 }
 
+/// The drafter and how much it drafts. Temperature 0 below verifies greedily; above 0 the verifier uses
+/// lossless rejection sampling.
 fn speculative_ui(ui: &mut egui::Ui, ctx: &ViewCtx<'_>, settings: &mut RunSettings) {
     use specula_core::methods::speculative::{DRAFTER_NAMES, MAX_DRAFT_LEN};
     ui.horizontal(|ui| {

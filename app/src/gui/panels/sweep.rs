@@ -1,8 +1,8 @@
 //! The draft-length sweep: a button that decodes the prompt panel's prompt plainly and then with draft lengths
 //! k = 1..12, or with the cost-aware draft length at costs per draft C = 0..0.8 (one run after the other,
 //! progress and Cancel while it runs), and what each k or C gave: mean accepted tokens (MAT) and the measured and
-//! predicted speedups against it. The curves are rebuilt from the store's runs
-//! that carry the sweep's id, so a saved sweep reopens with them.
+//! predicted speedups against it. The curves are rebuilt from the store's runs that carry the sweep's id, so a
+//! saved sweep reopens with them.
 
 use egui::{Color32, RichText};
 use egui_plot::{HLine, Line, Plot, PlotPoints, Points};

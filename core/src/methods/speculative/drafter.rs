@@ -40,14 +40,13 @@ impl DraftInput<'_> {
         self.point_mass_budget_at(self.acceptance)
     }
 
-    /// The depth of a point-mass draft tree whose cut to depth d holds `nodes_at(d)` nodes: under the cost-aware
+    /// The depth of a point-mass draft tree whose template for depth d holds `nodes_at(d)` nodes: under the cost-aware
     /// policy the depth whose nodes pay for themselves ([`cost_aware_depth`]), else [`Self::point_mass_budget`].
     pub fn tree_depth(&self, nodes_at: impl Fn(usize) -> usize) -> usize {
         match self.params.speculative.draft_cost {
             Some(cost) => {
                 let nodes: Vec<usize> = (0..=self.max_len).map(nodes_at).collect();
-                let a = self.acceptance.clamp(1e-6, 1.0 - 1e-9);
-                cost_aware_depth(a, f64::from(cost), &nodes)
+                cost_aware_depth(clamped(self.acceptance), f64::from(cost), &nodes)
             }
             None => self.point_mass_budget(),
         }
@@ -59,7 +58,7 @@ impl DraftInput<'_> {
     /// drafting goes on while it stays at or under h (at least one), else the fixed length.
     pub fn point_mass_budget_at(&self, acceptance: f64) -> usize {
         let spec = &self.params.speculative;
-        let a = acceptance.clamp(1e-6, 1.0 - 1e-9);
+        let a = clamped(acceptance);
         if let Some(cost) = spec.draft_cost {
             return cost_aware_length(a, f64::from(cost), self.max_len);
         }
@@ -74,6 +73,11 @@ impl DraftInput<'_> {
             }
         }
     }
+}
+
+/// An acceptance kept off 0 and 1, where the length formulas divide by zero.
+fn clamped(acceptance: f64) -> f64 {
+    acceptance.clamp(1e-6, 1.0 - 1e-9)
 }
 
 /// Acceptance assumed before any draft was tested, and the level an unused estimate drifts back to.

@@ -273,6 +273,7 @@ impl Drafter for TokenRecycling {
 
     fn draft(&mut self, input: &mut DraftInput<'_>) -> Result<Draft> {
         let spec = &input.params.speculative;
+        // Only the cost-aware policy asks for the templates' sizes (small trees, cheap to build).
         let depth =
             input.tree_depth(|d| template_named(&spec.tree_template, spec.tree_size, d).len());
         let shape = template_named(&spec.tree_template, spec.tree_size, depth);
