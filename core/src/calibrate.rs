@@ -18,9 +18,9 @@ pub const PREFIX_TOKENS: usize = 64;
 /// Draft tokens whose verification the draft cost is measured from.
 const VERIFIED: usize = 4;
 
-/// Milliseconds of one forward of k tokens after a [`PREFIX_TOKENS`]-token prefill, once for each k in `sizes`
-/// (every position's logits, as a verification asks for them).
-pub fn forward_ms(llama: &Llama, sizes: &[usize]) -> Result<Vec<(usize, f64)>> {
+/// Milliseconds of one forward of k tokens after one [`PREFIX_TOKENS`]-token prefill, for each k in `sizes`, the
+/// sizes taken in turn `repeats` times (every position's logits, as a verification asks for them).
+pub fn forward_ms(llama: &Llama, sizes: &[usize], repeats: usize) -> Result<Vec<(usize, f64)>> {
     let ids: Vec<u32> = (0..PREFIX_TOKENS as u32).map(|i| 300 + 7 * i).collect();
     let positions: Vec<usize> = (0..PREFIX_TOKENS).collect();
     let mut cache = llama.new_cache();
@@ -35,6 +35,8 @@ pub fn forward_ms(llama: &Llama, sizes: &[usize]) -> Result<Vec<(usize, f64)>> {
     )?;
     sizes
         .iter()
+        .cycle()
+        .take(sizes.len() * repeats.max(1))
         .map(|&k| {
             let tokens: Vec<u32> = ids.iter().copied().cycle().take(k).collect();
             let pos: Vec<usize> = (PREFIX_TOKENS..PREFIX_TOKENS + k).collect();
@@ -56,10 +58,15 @@ pub fn forward_ms(llama: &Llama, sizes: &[usize]) -> Result<Vec<(usize, f64)>> {
         .collect()
 }
 
-/// What one drafted token adds to a verification forward, in one-token steps, from a 4-token forward and a
-/// one-token step: `(t4 / t1 − 1) / 3`, within `0..=MAX_DRAFT_COST`.
+/// What one drafted token adds to a verification forward, in one-token steps, from a 4-token forward's time over
+/// a one-token step's: `(t4 / t1 − 1) / 3`, as measured (`specula bench` prints it unclamped).
+pub fn raw_draft_cost(four_over_step: f64) -> f64 {
+    (four_over_step - 1.0) / (VERIFIED - 1) as f64
+}
+
+/// [`raw_draft_cost`] as a run's parameter takes it: within `0..=MAX_DRAFT_COST`, 0 when not measurable.
 pub fn draft_cost(step_ms: f64, four_ms: f64) -> f32 {
-    let cost = (four_ms / step_ms - 1.0) / (VERIFIED - 1) as f64;
+    let cost = raw_draft_cost(four_ms / step_ms);
     if cost.is_finite() {
         (cost as f32).clamp(0.0, MAX_DRAFT_COST)
     } else {
@@ -70,13 +77,11 @@ pub fn draft_cost(step_ms: f64, four_ms: f64) -> f32 {
 /// Measures [`draft_cost`] on this machine: the medians of `repeats` one-token steps and 4-token forwards.
 pub fn measure_draft_cost(llama: &Llama, repeats: usize) -> Result<f32> {
     let (mut steps, mut fours) = (Vec::new(), Vec::new());
-    for _ in 0..repeats.max(1) {
-        for (k, ms) in forward_ms(llama, &[1, VERIFIED])? {
-            if k == 1 {
-                steps.push(ms);
-            } else {
-                fours.push(ms);
-            }
+    for (k, ms) in forward_ms(llama, &[1, VERIFIED], repeats)? {
+        if k == 1 {
+            steps.push(ms);
+        } else {
+            fours.push(ms);
         }
     }
     Ok(draft_cost(median(&mut steps), median(&mut fours)))

@@ -117,7 +117,7 @@ pub fn bench(model_path: Option<&Path>, threads: usize, args: BenchArgs) -> Resu
             "prefill_tokens_per_s",
             prompt.len() as f64 * 1000.0 / prefill,
         );
-        for (k, t) in calibrate::forward_ms(llama, &FORWARD_SIZES)? {
+        for (k, t) in calibrate::forward_ms(llama, &FORWARD_SIZES, 1)? {
             forward_ms.entry(k).or_default().push(t);
         }
         record("decode_tokens_per_s", engine_decode(&model, n, None)?);
@@ -172,7 +172,7 @@ pub fn bench(model_path: Option<&Path>, threads: usize, args: BenchArgs) -> Resu
         "verify16_over_step": round(ratio_to_step(16)),
         // What one drafted token adds to a 4-token verification, in one-token steps: the cost `--draft-cost`
         // takes.
-        "verify_token_cost": round((ratio_to_step(4) - 1.0) / 3.0),
+        "verify_token_cost": round(calibrate::raw_draft_cost(ratio_to_step(4))),
         // What recording the trace costs: the engine's decode against bare forwards with an argmax.
         "trace_capture_cost": round(1.0 - decode / median("forward_only_tokens_per_s")),
         "attention_capture_cost_last_2_layers": round(
