@@ -5,10 +5,10 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use common::{max_abs_diff, model, model_path};
+use common::{chain, max_abs_diff, model, model_path};
 use std::sync::OnceLock;
 
-use specula_core::model::{Capture, KvCache, Llama, Logits, Mask, logits_row};
+use specula_core::model::{Capture, Llama, Logits, Mask, logits_row};
 use specula_core::sampling::argmax;
 
 const PROMPT: &str =
@@ -16,26 +16,6 @@ const PROMPT: &str =
 
 fn prompt_ids() -> Vec<u32> {
     model().tokenizer.encode(PROMPT).unwrap()
-}
-
-/// Feeds `tokens` after the cache's contents as a chain and returns each position's logits.
-fn chain(llama: &Llama, cache: &mut KvCache, tokens: &[u32]) -> Vec<Vec<f32>> {
-    let start = cache.len();
-    let positions: Vec<usize> = (start..start + tokens.len()).collect();
-    let out = llama
-        .forward(
-            cache,
-            tokens,
-            &positions,
-            1,
-            &Mask::Causal,
-            Logits::All,
-            &Capture::default(),
-        )
-        .unwrap();
-    (0..tokens.len())
-        .map(|i| logits_row(&out.logits, 0, i).unwrap())
-        .collect()
 }
 
 /// Prefill and one decode step of candle-transformers' stock quantized_llama on the prompt: (prefill logits,

@@ -6,10 +6,10 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::{model, spec, speculative_params, workspace_root};
+use common::{chain, model, spec, speculative_params, workspace_root};
 use serde::Deserialize;
 use specula_core::kv_cache::KvCache;
-use specula_core::model::{Capture, ForwardOutput, Llama, Logits, Mask, logits_row};
+use specula_core::model::{Capture, Logits, Mask, logits_row};
 use specula_core::sampling::{PositionStats, argmax};
 use specula_core::{MethodParams, SamplingParams, generate};
 
@@ -143,8 +143,7 @@ fn greedy_agrees_with_llama_cpp() {
         let mut free_cache = cache.clone();
         if f.ids.len() > 1 {
             let fed = &f.ids[..f.ids.len() - 1];
-            let out = verify_forward(llama, &mut cache, fed, p);
-            rows.extend((0..fed.len()).map(|i| logits_row(&out.logits, 0, i).unwrap()));
+            rows.extend(chain(llama, &mut cache, fed));
         }
         for (i, (row, &want)) in rows.iter().zip(&f.ids).enumerate() {
             positions += 1;
@@ -190,28 +189,6 @@ fn greedy_agrees_with_llama_cpp() {
         identical >= 38,
         "only {identical} of 40 greedy continuations equal llama.cpp's"
     );
-}
-
-/// Feeds `tokens` after the `start` cached positions as a draft verification does: causal, every position's
-/// logits, each token as if decoded alone.
-fn verify_forward(
-    llama: &Llama,
-    cache: &mut KvCache,
-    tokens: &[u32],
-    start: usize,
-) -> ForwardOutput {
-    let positions: Vec<usize> = (start..start + tokens.len()).collect();
-    llama
-        .forward(
-            cache,
-            tokens,
-            &positions,
-            1,
-            &Mask::Causal,
-            Logits::All,
-            &Capture::default(),
-        )
-        .unwrap()
 }
 
 /// Greedy decoding after a prefill of `p` tokens whose last logits are `first`: our own argmax fed back, up to 32
@@ -385,10 +362,7 @@ fn prompt_tiles_change_prompts_only() {
         if fed.len() >= specula_core::kernels::amx::TILE_ROWS {
             tile_sized += 1;
         }
-        let verify = |m: &specula_core::Model| {
-            let out = verify_forward(&m.llama, &mut default_cache.clone(), fed, p);
-            out.logits.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-        };
+        let verify = |m: &specula_core::Model| chain(&m.llama, &mut default_cache.clone(), fed);
         assert_eq!(
             verify(&tiles),
             verify(default),

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
+use specula_core::model::{Capture, KvCache, Llama, Logits, Mask, logits_row};
 use specula_core::trace::SpeculativeParams;
 use specula_core::{MethodParams, Model, PromptSpec, RunSpec, SamplingParams};
 
@@ -71,4 +72,24 @@ pub fn speculative_params(drafter: &str, sampling: SamplingParams) -> MethodPara
         },
         ..MethodParams::default()
     }
+}
+
+/// Feeds `tokens` after the cache's contents as a chain and returns each position's logits.
+pub fn chain(llama: &Llama, cache: &mut KvCache, tokens: &[u32]) -> Vec<Vec<f32>> {
+    let start = cache.len();
+    let positions: Vec<usize> = (start..start + tokens.len()).collect();
+    let out = llama
+        .forward(
+            cache,
+            tokens,
+            &positions,
+            1,
+            &Mask::Causal,
+            Logits::All,
+            &Capture::default(),
+        )
+        .unwrap();
+    (0..tokens.len())
+        .map(|i| logits_row(&out.logits, 0, i).unwrap())
+        .collect()
 }
