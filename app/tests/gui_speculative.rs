@@ -350,4 +350,18 @@ fn run_statistics_name_the_prompt_matmul() {
     harness.run();
     harness.get_by_label("Prompt matmul");
     harness.get_by_label("amx-tiles");
+    assert!(harness.query_all_by_label("Matmul").next().is_none());
+}
+
+/// A trace made with `--block-sums` says so in its statistics: every forward was rounded differently.
+#[test]
+fn run_statistics_name_the_block_sums_arithmetic() {
+    let mut trace = speculative_trace();
+    trace.header.model.matmul = Some("block-sums".into());
+    let (mut harness, _dir) = harness_with(&trace, SIZE);
+    harness.get_by_label("Run statistics").click();
+    harness.run();
+    harness.get_by_label("Matmul");
+    harness.get_by_label("block-sums");
+    assert!(harness.query_all_by_label("Prompt matmul").next().is_none());
 }

@@ -1,8 +1,9 @@
 //! Repeats one k-token forward after a prefill (64 tokens unless a third argument says otherwise), for profilers:
 //! `perf record -g target/release/examples/forward_profile 16 200` (k = 16, 200 forwards).
-//! `forward_profile matmul 8 [vecdot|tiles]` times the matmul kernels alone, in one arithmetic or both (an
-//! FFN-sized Q4_1 matrix and the LM head's Q8_0 shape, 8 activation rows). Prints medians, so a change can be
-//! checked without the full `specula bench`.
+//! `forward_profile matmul 8 [vecdot|tiles|sums]` times the matmul kernels alone, in one arithmetic or all (an
+//! FFN-sized Q4_1 matrix and the LM head's Q8_0 shape, 8 activation rows). `--block-sums` anywhere loads the
+//! model in the block-sums arithmetic. Prints medians, so a change can be checked without the full
+//! `specula bench`.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -11,14 +12,22 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use specula_core::Model;
 use specula_core::kernels::{Arithmetic, QuantMatrix};
-use specula_core::model::{Capture, Logits, Mask};
+use specula_core::model::{Capture, Kernels, Logits, Mask};
 
 fn median(mut times: Vec<f64>) -> f64 {
     times.sort_by(f64::total_cmp);
     times.get(times.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-fn matmuls(t: usize, only: Option<Arithmetic>) -> Result<(), Box<dyn std::error::Error>> {
+/// The arithmetics `matmul` can time.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kernel {
+    VecDot,
+    Tiles,
+    BlockSums,
+}
+
+fn matmuls(t: usize, only: Option<Kernel>) -> Result<(), Box<dyn std::error::Error>> {
     for (name, rows, cols, dtype) in [
         ("gate/up Q4_1", 3072, 576, GgmlDType::Q4_1),
         ("down Q4_1", 576, 1536, GgmlDType::Q4_1),
@@ -27,15 +36,21 @@ fn matmuls(t: usize, only: Option<Arithmetic>) -> Result<(), Box<dyn std::error:
         let weights = Tensor::randn(0f32, 0.05, (rows, cols), &Device::Cpu)?;
         let matrix = QuantMatrix::from_qtensor(&QTensor::quantize(&weights, dtype)?)?
             .ok_or("format not covered")?;
+        let interleaved = Arc::new(matrix.clone().interleaved());
         let matrix = Arc::new(matrix);
         let x: Vec<f32> = (0..t * cols)
             .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
             .collect();
         let repeats = (100_000_000 / (rows * cols)).max(20);
-        for arithmetic in [Arithmetic::VecDot, Arithmetic::Tiles] {
-            if only.is_some_and(|o| o != arithmetic) {
+        for kernel in [Kernel::VecDot, Kernel::Tiles, Kernel::BlockSums] {
+            if only.is_some_and(|o| o != kernel) {
                 continue;
             }
+            let (matrix, arithmetic) = match kernel {
+                Kernel::VecDot => (&matrix, Arithmetic::VecDot),
+                Kernel::Tiles => (&matrix, Arithmetic::Tiles),
+                Kernel::BlockSums => (&interleaved, Arithmetic::VecDot),
+            };
             let mut times = Vec::new();
             for _ in 0..repeats {
                 let started = Instant::now();
@@ -46,7 +61,7 @@ fn matmuls(t: usize, only: Option<Arithmetic>) -> Result<(), Box<dyn std::error:
             let seconds = times.iter().copied().fold(f64::INFINITY, f64::min);
             let row_blocks = (rows * cols / 32 * t) as f64;
             println!(
-                "{name:>13} {rows}x{cols}, {t} rows, {arithmetic:?}: {:.3} ms, {:.2} ns per weight block and row",
+                "{name:>13} {rows}x{cols}, {t} rows, {kernel:?}: {:.3} ms, {:.2} ns per weight block and row",
                 seconds * 1e3,
                 seconds * 1e9 / row_blocks
             );
@@ -56,11 +71,14 @@ fn matmuls(t: usize, only: Option<Arithmetic>) -> Result<(), Box<dyn std::error:
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let block_sums = args.iter().any(|a| a == "--block-sums");
+    args.retain(|a| a != "--block-sums");
     if args.first().map(String::as_str) == Some("matmul") {
         let only = match args.get(2).map(String::as_str) {
-            Some("tiles") => Some(Arithmetic::Tiles),
-            Some("vecdot") => Some(Arithmetic::VecDot),
+            Some("tiles") => Some(Kernel::Tiles),
+            Some("vecdot") => Some(Kernel::VecDot),
+            Some("sums") => Some(Kernel::BlockSums),
             _ => None,
         };
         return matmuls(
@@ -72,9 +90,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let k = args.next().transpose()?.unwrap_or(16);
     let repeats = args.next().transpose()?.unwrap_or(100);
     let prefix_len = args.next().transpose()?.unwrap_or(64);
-    let model = Model::load(std::path::Path::new(
-        "models/SmolLM2-135M-Instruct.Q4_1.gguf",
-    ))?;
+    let kernels = if block_sums {
+        Kernels::BlockSums
+    } else {
+        Kernels::default()
+    };
+    let model = Model::load_with(
+        std::path::Path::new("models/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        kernels,
+    )?;
     let llama = &model.llama;
     let prefix: Vec<u32> = (0..prefix_len as u32)
         .map(|i| 300 + (7 * i) % 20_000)

@@ -3,8 +3,8 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use crate::error::{Error, Result};
@@ -28,28 +28,27 @@ pub struct Model {
     pub recycled: SharedMatrix,
 }
 
-/// Whether [`Model::load`] multiplies prompt chunks with AMX tiles ([`Kernels::PromptTiles`]).
-static PROMPT_TILES: AtomicBool = AtomicBool::new(false);
+/// The matmul kernels every later [`Model::load`] uses ([`set_kernels`]).
+static KERNELS: Mutex<Kernels> = Mutex::new(Kernels::Specula);
 
-/// Makes every later [`Model::load`] use [`Kernels::PromptTiles`] (the binary's `--prompt-tiles`): prompts
-/// processed faster on CPUs with AMX, in an arithmetic of their own. Refused where the CPU has no AMX.
-pub fn set_prompt_tiles(on: bool) -> Result<()> {
-    if on {
-        crate::kernels::amx::require()?;
+/// Makes every later [`Model::load`] use `kernels` (the binary's `--prompt-tiles` and `--block-sums`: an
+/// arithmetic of their own, faster on CPUs that have the instructions). Refused, with the reason, where the CPU
+/// lacks them.
+pub fn set_kernels(kernels: Kernels) -> Result<()> {
+    match kernels {
+        Kernels::PromptTiles => crate::kernels::amx::require()?,
+        Kernels::BlockSums => crate::kernels::block_sums::require()?,
+        Kernels::Specula | Kernels::Candle => {}
     }
-    PROMPT_TILES.store(on, Ordering::Relaxed);
+    *KERNELS.lock().unwrap_or_else(PoisonError::into_inner) = kernels;
     Ok(())
 }
 
 impl Model {
     /// Loads a Llama GGUF. A corrupt, truncated or foreign file gives an error that names it, never a panic.
-    /// Uses the kernels [`set_prompt_tiles`] chose (the default's unless the binary asked for tiles).
+    /// Uses the kernels [`set_kernels`] chose (the default's unless the binary asked for others).
     pub fn load(path: &Path) -> Result<Self> {
-        let kernels = if PROMPT_TILES.load(Ordering::Relaxed) {
-            Kernels::PromptTiles
-        } else {
-            Kernels::default()
-        };
+        let kernels = *KERNELS.lock().unwrap_or_else(PoisonError::into_inner);
         Self::load_with(path, kernels)
     }
 

@@ -24,7 +24,7 @@ pub mod tokenizer;
 pub mod trace;
 pub mod worker;
 
-pub use engine::{Fork, Model, PromptSpec, Run, RunSpec, generate, set_prompt_tiles};
+pub use engine::{Fork, Model, PromptSpec, Run, RunSpec, generate, set_kernels};
 pub use error::{Error, Result};
 pub use trace::{MethodParams, SamplingParams, Trace};
 

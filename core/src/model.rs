@@ -136,8 +136,10 @@ impl Llama {
         sha256: String,
         kernels: Kernels,
     ) -> Result<Self> {
-        if kernels == Kernels::PromptTiles {
-            crate::kernels::amx::require()?;
+        match kernels {
+            Kernels::PromptTiles => crate::kernels::amx::require()?,
+            Kernels::BlockSums => crate::kernels::block_sums::require()?,
+            Kernels::Specula | Kernels::Candle => {}
         }
         let device = Device::Cpu;
         let config = Config::from_gguf(ct, path)?;
@@ -217,6 +219,7 @@ impl Llama {
             context_length: config.context_length,
             file_bytes,
             prompt_matmul: (kernels == Kernels::PromptTiles).then(|| "amx-tiles".to_owned()),
+            matmul: (kernels == Kernels::BlockSums).then(|| "block-sums".to_owned()),
         };
         Ok(Self {
             config,
@@ -228,12 +231,14 @@ impl Llama {
             cos,
             sin,
             arithmetic: match kernels {
-                Kernels::Specula | Kernels::PromptTiles => Arithmetic::LlamaCpp(Flavor::detect()),
+                Kernels::Specula | Kernels::PromptTiles | Kernels::BlockSums => {
+                    Arithmetic::LlamaCpp(Flavor::detect())
+                }
                 Kernels::Candle => Arithmetic::Exact,
             },
             prompt_matmul: match kernels {
                 Kernels::PromptTiles => MatmulArithmetic::Tiles,
-                Kernels::Specula | Kernels::Candle => MatmulArithmetic::VecDot,
+                Kernels::Specula | Kernels::BlockSums | Kernels::Candle => MatmulArithmetic::VecDot,
             },
             device,
         })

@@ -303,7 +303,7 @@ fn prompt_tiles_change_prompts_only() {
     use specula_core::model::Kernels;
     if !specula_core::kernels::amx::available() {
         eprintln!("no AMX-INT8 here: the tile arithmetic is covered by the kernel tests only");
-        assert!(specula_core::set_prompt_tiles(true).is_err());
+        assert!(specula_core::set_kernels(Kernels::PromptTiles).is_err());
         return;
     }
     let default = model();
@@ -388,6 +388,86 @@ fn prompt_tiles_change_prompts_only() {
     assert!(
         tile_sized >= 30,
         "only {tile_sized} verification forwards were long enough for tiles"
+    );
+    assert!(
+        far_from_tie.is_empty(),
+        "first tokens unlike llama.cpp's beyond a near-tie: questions {far_from_tie:?}"
+    );
+    assert!(
+        first_agree >= 36,
+        "first token llama.cpp's on only {first_agree} of 40"
+    );
+}
+
+/// `--block-sums` (per-block integer sums in every forward): one arithmetic for steps and verification, so a
+/// 32-token verification forward gives exactly the logits of 32 decoding steps; it rounds differently from
+/// `vec_dot` (prompt logits move) and still picks llama.cpp's first token but for near-ties.
+#[test]
+fn block_sums_verify_exactly_as_steps_decode() {
+    use specula_core::model::Kernels;
+    if !specula_core::kernels::block_sums::available() {
+        eprintln!("no AVX-512 VNNI here: block sums are covered by the kernel tests only");
+        assert!(specula_core::set_kernels(Kernels::BlockSums).is_err());
+        return;
+    }
+    let default = model();
+    let sums = specula_core::Model::load_with(&common::model_path(), Kernels::BlockSums).unwrap();
+    assert_eq!(sums.llama.info.matmul.as_deref(), Some("block-sums"));
+    assert_eq!(default.llama.info.matmul, None);
+    let fixtures: Vec<Greedy> = jsonl("tests/fixtures/llamacpp_greedy.jsonl");
+    let (mut identical, mut moved, mut first_agree, mut compared) = (0, 0, 0, 0);
+    let mut far_from_tie = Vec::new();
+    for (n, f) in fixtures.iter().enumerate() {
+        let p = f.prompt_ids.len();
+        let prefill = |m: &specula_core::Model| {
+            let mut cache = m.llama.new_cache();
+            let logits = chain(&m.llama, &mut cache, &f.prompt_ids).pop().unwrap();
+            (cache, logits)
+        };
+        let (_, want) = prefill(default);
+        let (mut cache, got) = prefill(&sums);
+        moved += usize::from(got != want);
+        if argmax(&got) == f.ids[0] {
+            first_agree += 1;
+        } else {
+            let stats = PositionStats::new(&got);
+            let margin = stats.logprobs[argmax(&got) as usize] - stats.logprobs[f.ids[0] as usize];
+            eprintln!(
+                "question {}: first token {} against llama.cpp's {}, margin {margin:.4}",
+                f.question_id,
+                argmax(&got),
+                f.ids[0]
+            );
+            if margin > NEAR_TIE {
+                far_from_tie.push(f.question_id);
+            }
+        }
+        // The defining property, on a quarter of the prompts (it holds per row, whatever the prompt).
+        if n % 4 == 0 {
+            let verified = chain(&sums.llama, &mut cache.clone(), &f.ids);
+            let mut stepping = cache.clone();
+            let stepped: Vec<Vec<f32>> = f
+                .ids
+                .iter()
+                .flat_map(|&id| chain(&sums.llama, &mut stepping, &[id]))
+                .collect();
+            assert_eq!(
+                verified, stepped,
+                "question {}: a verification forward must equal step-by-step decoding",
+                f.question_id
+            );
+            compared += 1;
+        }
+        identical += usize::from(free_run(&sums, &mut cache, p, &got) == f.ids);
+    }
+    eprintln!(
+        "block sums: {moved} of 40 prompts' last logits differ from the default's; first token llama.cpp's on \
+         {first_agree} of 40; {identical} of 40 greedy continuations of 32 tokens equal llama.cpp's (40 with \
+         the default arithmetic); verification equal to steps on {compared} prompts"
+    );
+    assert!(
+        moved > 0,
+        "block sums changed no prompt's logits: were they used?"
     );
     assert!(
         far_from_tie.is_empty(),

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
+use specula_core::model::Kernels;
 use specula_core::store::{ModelSource, ModelStore};
 
 mod bench;
@@ -31,6 +32,12 @@ pub struct Cli {
     /// trace's model info). Decoding steps and draft verification are unchanged.
     #[arg(long, global = true)]
     pub prompt_tiles: bool,
+    /// Interleave the weights and sum each weight block as one integer in every forward, as llama.cpp's own
+    /// AVX512-VNNI and AMX kernels do (CPUs with AVX-512 VNNI): verifying drafts costs little more than a step,
+    /// rounded differently from llama.cpp's `vec_dot`, so greedy output may part from llama.cpp's after a
+    /// near-tie (recorded in the trace's model info). Verification still equals step-by-step decoding.
+    #[arg(long, global = true, conflicts_with = "prompt_tiles")]
+    pub block_sums: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -55,7 +62,11 @@ pub struct FetchArgs {
 }
 
 pub fn main(cli: Cli) -> Result<()> {
-    specula_core::set_prompt_tiles(cli.prompt_tiles)?;
+    specula_core::set_kernels(match (cli.prompt_tiles, cli.block_sums) {
+        (true, _) => Kernels::PromptTiles,
+        (false, true) => Kernels::BlockSums,
+        (false, false) => Kernels::default(),
+    })?;
     match cli.command {
         Some(Command::Run(args)) => run::run(cli.model.as_deref(), *args),
         Some(Command::Bench(args)) => bench::bench(cli.model.as_deref(), cli.threads, args),

@@ -60,23 +60,9 @@ pub fn require() -> crate::error::Result<()> {
     }
 }
 
-/// The arithmetic of the tile kernel for one weight row and one activation row, in portable scalar code: the
-/// definition the tiles are tested against.
-pub fn q4_1_reference(weights: &[BlockQ4_1], activations: &[ActivationBlock]) -> f32 {
-    let (mut main, mut min) = (0f32, 0f32);
-    for (w, a) in weights.iter().zip(activations) {
-        let sum: i32 = w
-            .nibbles()
-            .iter()
-            .zip(&a.qs)
-            .map(|(&q, &x)| i32::from(q) * i32::from(x))
-            .sum();
-        let scale = w.d.to_f32() * a.d;
-        main = scale.mul_add(sum as f32, main);
-        min = w.m.to_f32().mul_add(a.s, min);
-    }
-    main + min
-}
+/// The arithmetic of the tile kernel for one weight row and one activation row: block sums' (the tiles compute
+/// the same per-block integer sums as [`super::block_sums`]).
+pub use super::block_sums::q4_1_reference;
 
 /// Activation rows repacked for the tiles, 16 rows per group.
 #[derive(Clone, Debug)]
@@ -166,7 +152,7 @@ impl TileActivations {
 
 /// Proof that this thread's tile registers are configured: only [`with_tiles`] makes one, and only while they are.
 #[derive(Clone, Copy)]
-struct Configured(());
+pub(super) struct Configured(());
 
 /// Releases the tiles when dropped, so a panic inside [`with_tiles`] does not leave them configured.
 struct Release;
@@ -179,7 +165,7 @@ impl Drop for Release {
 }
 
 /// Runs `f` with the tile registers configured on this thread (`None` where AMX is not [`available`]).
-fn with_tiles<R>(f: impl FnOnce(Option<Configured>) -> R) -> R {
+pub(super) fn with_tiles<R>(f: impl FnOnce(Option<Configured>) -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     if available() {
         simd::configure();

@@ -8,6 +8,8 @@
 //! formats keep candle's `QMatMul`.
 //!
 //! - [`amx`]: AMX tiles for prompt chunks, an opt-in arithmetic of its own (per-block integer sums).
+//! - [`block_sums`]: weights interleaved 16 rows at a time and per-block integer sums for every forward, the
+//!   opt-in arithmetic in which several rows cost little more than one.
 //! - [`blocks`]: block layouts and activation quantization.
 //! - [`dot`]: scalar reference dot products and their AVX2 versions (bit-identical).
 //! - [`paired`]: the AVX-512 kernels for several activation rows (two rows per register; bit-identical).
@@ -17,6 +19,7 @@
 //! - [`vector`]: AVX-512 SwiGLU and activation quantization (bit-identical to their scalar definitions).
 
 pub mod amx;
+pub mod block_sums;
 pub mod blocks;
 pub mod dot;
 pub mod f16;
@@ -31,6 +34,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use candle_core::quantized::{GgmlDType, QTensor};
 
 use amx::TileActivations;
+use block_sums::{Q4_1x16, Q8_0x16};
 use blocks::{ActivationBlock, BLOCK, BlockQ4_1, BlockQ8_0};
 use huge_pages::{ArenaWriter, BlockBuffer};
 use paired::PairedActivations;
@@ -41,6 +45,9 @@ use pool::{ComputePool, Job};
 pub enum Blocks {
     Q4_1(BlockBuffer<BlockQ4_1>),
     Q8_0(BlockBuffer<BlockQ8_0>),
+    /// Interleaved for [`block_sums`], 16 rows per tile (the last padded).
+    Q4_1x16(BlockBuffer<Q4_1x16>),
+    Q8_0x16(BlockBuffer<Q8_0x16>),
 }
 
 /// A `(rows, cols)` weight matrix, `y = x Wᵀ`, stored as the file's quantized blocks (row-major).
@@ -99,21 +106,48 @@ impl QuantMatrix {
         if parts.iter().any(|p| p.cols != first.cols) {
             return None;
         }
+        // Stacked before interleaving: tiles of rows cannot be concatenated once padded.
         let blocks = match &first.blocks {
             Blocks::Q4_1(_) => Blocks::Q4_1(concat(parts, |b| match b {
                 Blocks::Q4_1(b) => Some(b),
-                Blocks::Q8_0(_) => None,
+                _ => None,
             })?),
             Blocks::Q8_0(_) => Blocks::Q8_0(concat(parts, |b| match b {
                 Blocks::Q8_0(b) => Some(b),
-                Blocks::Q4_1(_) => None,
+                _ => None,
             })?),
+            Blocks::Q4_1x16(_) | Blocks::Q8_0x16(_) => return None,
         };
         Some(Self {
             rows: parts.iter().map(|p| p.rows).sum(),
             cols: first.cols,
             blocks,
         })
+    }
+
+    /// The same matrix in [`block_sums`]' interleaved layout (the same bytes, rearranged): every later matmul
+    /// takes the block-sums arithmetic.
+    pub fn interleaved(self) -> Self {
+        let per_row = self.cols / BLOCK;
+        let blocks = match &self.blocks {
+            Blocks::Q4_1(b) => Blocks::Q4_1x16(
+                block_sums::interleave_q4_1(b, self.rows, per_row)
+                    .into_iter()
+                    .collect(),
+            ),
+            Blocks::Q8_0(b) => Blocks::Q8_0x16(
+                block_sums::interleave_q8_0(b, self.rows, per_row)
+                    .into_iter()
+                    .collect(),
+            ),
+            Blocks::Q4_1x16(_) | Blocks::Q8_0x16(_) => return self,
+        };
+        Self { blocks, ..self }
+    }
+
+    /// Whether matmuls take the [`block_sums`] arithmetic (the matrix is [`Self::interleaved`]).
+    pub fn block_sums(&self) -> bool {
+        matches!(self.blocks, Blocks::Q4_1x16(_) | Blocks::Q8_0x16(_))
     }
 
     /// Moves the blocks of `matrices`, in order (the order the forward reads them), into one mapping advised
@@ -125,6 +159,8 @@ impl QuantMatrix {
             .map(|m| match &m.blocks {
                 Blocks::Q4_1(b) => ArenaWriter::room_for(b),
                 Blocks::Q8_0(b) => ArenaWriter::room_for(b),
+                Blocks::Q4_1x16(b) => ArenaWriter::room_for(b),
+                Blocks::Q8_0x16(b) => ArenaWriter::room_for(b),
             })
             .sum();
         let Some(mut writer) = ArenaWriter::new(room) else {
@@ -136,6 +172,8 @@ impl QuantMatrix {
             .map(|m| match &mut m.blocks {
                 Blocks::Q4_1(b) => writer.write(b),
                 Blocks::Q8_0(b) => writer.write(b),
+                Blocks::Q4_1x16(b) => writer.write(b),
+                Blocks::Q8_0x16(b) => writer.write(b),
             })
             .collect();
         let arena = writer.finish();
@@ -144,24 +182,49 @@ impl QuantMatrix {
             match (&mut m.blocks, written) {
                 (Blocks::Q4_1(b), Some(w)) => huge_pages::place(b, &arena, w),
                 (Blocks::Q8_0(b), Some(w)) => huge_pages::place(b, &arena, w),
+                (Blocks::Q4_1x16(b), Some(w)) => huge_pages::place(b, &arena, w),
+                (Blocks::Q8_0x16(b), Some(w)) => huge_pages::place(b, &arena, w),
                 (_, None) => all = false,
             }
         }
         all
     }
 
+    /// Blocks stored, padding rows included.
     fn block_count(&self) -> usize {
         match &self.blocks {
             Blocks::Q4_1(b) => b.len(),
             Blocks::Q8_0(b) => b.len(),
+            Blocks::Q4_1x16(b) => b.len() * block_sums::ROWS,
+            Blocks::Q8_0x16(b) => b.len() * block_sums::ROWS,
         }
     }
 
     /// Dequantized rows (tests and reference computations).
     pub fn dequantize(&self) -> Vec<f32> {
+        let per_row = (self.cols / BLOCK).max(1);
+        // Row `row` of an interleaved matrix, block by block.
+        let tile_rows = |row: usize| {
+            let tile = row / block_sums::ROWS * per_row;
+            (tile..tile + per_row, row % block_sums::ROWS)
+        };
         match &self.blocks {
             Blocks::Q4_1(b) => b.iter().flat_map(|b| b.dequantize()).collect(),
             Blocks::Q8_0(b) => b.iter().flat_map(|b| b.dequantize()).collect(),
+            Blocks::Q4_1x16(b) => (0..self.rows)
+                .flat_map(|row| {
+                    let (blocks, j) = tile_rows(row);
+                    let tiles = b.get(blocks).unwrap_or(&[]);
+                    tiles.iter().flat_map(move |t| t.row(j).dequantize())
+                })
+                .collect(),
+            Blocks::Q8_0x16(b) => (0..self.rows)
+                .flat_map(|row| {
+                    let (blocks, j) = tile_rows(row);
+                    let tiles = b.get(blocks).unwrap_or(&[]);
+                    tiles.iter().flat_map(move |t| t.row(j).dequantize())
+                })
+                .collect(),
         }
     }
 
@@ -183,29 +246,41 @@ impl QuantMatrix {
             blocks::quantize_activations(row, &mut activations);
         }
         let threads = pool.threads();
+        let per_row = self.cols / BLOCK;
         let tiles = (arithmetic == Arithmetic::Tiles && matches!(self.blocks, Blocks::Q4_1(_)))
-            .then(|| TileActivations::new(&activations, self.cols / BLOCK));
+            .then(|| TileActivations::new(&activations, per_row));
         // Enough chunks that a helper stalled by the scheduler leaves little behind, few enough to stay cheap;
-        // whole tiles of 16 weight rows for the tile kernel.
+        // whole tiles of 16 weight rows for the tile and block-sums kernels.
         let chunk_rows = if threads == 1 {
             self.rows
         } else {
             let rows = (self.rows / (8 * threads)).clamp(16, 256);
-            if tiles.is_some() {
-                rows.next_multiple_of(amx::TILE_ROWS)
+            if tiles.is_some() || self.block_sums() {
+                rows.next_multiple_of(block_sums::ROWS)
             } else {
                 rows
             }
         };
         // One row streams the weights at memory speed with the 256-bit kernel; several rows are bound by
         // arithmetic, where pairing rows in 512-bit registers halves the instructions.
-        let paired = (tiles.is_none() && t > PAIRED_FROM && PairedActivations::available())
-            .then(|| PairedActivations::new(&activations, self.cols / BLOCK));
+        let paired = (tiles.is_none()
+            && !self.block_sums()
+            && t > PAIRED_FROM
+            && PairedActivations::available())
+        .then(|| PairedActivations::new(&activations, per_row));
+        let (activations, block_sums) = if self.block_sums() {
+            let q8_0 = matches!(self.blocks, Blocks::Q8_0x16(_));
+            let prepared = block_sums::Activations::new(activations, per_row, q8_0);
+            (Vec::new(), Some(prepared))
+        } else {
+            (activations, None)
+        };
         let job = Arc::new(MatmulJob {
             matrix: self.clone(),
             activations,
             tiles,
             paired,
+            block_sums,
             t,
             chunk_rows,
             results: (0..self.rows.div_ceil(chunk_rows))
@@ -213,6 +288,13 @@ impl QuantMatrix {
                 .collect(),
         });
         pool.run(job.clone());
+        // One chunk of every row is already laid out as the result (one thread): taken, not copied.
+        if let [only] = job.results.as_slice() {
+            let mut values = only.lock().unwrap_or_else(PoisonError::into_inner);
+            if values.len() == t * self.rows {
+                return std::mem::take(&mut *values);
+            }
+        }
         // Chunks hold t runs of their rows' values (activation row-major), so each lands with one copy.
         let mut out = vec![0f32; t * self.rows];
         for (c, chunk) in job.results.iter().enumerate() {
@@ -237,7 +319,8 @@ pub enum Arithmetic {
     #[default]
     VecDot,
     /// Per-block integer sums ([`amx`]): AMX tiles where the CPU has them, the same arithmetic in scalar code
-    /// elsewhere. Q8_0 matrices keep [`Arithmetic::VecDot`].
+    /// elsewhere. Q8_0 matrices keep [`Arithmetic::VecDot`]. (An [`QuantMatrix::interleaved`] matrix takes
+    /// [`block_sums`] whatever is asked.)
     Tiles,
 }
 
@@ -250,6 +333,7 @@ struct MatmulJob {
     activations: Vec<ActivationBlock>,
     tiles: Option<TileActivations>,
     paired: Option<PairedActivations>,
+    block_sums: Option<block_sums::Activations>,
     t: usize,
     chunk_rows: usize,
     results: Vec<Mutex<Vec<f32>>>,
@@ -268,12 +352,20 @@ impl Job for MatmulJob {
         let len = last - first;
         let range = first * per_row..last * per_row;
         let mut values = vec![0f32; len * self.t];
-        if let (Some(tiles), Blocks::Q4_1(b)) = (&self.tiles, &m.blocks) {
+        // Interleaved chunks start on a tile (chunk_rows is a multiple of 16).
+        let tiles_range =
+            first / block_sums::ROWS * per_row..last.div_ceil(block_sums::ROWS) * per_row;
+        if let (Some(acts), Blocks::Q4_1x16(b)) = (&self.block_sums, &m.blocks) {
+            acts.q4_1(b.get(tiles_range).unwrap_or(&[]), len, &mut values);
+        } else if let (Some(acts), Blocks::Q8_0x16(b)) = (&self.block_sums, &m.blocks) {
+            acts.q8_0(b.get(tiles_range).unwrap_or(&[]), len, &mut values);
+        } else if let (Some(tiles), Blocks::Q4_1(b)) = (&self.tiles, &m.blocks) {
             tiles.q4_1(b.get(range).unwrap_or(&[]), per_row, &mut values);
         } else if let Some(paired) = &self.paired {
             match &m.blocks {
                 Blocks::Q4_1(b) => paired.q4_1(b.get(range).unwrap_or(&[]), per_row, &mut values),
                 Blocks::Q8_0(b) => paired.q8_0(b.get(range).unwrap_or(&[]), per_row, &mut values),
+                Blocks::Q4_1x16(_) | Blocks::Q8_0x16(_) => {}
             }
         } else {
             let acts: Vec<&[ActivationBlock]> = self.activations.chunks_exact(per_row).collect();
@@ -294,6 +386,7 @@ impl Job for MatmulJob {
                         acts,
                         values,
                     ),
+                    Blocks::Q4_1x16(_) | Blocks::Q8_0x16(_) => {}
                 }
             }
         }
@@ -381,10 +474,32 @@ mod tests {
                     }
                     Blocks::Q4_1(b) => dot::q4_1_reference(&b[range], &acts),
                     Blocks::Q8_0(b) => dot::q8_0_reference(&b[range], &acts),
+                    _ => unreachable!("references take the file's layout"),
                 };
             }
         }
         out
+    }
+
+    /// The [`block_sums`] references, row by row, on the file's layout.
+    fn reference_block_sums(m: &QuantMatrix, x: &[f32]) -> Vec<f32> {
+        let per_row = m.cols / BLOCK;
+        x.chunks_exact(m.cols)
+            .flat_map(|input| {
+                let mut acts = Vec::new();
+                blocks::quantize_activations(input, &mut acts);
+                (0..m.rows)
+                    .map(|row| {
+                        let range = row * per_row..(row + 1) * per_row;
+                        match &m.blocks {
+                            Blocks::Q4_1(b) => block_sums::q4_1_reference(&b[range], &acts),
+                            Blocks::Q8_0(b) => block_sums::q8_0_reference(&b[range], &acts),
+                            _ => unreachable!("references take the file's layout"),
+                        }
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect()
     }
 
     #[test]
@@ -396,11 +511,22 @@ mod tests {
             let rows = [1, 7, 64, 300, 577][case % 5];
             let cols = 32 * (1 + case % 4);
             let m = Arc::new(matrix(&mut rng, rows, cols, case % 2 == 1));
+            let interleaved = Arc::new((*m).clone().interleaved());
+            assert!(interleaved.block_sums() && !m.block_sums());
+            assert_eq!(interleaved.dequantize(), m.dequantize());
             for t in [1, 2, 3, 4, 5, 6, 16, 19] {
                 let x: Vec<f32> = (0..t * cols).map(|_| rng.random_range(-2.0..2.0)).collect();
                 let want = reference(&m, &x, t);
                 let want_tiles = reference_in(&m, &x, t, Arithmetic::Tiles);
+                let want_sums = reference_block_sums(&m, &x);
                 for pool in &pools {
+                    let got = interleaved.matmul_on(pool, &x, t, Arithmetic::VecDot);
+                    assert_eq!(
+                        got,
+                        want_sums,
+                        "block sums: rows {rows} cols {cols} t {t} threads {}",
+                        pool.threads()
+                    );
                     let got = m.matmul_on(pool, &x, t, Arithmetic::VecDot);
                     assert_eq!(
                         got,

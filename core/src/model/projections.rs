@@ -19,6 +19,11 @@ pub enum Kernels {
     /// faster prompts, rounded differently from llama.cpp's `vec_dot` (greedy output may part from llama.cpp's
     /// after a near-tie). Decoding steps and verification forwards are unchanged. Needs a CPU with AMX-INT8.
     PromptTiles,
+    /// Ours, with the weights interleaved for per-block integer sums in every forward ([`crate::kernels::block_sums`]):
+    /// verification forwards cost little more than a step, rounded differently from llama.cpp's `vec_dot` (greedy
+    /// output may part from llama.cpp's after a near-tie). Verification still equals step-by-step decoding.
+    /// Needs a CPU with AVX-512 VNNI.
+    BlockSums,
     /// candle's `QMatMul` everywhere: bit-identical to candle-transformers' `quantized_llama`, which is how the
     /// parity test checks the rest of the forward.
     Candle,
@@ -49,7 +54,10 @@ impl Projections {
                 .map(|t| QuantMatrix::from_qtensor(t))
                 .collect::<candle_core::Result<_>>()?;
             let stacked = own.and_then(|m| QuantMatrix::stack(&m.iter().collect::<Vec<_>>()));
-            if let Some(matrix) = stacked {
+            if let Some(mut matrix) = stacked {
+                if kernels == Kernels::BlockSums {
+                    matrix = matrix.interleaved();
+                }
                 return Ok(Self {
                     kernel: ProjectionKernel::Specula(Arc::new(matrix)),
                     widths,

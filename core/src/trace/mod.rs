@@ -121,6 +121,10 @@ pub struct ModelInfo {
     /// logits differ from the default's in the last bits; absent for the default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt_matmul: Option<String>,
+    /// "block-sums" when every matmul summed each weight block as one integer (`--block-sums`), whose logits
+    /// differ from the default's in the last bits; absent for the default (llama.cpp's `vec_dot`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub matmul: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

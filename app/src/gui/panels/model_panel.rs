@@ -32,6 +32,14 @@ pub fn model_status_ui(ui: &mut egui::Ui, ctx: &ViewCtx<'_>) {
                          differently from llama.cpp's vec_dot (decoding steps and verification are not)",
                     );
             }
+            if info.matmul.is_some() {
+                ui.label(RichText::new("Block sums").color(ui.visuals().warn_fg_color))
+                    .on_hover_text(
+                        "Started with --block-sums: every forward sums each weight block as one integer, \
+                         rounded differently from llama.cpp's vec_dot; verifying drafts still gives exactly \
+                         the logits of decoding them one by one",
+                    );
+            }
         }
         ModelState::Loading { path } => {
             ui.spinner();

@@ -37,6 +37,9 @@ impl StatsPanel {
                             megabytes(h.model.file_bytes)
                         ),
                     );
+                    if let Some(matmul) = &h.model.matmul {
+                        row("Matmul", matmul.clone());
+                    }
                     if let Some(matmul) = &h.model.prompt_matmul {
                         row("Prompt matmul", matmul.clone());
                     }

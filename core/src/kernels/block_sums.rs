@@ -1,0 +1,903 @@
+//! Per-block integer sums over weights interleaved 16 rows at a time: an opt-in arithmetic in which a decoding
+//! step, a verification forward and a prompt chunk all round alike, and several rows cost little more than one.
+//!
+//! ggml's `vec_dot` (which [`super::dot`] and [`super::paired`] reproduce) keeps eight float lanes of
+//! four-product sums per weight block, so each block and activation row needs eight conversions and eight
+//! multiply-adds: about one cycle, whatever the layout, which is what bounds multi-token forwards here.
+//! llama.cpp's own repacked kernels for AVX512-VNNI and AMX (the ones it runs on this host) instead sum a block's
+//! 32 products as one integer and scale it once. This module does the same: 16 weight rows' blocks are stored
+//! side by side ([`Q4_1x16`], [`Q8_0x16`]) so that one `vpdpbusd` multiplies four weights of all 16 rows by four
+//! activation bytes broadcast to every lane, and a block's 16 integer sums need one conversion and one
+//! multiply-add for all 16 rows. The order of operations, per weight row and activation row
+//! ([`q4_1_reference`], [`q8_0_reference`]):
+//!
+//! `main = fma(d_w · d_a, Σ q_w q_a, main)` block after block; for Q4_1 the `m` terms summed apart
+//! (`min = fma(m_w, s_a, min)`, as `vec_dot` sums them, since they nearly cancel the main terms) and
+//! `main + min` at the end.
+//!
+//! The rows of an activation matrix never meet, so one row gives the same bits alone or among many: verifying
+//! drafts gives exactly the logits decoding them one by one gives, as with `vec_dot`. Integer sums are exact, so
+//! this is as precise as `vec_dot`, but rounded differently, and the model amplifies that (greedy continuations
+//! part from llama.cpp's `vec_dot` fixtures after a near-tie). It is therefore never a default: the binary asks
+//! for it (`--block-sums`) and the trace's model info records it. The AMX tiles of [`super::amx`] compute the same
+//! sums for Q4_1 ([`super::amx::q4_1_reference`] is [`q4_1_reference`]).
+//!
+//! The interleaved layout holds exactly the file's bytes, rearranged (Q8_0's shifted by 128, see [`Q8_0x16`]),
+//! so the model takes no more memory; a matrix whose rows are not a multiple of 16 is padded with zero rows.
+
+use bytemuck::{Pod, Zeroable};
+use half::f16;
+
+use super::blocks::{ActivationBlock, BlockQ4_1, BlockQ8_0};
+
+/// Weight rows interleaved per block.
+pub const ROWS: usize = 16;
+/// Activation rows per pass over a tile of weight rows: their accumulators and the unpacked weights fill the
+/// 32 vector registers.
+const PASS_ROWS: usize = 8;
+/// Activation rows from which a matmul multiplies with AMX tiles, where the CPU has them: one tile multiply
+/// gives a block's sums for 16 weight rows and up to 16 activation rows, where `vpdpbusd` needs eight
+/// instructions per activation row. Q4_1 weights must be unpacked into bytes for the tiles first, which costs
+/// more than the tiles save below 16 rows; Q8_0 weights load as they are. (Measured with `forward_profile`.)
+const Q4_1_TILES_FROM: usize = 16;
+const Q8_0_TILES_FROM: usize = 8;
+/// Activation rows per tile multiply.
+const TILE_PASS_ROWS: usize = 16;
+
+/// Block `b` of 16 consecutive Q4_1 weight rows. Row `j`'s 16 bytes of nibbles are four little-endian words, and
+/// word `c` sits in lane `j` of `qs[c]`: its low nibbles are the row's weights `4c..4c+4`, its high nibbles
+/// `16+4c..16+4c+4` (the file's own nibble order, so unpacking a chunk gives two groups of four weights for all
+/// 16 rows).
+#[derive(Clone, Copy, Debug, PartialEq, Pod, Zeroable)]
+#[repr(C)]
+pub struct Q4_1x16 {
+    pub d: [f16; ROWS],
+    pub m: [f16; ROWS],
+    pub qs: [[u8; 64]; 4],
+}
+
+/// Block `b` of 16 consecutive Q8_0 weight rows: row `j`'s weights `4g..4g+4` in lane `j` of `qs[g]`, each plus
+/// 128 (`vpdpbusd` multiplies unsigned by signed bytes; the activations' side subtracts 128 · their sum).
+#[derive(Clone, Copy, Debug, PartialEq, Pod, Zeroable)]
+#[repr(C)]
+pub struct Q8_0x16 {
+    pub d: [f16; ROWS],
+    pub qs: [[u8; 64]; 8],
+}
+
+/// The weights of `rows` rows of `per_row` blocks (row-major) interleaved: tile `t`'s blocks at
+/// `[t * per_row..(t + 1) * per_row]`, the last tile padded with zero rows.
+pub fn interleave_q4_1(blocks: &[BlockQ4_1], rows: usize, per_row: usize) -> Vec<Q4_1x16> {
+    interleave(blocks, rows, per_row, |tile: &mut Q4_1x16, j, w| {
+        tile.d[j] = w.d;
+        tile.m[j] = w.m;
+        for (c, chunk) in tile.qs.iter_mut().enumerate() {
+            chunk[4 * j..4 * j + 4].copy_from_slice(&w.qs[4 * c..4 * c + 4]);
+        }
+    })
+}
+
+/// [`interleave_q4_1`] for Q8_0.
+pub fn interleave_q8_0(blocks: &[BlockQ8_0], rows: usize, per_row: usize) -> Vec<Q8_0x16> {
+    interleave(blocks, rows, per_row, |tile: &mut Q8_0x16, j, w| {
+        tile.d[j] = w.d;
+        for (g, chunk) in tile.qs.iter_mut().enumerate() {
+            for (dst, &q) in chunk[4 * j..4 * j + 4]
+                .iter_mut()
+                .zip(&w.qs[4 * g..4 * g + 4])
+            {
+                *dst = q.wrapping_sub(i8::MIN) as u8;
+            }
+        }
+    })
+}
+
+/// Padding rows (and rows past the end of `blocks`) are zero blocks.
+fn interleave<W: Zeroable, T: Zeroable>(
+    blocks: &[W],
+    rows: usize,
+    per_row: usize,
+    mut put: impl FnMut(&mut T, usize, &W),
+) -> Vec<T> {
+    let zero = W::zeroed();
+    let mut tiles = Vec::with_capacity(rows.div_ceil(ROWS) * per_row);
+    for first in (0..rows).step_by(ROWS) {
+        for b in 0..per_row {
+            let mut tile = T::zeroed();
+            for j in 0..ROWS {
+                let w = (first + j < rows)
+                    .then(|| blocks.get((first + j) * per_row + b))
+                    .flatten();
+                put(&mut tile, j, w.unwrap_or(&zero));
+            }
+            tiles.push(tile);
+        }
+    }
+    tiles
+}
+
+impl Q4_1x16 {
+    /// Row `j`'s block, as the file stores it.
+    pub fn row(&self, j: usize) -> BlockQ4_1 {
+        let mut qs = [0u8; 16];
+        for (c, chunk) in self.qs.iter().enumerate() {
+            qs[4 * c..4 * c + 4].copy_from_slice(&chunk[4 * j..4 * j + 4]);
+        }
+        BlockQ4_1 {
+            d: self.d[j],
+            m: self.m[j],
+            qs,
+        }
+    }
+}
+
+impl Q8_0x16 {
+    /// Row `j`'s block, as the file stores it.
+    pub fn row(&self, j: usize) -> BlockQ8_0 {
+        let mut qs = [0i8; 32];
+        for (g, chunk) in self.qs.iter().enumerate() {
+            for (dst, &q) in qs[4 * g..4 * g + 4]
+                .iter_mut()
+                .zip(&chunk[4 * j..4 * j + 4])
+            {
+                *dst = (q ^ 0x80) as i8;
+            }
+        }
+        BlockQ8_0 { d: self.d[j], qs }
+    }
+}
+
+/// The arithmetic for one Q4_1 weight row and one activation row, in portable scalar code: the definition the
+/// kernels are tested against.
+pub fn q4_1_reference(weights: &[BlockQ4_1], activations: &[ActivationBlock]) -> f32 {
+    let (mut main, mut min) = (0f32, 0f32);
+    for (w, a) in weights.iter().zip(activations) {
+        let sum: i32 = w
+            .nibbles()
+            .iter()
+            .zip(&a.qs)
+            .map(|(&q, &x)| i32::from(q) * i32::from(x))
+            .sum();
+        let scale = w.d.to_f32() * a.d;
+        main = scale.mul_add(sum as f32, main);
+        min = w.m.to_f32().mul_add(a.s, min);
+    }
+    main + min
+}
+
+/// [`q4_1_reference`] for Q8_0 weights (no `m` term).
+pub fn q8_0_reference(weights: &[BlockQ8_0], activations: &[ActivationBlock]) -> f32 {
+    let mut main = 0f32;
+    for (w, a) in weights.iter().zip(activations) {
+        let sum: i32 =
+            w.qs.iter()
+                .zip(&a.qs)
+                .map(|(&q, &x)| i32::from(q) * i32::from(x))
+                .sum();
+        main = (w.d.to_f32() * a.d).mul_add(sum as f32, main);
+    }
+    main
+}
+
+/// Whether this CPU has the instructions (checked once; the scalar reference runs otherwise).
+pub fn available() -> bool {
+    super::paired::PairedActivations::available()
+}
+
+/// [`available`], or the error that says why block sums cannot be used here.
+pub fn require() -> crate::error::Result<()> {
+    if available() {
+        Ok(())
+    } else {
+        Err(crate::error::Error::InvalidInput(
+            "block sums need a CPU with AVX-512 VNNI; this one has none".into(),
+        ))
+    }
+}
+
+/// Activation rows (row-major, `per_row` blocks each) ready for the kernels.
+pub struct Activations {
+    per_row: usize,
+    blocks: Vec<ActivationBlock>,
+    /// `[row * per_row + block]`: 128 · Σ q_a, what shifting Q8_0 weights by 128 adds to a block's sum (empty
+    /// for Q4_1 weights).
+    shifts: Vec<i32>,
+    /// `[pass * per_row + block]`: the rows again, 16 per pass, for the AMX tiles (empty unless used).
+    tile_blocks: Vec<TileBlock>,
+}
+
+/// One block of up to 16 activation rows: the tile multiply's left operand and what scales its sums.
+#[derive(Clone, Copy, Debug)]
+#[repr(C, align(64))]
+pub struct TileBlock {
+    /// Row `r`'s 32 values (missing rows zero).
+    qs: [[i8; 32]; TILE_PASS_ROWS],
+    d: [f32; TILE_PASS_ROWS],
+    s: [f32; TILE_PASS_ROWS],
+    /// 128 · Σ q_a (Q8_0 weights only).
+    shift: [i32; TILE_PASS_ROWS],
+}
+
+impl Activations {
+    pub fn new(blocks: Vec<ActivationBlock>, per_row: usize, q8_0: bool) -> Self {
+        let shifts = if q8_0 {
+            blocks
+                .iter()
+                .map(|a| 128 * a.qs.iter().map(|&q| i32::from(q)).sum::<i32>())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let per_row = per_row.max(1);
+        let rows = blocks.len() / per_row;
+        let tiles_from = if q8_0 {
+            Q8_0_TILES_FROM
+        } else {
+            Q4_1_TILES_FROM
+        };
+        let tile_blocks = if rows >= tiles_from && super::amx::available() {
+            tile_blocks(&blocks, per_row, q8_0)
+        } else {
+            Vec::new()
+        };
+        Self {
+            per_row,
+            blocks,
+            shifts,
+            tile_blocks,
+        }
+    }
+
+    /// For the tiles in `weights` holding `n` real weight rows: `out[r * n + i]` = weight row `i` · activation
+    /// row `r`, bit for bit [`q4_1_reference`].
+    pub fn q4_1(&self, weights: &[Q4_1x16], n: usize, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if self.with_tiles(weights, n, out, simd::q4_1_tiles) {
+            return;
+        }
+        let rows: Vec<&[ActivationBlock]> = self.blocks.chunks_exact(self.per_row).collect();
+        for (t, tile) in weights.chunks_exact(self.per_row).enumerate() {
+            for (pass, rows) in rows.chunks(PASS_ROWS).enumerate() {
+                let mut sums = [[0f32; ROWS]; PASS_ROWS];
+                #[cfg(target_arch = "x86_64")]
+                let done = available() && {
+                    simd::q4_1(tile, rows, &mut sums);
+                    true
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                let done = false;
+                if !done {
+                    for (acts, row_sums) in rows.iter().zip(sums.iter_mut()) {
+                        for (j, sum) in row_sums.iter_mut().enumerate() {
+                            *sum = q4_1_reference(&tile_row(tile, Q4_1x16::row, j), acts);
+                        }
+                    }
+                }
+                scatter(&sums, rows.len(), pass * PASS_ROWS, t, n, out);
+            }
+        }
+    }
+
+    /// [`Self::q4_1`] for Q8_0 weights, bit for bit [`q8_0_reference`] (needs `q8_0` in [`Self::new`]).
+    pub fn q8_0(&self, weights: &[Q8_0x16], n: usize, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if self.with_tiles(weights, n, out, simd::q8_0_tiles) {
+            return;
+        }
+        let rows: Vec<&[ActivationBlock]> = self.blocks.chunks_exact(self.per_row).collect();
+        let shifts: Vec<&[i32]> = self.shifts.chunks_exact(self.per_row).collect();
+        for (t, tile) in weights.chunks_exact(self.per_row).enumerate() {
+            let passes = rows.chunks(PASS_ROWS).zip(shifts.chunks(PASS_ROWS));
+            for (pass, (rows, shifts)) in passes.enumerate() {
+                let mut sums = [[0f32; ROWS]; PASS_ROWS];
+                #[cfg(target_arch = "x86_64")]
+                let done = available() && {
+                    simd::q8_0(tile, rows, shifts, &mut sums);
+                    true
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                let done = false;
+                if !done {
+                    for (acts, row_sums) in rows.iter().zip(sums.iter_mut()) {
+                        for (j, sum) in row_sums.iter_mut().enumerate() {
+                            *sum = q8_0_reference(&tile_row(tile, Q8_0x16::row, j), acts);
+                        }
+                    }
+                }
+                scatter(&sums, rows.len(), pass * PASS_ROWS, t, n, out);
+            }
+        }
+    }
+}
+
+/// A tile kernel: one tile of weight rows against one pass of activation rows (`rows` of them real).
+#[cfg(target_arch = "x86_64")]
+type TileKernel<W> =
+    fn(super::amx::Configured, &[W], &[TileBlock], usize, &mut [[f32; ROWS]; TILE_PASS_ROWS]);
+
+impl Activations {
+    /// The AMX path of [`Self::q4_1`] and [`Self::q8_0`]: false (nothing written) unless the rows were prepared
+    /// for tiles and this thread got them.
+    #[cfg(target_arch = "x86_64")]
+    fn with_tiles<W>(
+        &self,
+        weights: &[W],
+        n: usize,
+        out: &mut [f32],
+        kernel: TileKernel<W>,
+    ) -> bool {
+        if self.tile_blocks.is_empty() {
+            return false;
+        }
+        let rows = self.blocks.len() / self.per_row;
+        super::amx::with_tiles(|configured| {
+            let Some(configured) = configured else {
+                return false;
+            };
+            for (t, tile) in weights.chunks_exact(self.per_row).enumerate() {
+                for (pass, acts) in self.tile_blocks.chunks_exact(self.per_row).enumerate() {
+                    let first = pass * TILE_PASS_ROWS;
+                    let pass_rows = TILE_PASS_ROWS.min(rows.saturating_sub(first));
+                    let mut sums = [[0f32; ROWS]; TILE_PASS_ROWS];
+                    kernel(configured, tile, acts, pass_rows, &mut sums);
+                    scatter(&sums, pass_rows, first, t, n, out);
+                }
+            }
+            true
+        })
+    }
+}
+
+/// The rows regrouped 16 per pass for the tiles, padded with zero rows.
+fn tile_blocks(blocks: &[ActivationBlock], per_row: usize, q8_0: bool) -> Vec<TileBlock> {
+    let rows: Vec<&[ActivationBlock]> = blocks.chunks_exact(per_row).collect();
+    let mut out = Vec::with_capacity(rows.len().div_ceil(TILE_PASS_ROWS) * per_row);
+    for pass in rows.chunks(TILE_PASS_ROWS) {
+        for b in 0..per_row {
+            let mut tile = TileBlock {
+                qs: [[0; 32]; TILE_PASS_ROWS],
+                d: [0.0; TILE_PASS_ROWS],
+                s: [0.0; TILE_PASS_ROWS],
+                shift: [0; TILE_PASS_ROWS],
+            };
+            for (r, row) in pass.iter().enumerate() {
+                if let Some(a) = row.get(b) {
+                    tile.qs[r] = a.qs;
+                    tile.d[r] = a.d;
+                    tile.s[r] = a.s;
+                    if q8_0 {
+                        tile.shift[r] = 128 * a.qs.iter().map(|&q| i32::from(q)).sum::<i32>();
+                    }
+                }
+            }
+            out.push(tile);
+        }
+    }
+    out
+}
+
+/// Weight row `j` of a tile, block by block, as the file stores it.
+fn tile_row<T, W>(tile: &[T], row: fn(&T, usize) -> W, j: usize) -> Vec<W> {
+    tile.iter().map(|block| row(block, j)).collect()
+}
+
+/// Writes a pass's sums (`sums[r][j]`: activation row `first_row + r`, weight row `t * 16 + j`) into
+/// activation-row-major `out`, leaving out the padding rows.
+fn scatter(
+    sums: &[[f32; ROWS]],
+    rows: usize,
+    first_row: usize,
+    t: usize,
+    n: usize,
+    out: &mut [f32],
+) {
+    let first = t * ROWS;
+    let len = ROWS.min(n.saturating_sub(first));
+    for (r, row_sums) in sums.iter().enumerate().take(rows) {
+        let at = (first_row + r) * n + first;
+        if let (Some(dst), Some(src)) = (out.get_mut(at..at + len), row_sums.get(..len)) {
+            dst.copy_from_slice(src);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod simd {
+    //! SIMD intrinsics. Entry points run only after [`super::available`]; every load reads a fixed-size array
+    //! through a pointer to it.
+    use std::arch::asm;
+    use std::arch::x86_64::*;
+
+    use super::{PASS_ROWS, Q4_1x16, Q8_0x16, ROWS, TILE_PASS_ROWS, TileBlock};
+    use crate::kernels::amx::Configured;
+    use crate::kernels::blocks::ActivationBlock;
+
+    /// 1.5 · 2²³: integer sums added onto its bits give floats from which subtracting it leaves exactly that
+    /// integer (|sum| < 2²²), a conversion on the adder pipes (see `paired`).
+    const MAGIC: f32 = 12_582_912.0;
+
+    pub fn q4_1(tile: &[Q4_1x16], rows: &[&[ActivationBlock]], out: &mut [[f32; ROWS]; PASS_ROWS]) {
+        // SAFETY: the caller checked the instruction sets at run time.
+        unsafe {
+            match rows.len() {
+                1 => q4_1_pass::<1>(tile, rows, out),
+                2 => q4_1_pass::<2>(tile, rows, out),
+                3 => q4_1_pass::<3>(tile, rows, out),
+                4 => q4_1_pass::<4>(tile, rows, out),
+                5 => q4_1_pass::<5>(tile, rows, out),
+                6 => q4_1_pass::<6>(tile, rows, out),
+                7 => q4_1_pass::<7>(tile, rows, out),
+                _ => q4_1_pass::<PASS_ROWS>(tile, rows, out),
+            }
+        }
+    }
+
+    pub fn q8_0(
+        tile: &[Q8_0x16],
+        rows: &[&[ActivationBlock]],
+        shifts: &[&[i32]],
+        out: &mut [[f32; ROWS]; PASS_ROWS],
+    ) {
+        // SAFETY: the caller checked the instruction sets at run time.
+        unsafe {
+            match rows.len() {
+                1 => q8_0_pass::<1>(tile, rows, shifts, out),
+                2 => q8_0_pass::<2>(tile, rows, shifts, out),
+                3 => q8_0_pass::<3>(tile, rows, shifts, out),
+                4 => q8_0_pass::<4>(tile, rows, shifts, out),
+                5 => q8_0_pass::<5>(tile, rows, shifts, out),
+                6 => q8_0_pass::<6>(tile, rows, shifts, out),
+                7 => q8_0_pass::<7>(tile, rows, shifts, out),
+                _ => q8_0_pass::<PASS_ROWS>(tile, rows, shifts, out),
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    fn load_u8x64(bytes: &[u8; 64]) -> __m512i {
+        // SAFETY: reads exactly the 64 bytes of the array (unaligned load).
+        unsafe { _mm512_loadu_si512(bytes.as_ptr().cast()) }
+    }
+
+    #[target_feature(enable = "avx512f,f16c")]
+    fn load_f16x16(values: &[half::f16; ROWS]) -> __m512 {
+        // SAFETY: reads exactly the 32 bytes of the array (unaligned load).
+        _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(values.as_ptr().cast()) })
+    }
+
+    /// Blocks ahead to prefetch: about 2 KB, as the `vec_dot` kernels do (`dot::simd::PREFETCH_BLOCKS_Q4_1`).
+    const AHEAD_BYTES: usize = 2048;
+
+    /// Hints every cache line of `blocks[i]` (past the slice: whatever follows, usually the next tile).
+    #[inline]
+    #[target_feature(enable = "sse")]
+    fn prefetch<T>(blocks: &[T], i: usize) {
+        let start: *const u8 = blocks.as_ptr().wrapping_add(i).cast();
+        for line in (0..std::mem::size_of::<T>()).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(line).cast());
+        }
+    }
+
+    /// An activation block's 32 bytes as eight words, word `g` holding values `4g..4g+4`.
+    fn words(a: &ActivationBlock) -> [i32; 8] {
+        bytemuck::cast(a.qs)
+    }
+
+    /// Activation rows cut to the tile's block count, as an array the loops index without checks.
+    fn rows_of<'a, const R: usize>(
+        rows: &[&'a [ActivationBlock]],
+        blocks: usize,
+    ) -> Option<[&'a [ActivationBlock]; R]> {
+        let mut cut = [&[][..]; R];
+        for (dst, row) in cut.iter_mut().zip(rows) {
+            *dst = row.get(..blocks)?;
+        }
+        Some(cut)
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    fn q4_1_pass<const R: usize>(
+        tile: &[Q4_1x16],
+        rows: &[&[ActivationBlock]],
+        out: &mut [[f32; ROWS]; PASS_ROWS],
+    ) {
+        let Some(acts) = rows_of::<R>(rows, tile.len()) else {
+            return;
+        };
+        let low_nibbles = _mm512_set1_epi8(0x0F);
+        let magic_bits = _mm512_castps_si512(_mm512_set1_ps(MAGIC));
+        let mut main = [_mm512_setzero_ps(); R];
+        let mut min = [_mm512_setzero_ps(); R];
+        for (b, w) in tile.iter().enumerate() {
+            prefetch(tile, b + AHEAD_BYTES / std::mem::size_of::<Q4_1x16>());
+            let mut q = [_mm512_setzero_si512(); 8];
+            for (c, chunk) in w.qs.iter().enumerate() {
+                let packed = load_u8x64(chunk);
+                q[c] = _mm512_and_si512(packed, low_nibbles);
+                q[c + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(packed), low_nibbles);
+            }
+            let (d, m) = (load_f16x16(&w.d), load_f16x16(&w.m));
+            for r in 0..R {
+                let a = &acts[r][b];
+                let mut sums = magic_bits;
+                for (g, &word) in words(a).iter().enumerate() {
+                    sums = _mm512_dpbusd_epi32(sums, q[g], _mm512_set1_epi32(word));
+                }
+                let sums = _mm512_sub_ps(_mm512_castsi512_ps(sums), _mm512_set1_ps(MAGIC));
+                let scale = _mm512_mul_ps(d, _mm512_set1_ps(a.d));
+                main[r] = _mm512_fmadd_ps(scale, sums, main[r]);
+                min[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(a.s), min[r]);
+            }
+        }
+        for r in 0..R {
+            // SAFETY: writes exactly the 16 floats of the array.
+            unsafe { _mm512_storeu_ps(out[r].as_mut_ptr(), _mm512_add_ps(main[r], min[r])) };
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    fn q8_0_pass<const R: usize>(
+        tile: &[Q8_0x16],
+        rows: &[&[ActivationBlock]],
+        shifts: &[&[i32]],
+        out: &mut [[f32; ROWS]; PASS_ROWS],
+    ) {
+        let (Some(acts), Some(shifts)) = (
+            rows_of::<R>(rows, tile.len()),
+            rows_of_shifts::<R>(shifts, tile.len()),
+        ) else {
+            return;
+        };
+        let magic_bits = _mm512_castps_si512(_mm512_set1_ps(MAGIC));
+        let mut main = [_mm512_setzero_ps(); R];
+        for (b, w) in tile.iter().enumerate() {
+            prefetch(tile, b + AHEAD_BYTES / std::mem::size_of::<Q8_0x16>());
+            let q: [__m512i; 8] = std::array::from_fn(|g| load_u8x64(&w.qs[g]));
+            let d = load_f16x16(&w.d);
+            for r in 0..R {
+                let a = &acts[r][b];
+                // Σ (q_w + 128)·q_a counts 128 · Σ q_a too much: start that much below the magic bits.
+                let mut sums = _mm512_sub_epi32(magic_bits, _mm512_set1_epi32(shifts[r][b]));
+                for (g, &word) in words(a).iter().enumerate() {
+                    sums = _mm512_dpbusd_epi32(sums, q[g], _mm512_set1_epi32(word));
+                }
+                let sums = _mm512_sub_ps(_mm512_castsi512_ps(sums), _mm512_set1_ps(MAGIC));
+                let scale = _mm512_mul_ps(d, _mm512_set1_ps(a.d));
+                main[r] = _mm512_fmadd_ps(scale, sums, main[r]);
+            }
+        }
+        for r in 0..R {
+            // SAFETY: writes exactly the 16 floats of the array.
+            unsafe { _mm512_storeu_ps(out[r].as_mut_ptr(), main[r]) };
+        }
+    }
+
+    /// The tile multiply: `sums[r][j]` = Σ activation row `r`'s 32 signed bytes × weight row `j`'s 32 unsigned
+    /// bytes, the weights in the tiles' four-bytes-per-lane layout (exactly an interleaved block's).
+    #[inline]
+    fn tile_multiply(
+        _configured: Configured,
+        weights: &[[u8; 64]; 8],
+        activations: &[[i8; 32]; TILE_PASS_ROWS],
+        sums: &mut Sums,
+    ) {
+        // SAFETY: `Configured` proves this thread configured the tiles (tmm0 16 × 64 bytes, tmm1 16 × 32, tmm2
+        // 8 × 64), so the loads read exactly the 16 × 32 bytes of `activations` and the 8 × 64 bytes of
+        // `weights`, and the store writes exactly the 16 × 16 integers of `sums`.
+        unsafe {
+            asm!(
+                "tileloadd tmm1, [{a} + {s32}*1]",
+                "tileloadd tmm2, [{w} + {s64}*1]",
+                "tilezero tmm0",
+                "tdpbsud tmm0, tmm1, tmm2",
+                "tilestored [{c} + {s64}*1], tmm0",
+                a = in(reg) activations.as_ptr(),
+                w = in(reg) weights.as_ptr(),
+                c = in(reg) sums.0.as_mut_ptr(),
+                s32 = in(reg) 32usize,
+                s64 = in(reg) 64usize,
+                options(nostack),
+            );
+        }
+    }
+
+    /// A tile multiply's integer sums, one activation row per 64-byte row.
+    #[repr(C, align(64))]
+    pub struct Sums([[i32; ROWS]; TILE_PASS_ROWS]);
+
+    #[repr(C, align(64))]
+    struct Unpacked([[u8; 64]; 8]);
+
+    pub fn q4_1_tiles(
+        configured: Configured,
+        tile: &[Q4_1x16],
+        acts: &[TileBlock],
+        rows: usize,
+        out: &mut [[f32; ROWS]; TILE_PASS_ROWS],
+    ) {
+        // SAFETY: tiles are only prepared where `amx::available()` found AVX-512 and AMX.
+        unsafe {
+            match rows {
+                0..=4 => q4_1_tiles_pass::<4>(configured, tile, acts, out),
+                5..=8 => q4_1_tiles_pass::<8>(configured, tile, acts, out),
+                9..=12 => q4_1_tiles_pass::<12>(configured, tile, acts, out),
+                _ => q4_1_tiles_pass::<TILE_PASS_ROWS>(configured, tile, acts, out),
+            }
+        }
+    }
+
+    pub fn q8_0_tiles(
+        configured: Configured,
+        tile: &[Q8_0x16],
+        acts: &[TileBlock],
+        rows: usize,
+        out: &mut [[f32; ROWS]; TILE_PASS_ROWS],
+    ) {
+        // SAFETY: as in `q4_1_tiles`.
+        unsafe {
+            match rows {
+                0..=4 => q8_0_tiles_pass::<4>(configured, tile, acts, out),
+                5..=8 => q8_0_tiles_pass::<8>(configured, tile, acts, out),
+                9..=12 => q8_0_tiles_pass::<12>(configured, tile, acts, out),
+                _ => q8_0_tiles_pass::<TILE_PASS_ROWS>(configured, tile, acts, out),
+            }
+        }
+    }
+
+    /// `R` accumulators of 16 weight rows each: rows past the real ones hold zero activations.
+    #[target_feature(enable = "avx512f,avx512bw,fma,f16c")]
+    fn q4_1_tiles_pass<const R: usize>(
+        configured: Configured,
+        tile: &[Q4_1x16],
+        acts: &[TileBlock],
+        out: &mut [[f32; ROWS]; TILE_PASS_ROWS],
+    ) {
+        // Every block unpacked first: a tile load right after the stores that wrote its bytes would wait for
+        // them to reach the cache.
+        UNPACKED.with_borrow_mut(|unpacked| {
+            unpacked.resize_with(tile.len(), || Unpacked([[0; 64]; 8]));
+            let low_nibbles = _mm512_set1_epi8(0x0F);
+            for (b, (w, dst)) in tile.iter().zip(unpacked.iter_mut()).enumerate() {
+                prefetch(tile, b + AHEAD_BYTES / std::mem::size_of::<Q4_1x16>());
+                for (c, chunk) in w.qs.iter().enumerate() {
+                    let packed = load_u8x64(chunk);
+                    let high = _mm512_and_si512(_mm512_srli_epi16::<4>(packed), low_nibbles);
+                    // SAFETY: each store writes exactly one 64-byte row of the buffer.
+                    unsafe {
+                        _mm512_store_si512(
+                            dst.0[c].as_mut_ptr().cast(),
+                            _mm512_and_si512(packed, low_nibbles),
+                        );
+                        _mm512_store_si512(dst.0[c + 4].as_mut_ptr().cast(), high);
+                    }
+                }
+            }
+            let mut sums = Sums([[0; ROWS]; TILE_PASS_ROWS]);
+            let mut main = [_mm512_setzero_ps(); R];
+            for ((w, a), weights) in tile.iter().zip(acts).zip(unpacked.iter()) {
+                tile_multiply(configured, &weights.0, &a.qs, &mut sums);
+                let d = load_f16x16(&w.d);
+                for (r, main) in main.iter_mut().enumerate() {
+                    let ints = load_i32x16(&sums.0[r]);
+                    let scale = _mm512_mul_ps(d, _mm512_set1_ps(a.d[r]));
+                    *main = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(ints), *main);
+                }
+            }
+            // The `m` terms apart, in block order, then added once.
+            let mut min = [_mm512_setzero_ps(); R];
+            for (w, a) in tile.iter().zip(acts) {
+                let m = load_f16x16(&w.m);
+                for (min, &s) in min.iter_mut().zip(&a.s) {
+                    *min = _mm512_fmadd_ps(m, _mm512_set1_ps(s), *min);
+                }
+            }
+            for r in 0..R {
+                // SAFETY: writes exactly the 16 floats of the array.
+                unsafe { _mm512_storeu_ps(out[r].as_mut_ptr(), _mm512_add_ps(main[r], min[r])) };
+            }
+        });
+    }
+
+    thread_local! {
+        /// A tile's blocks unpacked, reused from call to call.
+        static UNPACKED: std::cell::RefCell<Vec<Unpacked>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,fma,f16c")]
+    fn q8_0_tiles_pass<const R: usize>(
+        configured: Configured,
+        tile: &[Q8_0x16],
+        acts: &[TileBlock],
+        out: &mut [[f32; ROWS]; TILE_PASS_ROWS],
+    ) {
+        let mut sums = Sums([[0; ROWS]; TILE_PASS_ROWS]);
+        let mut main = [_mm512_setzero_ps(); R];
+        for (b, (w, a)) in tile.iter().zip(acts).enumerate() {
+            prefetch(tile, b + AHEAD_BYTES / std::mem::size_of::<Q8_0x16>());
+            tile_multiply(configured, &w.qs, &a.qs, &mut sums);
+            let d = load_f16x16(&w.d);
+            for (r, main) in main.iter_mut().enumerate() {
+                // Σ a·(q_w + 128) counts 128 · Σ a too much.
+                let ints = _mm512_sub_epi32(load_i32x16(&sums.0[r]), _mm512_set1_epi32(a.shift[r]));
+                let scale = _mm512_mul_ps(d, _mm512_set1_ps(a.d[r]));
+                *main = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(ints), *main);
+            }
+        }
+        for r in 0..R {
+            // SAFETY: writes exactly the 16 floats of the array.
+            unsafe { _mm512_storeu_ps(out[r].as_mut_ptr(), main[r]) };
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    fn load_i32x16(values: &[i32; ROWS]) -> __m512i {
+        // SAFETY: reads exactly the 16 integers of the array (unaligned load).
+        unsafe { _mm512_loadu_si512(values.as_ptr().cast()) }
+    }
+
+    fn rows_of_shifts<'a, const R: usize>(
+        shifts: &[&'a [i32]],
+        blocks: usize,
+    ) -> Option<[&'a [i32]; R]> {
+        let mut cut = [&[][..]; R];
+        for (dst, row) in cut.iter_mut().zip(shifts) {
+            *dst = row.get(..blocks)?;
+        }
+        Some(cut)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    use super::*;
+    use crate::kernels::blocks::{BLOCK, quantize_activations};
+
+    fn q4_1_blocks(rng: &mut ChaCha8Rng, n: usize) -> Vec<BlockQ4_1> {
+        (0..n)
+            .map(|_| BlockQ4_1 {
+                d: f16::from_f32(rng.random_range(0.0..0.05)),
+                m: f16::from_f32(rng.random_range(-0.4..0.0)),
+                qs: std::array::from_fn(|_| rng.random()),
+            })
+            .collect()
+    }
+
+    fn q8_0_blocks(rng: &mut ChaCha8Rng, n: usize) -> Vec<BlockQ8_0> {
+        (0..n)
+            .map(|_| BlockQ8_0 {
+                d: f16::from_f32(rng.random_range(0.0..0.01)),
+                qs: std::array::from_fn(|_| rng.random_range(-128..=127)),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn interleaving_keeps_every_rows_blocks() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let (rows, per_row) = (21, 3);
+        let q4 = q4_1_blocks(&mut rng, rows * per_row);
+        let q8 = q8_0_blocks(&mut rng, rows * per_row);
+        let (t4, t8) = (
+            interleave_q4_1(&q4, rows, per_row),
+            interleave_q8_0(&q8, rows, per_row),
+        );
+        assert_eq!(t4.len(), 2 * per_row);
+        for row in 0..32 {
+            for b in 0..per_row {
+                let at = (row / ROWS) * per_row + b;
+                let (got4, got8) = (t4[at].row(row % ROWS), t8[at].row(row % ROWS));
+                if row < rows {
+                    assert_eq!(got4, q4[row * per_row + b]);
+                    assert_eq!(got8, q8[row * per_row + b]);
+                } else {
+                    assert_eq!(got4, BlockQ4_1::zeroed(), "padding row {row}");
+                    assert_eq!(got8, BlockQ8_0::zeroed(), "padding row {row}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn kernels_return_the_references_bits_for_any_rows() {
+        eprintln!("AVX-512 VNNI block sums here: {}", available());
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        for case in 0..24 {
+            let per_row = 1 + case % 20;
+            let weight_rows = [1, 16, 17, 40][case % 4];
+            let q4 = q4_1_blocks(&mut rng, weight_rows * per_row);
+            let q8 = q8_0_blocks(&mut rng, weight_rows * per_row);
+            let (t4, t8) = (
+                interleave_q4_1(&q4, weight_rows, per_row),
+                interleave_q8_0(&q8, weight_rows, per_row),
+            );
+            for rows in [1, 2, 5, 8, 9, 17, 33] {
+                let mut acts = Vec::new();
+                for _ in 0..rows {
+                    let row: Vec<f32> = (0..per_row * BLOCK)
+                        .map(|_| {
+                            let v: f32 = rng.random_range(-1.0..1.0);
+                            if rng.random_bool(0.02) { v * 40.0 } else { v }
+                        })
+                        .collect();
+                    quantize_activations(&row, &mut acts);
+                }
+                let prepared = Activations::new(acts.clone(), per_row, true);
+                let act = |r: usize| &acts[r * per_row..(r + 1) * per_row];
+                let mut got = vec![f32::NAN; rows * weight_rows];
+                prepared.q4_1(&t4, weight_rows, &mut got);
+                for r in 0..rows {
+                    for i in 0..weight_rows {
+                        let want = q4_1_reference(&q4[i * per_row..(i + 1) * per_row], act(r));
+                        assert_eq!(
+                            got[r * weight_rows + i].to_bits(),
+                            want.to_bits(),
+                            "Q4_1: {per_row} blocks, weight row {i}, activation row {r} of {rows}"
+                        );
+                    }
+                }
+                got.fill(f32::NAN);
+                prepared.q8_0(&t8, weight_rows, &mut got);
+                for r in 0..rows {
+                    for i in 0..weight_rows {
+                        let want = q8_0_reference(&q8[i * per_row..(i + 1) * per_row], act(r));
+                        assert_eq!(
+                            got[r * weight_rows + i].to_bits(),
+                            want.to_bits(),
+                            "Q8_0: {per_row} blocks, weight row {i}, activation row {r} of {rows}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn block_sums_round_apart_from_vec_dot_but_as_precisely() {
+        // The two arithmetics are different definitions (else the option would be pointless to record), and
+        // both stay within float rounding of the exact dot product.
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let per_row = 18;
+        let mut differ = 0;
+        for _ in 0..200 {
+            let w = q4_1_blocks(&mut rng, per_row);
+            let row: Vec<f32> = (0..per_row * BLOCK)
+                .map(|_| rng.random_range(-3.0..3.0))
+                .collect();
+            let mut acts = Vec::new();
+            quantize_activations(&row, &mut acts);
+            let terms: Vec<f64> = w
+                .iter()
+                .zip(&acts)
+                .flat_map(|(w, a)| {
+                    let dot: i64 = w
+                        .nibbles()
+                        .iter()
+                        .zip(&a.qs)
+                        .map(|(&q, &x)| i64::from(q) * i64::from(x))
+                        .sum();
+                    [
+                        f64::from(w.d.to_f32()) * f64::from(a.d) * dot as f64,
+                        f64::from(w.m.to_f32()) * f64::from(a.s),
+                    ]
+                })
+                .collect();
+            let exact: f64 = terms.iter().sum();
+            let size: f64 = terms.iter().map(|t| t.abs()).sum();
+            let sums = q4_1_reference(&w, &acts);
+            let vec_dot = crate::kernels::dot::q4_1_reference(&w, &acts);
+            differ += usize::from(sums.to_bits() != vec_dot.to_bits());
+            for got in [sums, vec_dot] {
+                // A few roundings of f32 (2⁻²⁴ each) at the size of the terms.
+                assert!(
+                    (f64::from(got) - exact).abs() < 1e-6 * size,
+                    "{got} vs {exact}"
+                );
+            }
+        }
+        assert!(differ > 20, "only {differ} of 200 differ");
+    }
+}
