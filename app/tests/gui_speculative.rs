@@ -340,7 +340,8 @@ fn search_methods_show_their_parameters_and_cad_its_context() {
     assert!(!shown(&harness, "Context for CAD"));
 }
 
-/// A trace made with `--prompt-tiles` says so in its statistics, since its prompt was rounded differently.
+/// A trace made with the 2026-12-05 version's `--prompt-tiles` says so in its statistics, since its prompt was
+/// rounded differently.
 #[test]
 fn run_statistics_name_the_prompt_matmul() {
     let mut trace = speculative_trace();
@@ -353,7 +354,8 @@ fn run_statistics_name_the_prompt_matmul() {
     assert!(harness.query_all_by_label("Matmul").next().is_none());
 }
 
-/// A trace made with `--block-sums` says so in its statistics: every forward was rounded differently.
+/// A trace made in the block-sums arithmetic says so in its statistics: every forward was rounded as llama.cpp's
+/// AMX kernels round, not as `vec_dot` does.
 #[test]
 fn run_statistics_name_the_block_sums_arithmetic() {
     let mut trace = speculative_trace();

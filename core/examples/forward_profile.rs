@@ -1,8 +1,8 @@
 //! Repeats one k-token forward after a prefill (64 tokens unless a third argument says otherwise), for profilers:
 //! `perf record -g target/release/examples/forward_profile 16 200` (k = 16, 200 forwards).
-//! `forward_profile matmul 8 [vecdot|tiles|sums]` times the matmul kernels alone, in one arithmetic or all (an
+//! `forward_profile matmul 8 [vecdot|sums]` times the matmul kernels alone, in one arithmetic or both (an
 //! FFN-sized Q4_1 matrix and the LM head's Q8_0 shape, 8 activation rows). `--block-sums` anywhere loads the
-//! model in the block-sums arithmetic. Prints medians, so a change can be checked without the full
+//! model in the block-sums arithmetic (`vec_dot` otherwise). Prints medians, so a change can be checked without the full
 //! `specula bench`.
 
 use std::sync::Arc;
@@ -11,7 +11,7 @@ use std::time::Instant;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use specula_core::Model;
-use specula_core::kernels::{Arithmetic, QuantMatrix};
+use specula_core::kernels::QuantMatrix;
 use specula_core::model::{Capture, Kernels, Logits, Mask};
 
 fn median(mut times: Vec<f64>) -> f64 {
@@ -23,7 +23,6 @@ fn median(mut times: Vec<f64>) -> f64 {
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Kernel {
     VecDot,
-    Tiles,
     BlockSums,
 }
 
@@ -42,19 +41,18 @@ fn matmuls(t: usize, only: Option<Kernel>) -> Result<(), Box<dyn std::error::Err
             .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
             .collect();
         let repeats = (100_000_000 / (rows * cols)).max(20);
-        for kernel in [Kernel::VecDot, Kernel::Tiles, Kernel::BlockSums] {
+        for kernel in [Kernel::VecDot, Kernel::BlockSums] {
             if only.is_some_and(|o| o != kernel) {
                 continue;
             }
-            let (matrix, arithmetic) = match kernel {
-                Kernel::VecDot => (&matrix, Arithmetic::VecDot),
-                Kernel::Tiles => (&matrix, Arithmetic::Tiles),
-                Kernel::BlockSums => (&interleaved, Arithmetic::VecDot),
+            let matrix = match kernel {
+                Kernel::VecDot => &matrix,
+                Kernel::BlockSums => &interleaved,
             };
             let mut times = Vec::new();
             for _ in 0..repeats {
                 let started = Instant::now();
-                std::hint::black_box(matrix.matmul_in(&x, t, arithmetic));
+                std::hint::black_box(matrix.matmul(&x, t));
                 times.push(started.elapsed().as_secs_f64());
             }
             // The fastest run: the kernel's own cost, least disturbed by the rest of the machine.
@@ -76,7 +74,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     args.retain(|a| a != "--block-sums");
     if args.first().map(String::as_str) == Some("matmul") {
         let only = match args.get(2).map(String::as_str) {
-            Some("tiles") => Some(Kernel::Tiles),
             Some("vecdot") => Some(Kernel::VecDot),
             Some("sums") => Some(Kernel::BlockSums),
             _ => None,
@@ -93,7 +90,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let kernels = if block_sums {
         Kernels::BlockSums
     } else {
-        Kernels::default()
+        Kernels::VecDot
     };
     let model = Model::load_with(
         std::path::Path::new("models/SmolLM2-135M-Instruct.Q4_1.gguf"),

@@ -29,16 +29,13 @@ pub struct Model {
 }
 
 /// The matmul kernels every later [`Model::load`] uses ([`set_kernels`]).
-static KERNELS: Mutex<Kernels> = Mutex::new(Kernels::Specula);
+static KERNELS: Mutex<Kernels> = Mutex::new(Kernels::VecDot);
 
-/// Makes every later [`Model::load`] use `kernels` (the binary's `--prompt-tiles` and `--block-sums`: an
-/// arithmetic of their own, faster on CPUs that have the instructions). Refused, with the reason, where the CPU
-/// lacks them.
+/// Makes every later [`Model::load`] use `kernels` (the binary's `--matmul`; tests keep the default,
+/// [`Kernels::VecDot`], whatever the CPU). Refused, with the reason, where the CPU lacks the instructions.
 pub fn set_kernels(kernels: Kernels) -> Result<()> {
-    match kernels {
-        Kernels::PromptTiles => crate::kernels::amx::require()?,
-        Kernels::BlockSums => crate::kernels::block_sums::require()?,
-        Kernels::Specula | Kernels::Candle => {}
+    if kernels == Kernels::BlockSums {
+        crate::kernels::block_sums::require()?;
     }
     *KERNELS.lock().unwrap_or_else(PoisonError::into_inner) = kernels;
     Ok(())

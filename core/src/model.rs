@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use candle_core::quantized::{QTensor, gguf_file};
 
-use crate::kernels::{Arithmetic as MatmulArithmetic, QuantMatrix};
+use crate::kernels::QuantMatrix;
 use candle_core::{DType, Device, Tensor};
 
 use crate::attention::{self, Arithmetic, AttentionJob, AttentionPath, Cells, KeyTiles};
@@ -58,8 +58,6 @@ pub struct Llama {
     sin: Vec<f32>,
     /// llama.cpp's rounding with our own kernels; exact f32 with candle's (the parity reference).
     arithmetic: Arithmetic,
-    /// The matmul arithmetic of prompt chunks (everything else takes `vec_dot`'s).
-    prompt_matmul: MatmulArithmetic,
     device: Device,
 }
 
@@ -136,10 +134,8 @@ impl Llama {
         sha256: String,
         kernels: Kernels,
     ) -> Result<Self> {
-        match kernels {
-            Kernels::PromptTiles => crate::kernels::amx::require()?,
-            Kernels::BlockSums => crate::kernels::block_sums::require()?,
-            Kernels::Specula | Kernels::Candle => {}
+        if kernels == Kernels::BlockSums {
+            crate::kernels::block_sums::require()?;
         }
         let device = Device::Cpu;
         let config = Config::from_gguf(ct, path)?;
@@ -218,7 +214,7 @@ impl Llama {
             vocab_size: config.vocab_size,
             context_length: config.context_length,
             file_bytes,
-            prompt_matmul: (kernels == Kernels::PromptTiles).then(|| "amx-tiles".to_owned()),
+            prompt_matmul: None,
             matmul: (kernels == Kernels::BlockSums).then(|| "block-sums".to_owned()),
         };
         Ok(Self {
@@ -231,14 +227,8 @@ impl Llama {
             cos,
             sin,
             arithmetic: match kernels {
-                Kernels::Specula | Kernels::PromptTiles | Kernels::BlockSums => {
-                    Arithmetic::LlamaCpp(Flavor::detect())
-                }
+                Kernels::VecDot | Kernels::BlockSums => Arithmetic::LlamaCpp(Flavor::detect()),
                 Kernels::Candle => Arithmetic::Exact,
-            },
-            prompt_matmul: match kernels {
-                Kernels::PromptTiles => MatmulArithmetic::Tiles,
-                Kernels::Specula | Kernels::BlockSums | Kernels::Candle => MatmulArithmetic::VecDot,
             },
             device,
         })
@@ -311,13 +301,6 @@ impl Llama {
         let visible = visibility(mask, t);
         let prompt_like = *mask == Mask::Causal && (logits == Logits::Last || capture.prompt);
         let paths = attention::paths(t, prompt_like);
-        // A tile holds 16 rows: shorter chunks (a short prompt) and decoding steps, batched beams included, stay
-        // with `vec_dot`.
-        let matmul = if prompt_like && t >= crate::kernels::amx::TILE_ROWS {
-            self.prompt_matmul
-        } else {
-            MatmulArithmetic::VecDot
-        };
 
         let mut out = ForwardOutput {
             logits: Tensor::zeros(1, DType::F32, dev)?,
@@ -356,7 +339,7 @@ impl Llama {
             }
             let past = cache.layer_len(i);
             let h = rms_norm(&x, &layer.attn_norm, eps);
-            let qkv = layer.qkv.forward_rows_in(&h, rows, matmul)?;
+            let qkv = layer.qkv.forward_rows(&h, rows)?;
             let [q, k, v] = qkv.as_slice() else {
                 return Err(Error::InvalidInput("q/k/v projection shape".into()));
             };
@@ -385,9 +368,9 @@ impl Llama {
                 out.attention
                     .push((i, Tensor::from_vec(probs, (b, cfg.n_heads, t, s), dev)?));
             }
-            add_in_place(&mut x, &layer.wo.forward_one_rows_in(&y, rows, matmul)?);
+            add_in_place(&mut x, &layer.wo.forward_one_rows(&y, rows)?);
             let h = rms_norm(&x, &layer.ffn_norm, eps);
-            let gate_up = layer.gate_up.forward_rows_in(&h, rows, matmul)?;
+            let gate_up = layer.gate_up.forward_rows(&h, rows)?;
             let [gate, up] = gate_up.as_slice() else {
                 return Err(Error::InvalidInput("gate/up projection shape".into()));
             };
@@ -395,7 +378,7 @@ impl Llama {
                 Arithmetic::LlamaCpp(flavor) => crate::kernels::vector::swiglu(flavor, gate, up),
                 Arithmetic::Exact => gate.iter().zip(up).map(|(&g, &u)| silu(g) * u).collect(),
             };
-            add_in_place(&mut x, &layer.down.forward_one_rows_in(&act, rows, matmul)?);
+            add_in_place(&mut x, &layer.down.forward_one_rows(&act, rows)?);
             if capture.hidden_states {
                 out.hidden_states.push(as_tensor(&x)?);
             }

@@ -27,17 +27,28 @@ pub struct Cli {
     /// machine.
     #[arg(long, global = true, default_value_t = 1)]
     pub threads: usize,
-    /// Multiply prompt chunks with AMX tiles (CPUs with AMX-INT8): faster prompts, rounded differently from
-    /// llama.cpp's `vec_dot`, so greedy output may part from llama.cpp's after a near-tie (recorded in the
-    /// trace's model info). Decoding steps and draft verification are unchanged.
-    #[arg(long, global = true)]
-    pub prompt_tiles: bool,
-    /// Interleave the weights and sum each weight block as one integer in every forward, as llama.cpp's own
-    /// AVX512-VNNI and AMX kernels do (CPUs with AVX-512 VNNI): verifying drafts costs little more than a step,
-    /// rounded differently from llama.cpp's `vec_dot`, so greedy output may part from llama.cpp's after a
-    /// near-tie (recorded in the trace's model info). Verification still equals step-by-step decoding.
-    #[arg(long, global = true, conflicts_with = "prompt_tiles")]
-    pub block_sums: bool,
+    /// Matmul arithmetic: `auto` picks what llama.cpp runs on this CPU (its AMX kernels' per-block integer
+    /// sums where the CPU has AMX, ggml's `vec_dot` elsewhere), so greedy output equals llama.cpp's here; the
+    /// trace's model info records the choice. Block sums need AVX-512 VNNI and make verifying drafts cheap.
+    #[arg(long, global = true, value_enum, default_value_t = Matmul::Auto)]
+    pub matmul: Matmul,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Matmul {
+    Auto,
+    VecDot,
+    BlockSums,
+}
+
+impl Matmul {
+    fn kernels(self) -> Kernels {
+        match self {
+            Self::Auto => Kernels::llama_cpp_here(),
+            Self::VecDot => Kernels::VecDot,
+            Self::BlockSums => Kernels::BlockSums,
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -62,11 +73,7 @@ pub struct FetchArgs {
 }
 
 pub fn main(cli: Cli) -> Result<()> {
-    specula_core::set_kernels(match (cli.prompt_tiles, cli.block_sums) {
-        (true, _) => Kernels::PromptTiles,
-        (false, true) => Kernels::BlockSums,
-        (false, false) => Kernels::default(),
-    })?;
+    specula_core::set_kernels(cli.matmul.kernels())?;
     match cli.command {
         Some(Command::Run(args)) => run::run(cli.model.as_deref(), *args),
         Some(Command::Bench(args)) => bench::bench(cli.model.as_deref(), cli.threads, args),

@@ -1,26 +1,23 @@
-//! Per-block integer sums over weights interleaved 16 rows at a time: an opt-in arithmetic in which a decoding
-//! step, a verification forward and a prompt chunk all round alike, and several rows cost little more than one.
+//! Per-block integer sums over weights interleaved 16 rows at a time: llama.cpp's arithmetic on CPUs where it
+//! runs its AMX backend, in which several activation rows cost little more than one.
 //!
-//! ggml's `vec_dot` (which [`super::dot`] and [`super::paired`] reproduce) keeps eight float lanes of
-//! four-product sums per weight block, so each block and activation row needs eight conversions and eight
-//! multiply-adds: about one cycle, whatever the layout, which is what bounds multi-token forwards here.
-//! llama.cpp's own repacked kernels for AVX512-VNNI and AMX (the ones it runs on this host) instead sum a block's
-//! 32 products as one integer and scale it once. This module does the same: 16 weight rows' blocks are stored
-//! side by side ([`Q4_1x16`], [`Q8_0x16`]) so that one `vpdpbusd` multiplies four weights of all 16 rows by four
-//! activation bytes broadcast to every lane, and a block's 16 integer sums need one conversion and one
-//! multiply-add for all 16 rows. The order of operations, per weight row and activation row
-//! ([`q4_1_reference`], [`q8_0_reference`]):
+//! ggml's `vec_dot` (which [`super::dot`] and [`super::paired`] reproduce, and which llama.cpp runs on CPUs without
+//! AMX) keeps eight float lanes of four-product sums per weight block, so each block and activation row needs
+//! eight conversions and eight multiply-adds: about one cycle, whatever the layout, which bounds multi-token
+//! forwards. Where the CPU has AMX-INT8, llama.cpp's CPU backend instead repacks Q4_1 and Q8_0 weights
+//! (`ggml-cpu/amx/mmq.cpp`) and sums each block's 32 products as one integer, with AMX tiles for several rows and
+//! AVX512-VNNI for one. This module does the same: 16 weight rows' blocks side by side ([`Q4_1x16`],
+//! [`Q8_0x16`]) so that one `vpdpbusd` multiplies four weights of all 16 rows by four activation bytes broadcast
+//! to every lane, or one tile multiply ([`super::amx`]) a block of 16 weight rows by 16 activation rows; then a
+//! block's 16 integer sums need one conversion and one multiply-add. The order of operations per weight row and
+//! activation row is mmq.cpp's ([`q4_1_reference`], [`q8_0_reference`]), one f32 accumulator in block order:
 //!
-//! `main = fma(d_w · d_a, Σ q_w q_a, main)` block after block; for Q4_1 the `m` terms summed apart
-//! (`min = fma(m_w, s_a, min)`, as `vec_dot` sums them, since they nearly cancel the main terms) and
-//! `main + min` at the end.
+//! `acc = fma(d_w · d_a, Σ q_w q_a, acc)`, then for Q4_1 `acc = fma(m_w, s_a, acc)`.
 //!
-//! The rows of an activation matrix never meet, so one row gives the same bits alone or among many: verifying
-//! drafts gives exactly the logits decoding them one by one gives, as with `vec_dot`. Integer sums are exact, so
-//! this is as precise as `vec_dot`, but rounded differently, and the model amplifies that (greedy continuations
-//! part from llama.cpp's `vec_dot` fixtures after a near-tie). It is therefore never a default: the binary asks
-//! for it (`--block-sums`) and the trace's model info records it. The AMX tiles of [`super::amx`] compute the same
-//! sums for Q4_1 ([`super::amx::q4_1_reference`] is [`q4_1_reference`]).
+//! Greedy continuations then equal llama.cpp's on such a CPU (40 of 40 prompts, `block_sums_equal_llama_cpp_on_amx`),
+//! where `vec_dot`'s part from them after near-ties. The rows of an activation matrix never meet, so one row gives
+//! the same bits alone or among many, with either instruction: verifying drafts gives exactly the logits decoding
+//! them one by one gives. The trace's model info records the arithmetic (`matmul: "block-sums"`).
 //!
 //! The interleaved layout holds exactly the file's bytes, rearranged (Q8_0's shifted by 128, see [`Q8_0x16`]),
 //! so the model takes no more memory; a matrix whose rows are not a multiple of 16 is padded with zero rows.
@@ -150,7 +147,7 @@ impl Q8_0x16 {
 /// The arithmetic for one Q4_1 weight row and one activation row, in portable scalar code: the definition the
 /// kernels are tested against.
 pub fn q4_1_reference(weights: &[BlockQ4_1], activations: &[ActivationBlock]) -> f32 {
-    let (mut main, mut min) = (0f32, 0f32);
+    let mut acc = 0f32;
     for (w, a) in weights.iter().zip(activations) {
         let sum: i32 = w
             .nibbles()
@@ -159,10 +156,10 @@ pub fn q4_1_reference(weights: &[BlockQ4_1], activations: &[ActivationBlock]) ->
             .map(|(&q, &x)| i32::from(q) * i32::from(x))
             .sum();
         let scale = w.d.to_f32() * a.d;
-        main = scale.mul_add(sum as f32, main);
-        min = w.m.to_f32().mul_add(a.s, min);
+        acc = scale.mul_add(sum as f32, acc);
+        acc = w.m.to_f32().mul_add(a.s, acc);
     }
-    main + min
+    acc
 }
 
 /// [`q4_1_reference`] for Q8_0 weights (no `m` term).
@@ -406,11 +403,10 @@ fn scatter(
 mod simd {
     //! SIMD intrinsics. Entry points run only after [`super::available`]; every load reads a fixed-size array
     //! through a pointer to it.
-    use std::arch::asm;
     use std::arch::x86_64::*;
 
     use super::{PASS_ROWS, Q4_1x16, Q8_0x16, ROWS, TILE_PASS_ROWS, TileBlock};
-    use crate::kernels::amx::Configured;
+    use crate::kernels::amx::{self, Configured, Sums, Weights};
     use crate::kernels::blocks::ActivationBlock;
 
     /// 1.5 · 2²³: integer sums added onto its bits give floats from which subtracting it leaves exactly that
@@ -507,8 +503,7 @@ mod simd {
         };
         let low_nibbles = _mm512_set1_epi8(0x0F);
         let magic_bits = _mm512_castps_si512(_mm512_set1_ps(MAGIC));
-        let mut main = [_mm512_setzero_ps(); R];
-        let mut min = [_mm512_setzero_ps(); R];
+        let mut acc = [_mm512_setzero_ps(); R];
         for (b, w) in tile.iter().enumerate() {
             prefetch(tile, b + AHEAD_BYTES / std::mem::size_of::<Q4_1x16>());
             let mut q = [_mm512_setzero_si512(); 8];
@@ -526,13 +521,13 @@ mod simd {
                 }
                 let sums = _mm512_sub_ps(_mm512_castsi512_ps(sums), _mm512_set1_ps(MAGIC));
                 let scale = _mm512_mul_ps(d, _mm512_set1_ps(a.d));
-                main[r] = _mm512_fmadd_ps(scale, sums, main[r]);
-                min[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(a.s), min[r]);
+                acc[r] = _mm512_fmadd_ps(scale, sums, acc[r]);
+                acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(a.s), acc[r]);
             }
         }
         for r in 0..R {
             // SAFETY: writes exactly the 16 floats of the array.
-            unsafe { _mm512_storeu_ps(out[r].as_mut_ptr(), _mm512_add_ps(main[r], min[r])) };
+            unsafe { _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]) };
         }
     }
 
@@ -572,42 +567,6 @@ mod simd {
             unsafe { _mm512_storeu_ps(out[r].as_mut_ptr(), main[r]) };
         }
     }
-
-    /// The tile multiply: `sums[r][j]` = Σ activation row `r`'s 32 signed bytes × weight row `j`'s 32 unsigned
-    /// bytes, the weights in the tiles' four-bytes-per-lane layout (exactly an interleaved block's).
-    #[inline]
-    fn tile_multiply(
-        _configured: Configured,
-        weights: &[[u8; 64]; 8],
-        activations: &[[i8; 32]; TILE_PASS_ROWS],
-        sums: &mut Sums,
-    ) {
-        // SAFETY: `Configured` proves this thread configured the tiles (tmm0 16 × 64 bytes, tmm1 16 × 32, tmm2
-        // 8 × 64), so the loads read exactly the 16 × 32 bytes of `activations` and the 8 × 64 bytes of
-        // `weights`, and the store writes exactly the 16 × 16 integers of `sums`.
-        unsafe {
-            asm!(
-                "tileloadd tmm1, [{a} + {s32}*1]",
-                "tileloadd tmm2, [{w} + {s64}*1]",
-                "tilezero tmm0",
-                "tdpbsud tmm0, tmm1, tmm2",
-                "tilestored [{c} + {s64}*1], tmm0",
-                a = in(reg) activations.as_ptr(),
-                w = in(reg) weights.as_ptr(),
-                c = in(reg) sums.0.as_mut_ptr(),
-                s32 = in(reg) 32usize,
-                s64 = in(reg) 64usize,
-                options(nostack),
-            );
-        }
-    }
-
-    /// A tile multiply's integer sums, one activation row per 64-byte row.
-    #[repr(C, align(64))]
-    pub struct Sums([[i32; ROWS]; TILE_PASS_ROWS]);
-
-    #[repr(C, align(64))]
-    struct Unpacked([[u8; 64]; 8]);
 
     pub fn q4_1_tiles(
         configured: Configured,
@@ -656,7 +615,7 @@ mod simd {
         // Every block unpacked first: a tile load right after the stores that wrote its bytes would wait for
         // them to reach the cache.
         UNPACKED.with_borrow_mut(|unpacked| {
-            unpacked.resize_with(tile.len(), || Unpacked([[0; 64]; 8]));
+            unpacked.resize_with(tile.len(), || Weights([[0; 64]; 8]));
             let low_nibbles = _mm512_set1_epi8(0x0F);
             for (b, (w, dst)) in tile.iter().zip(unpacked.iter_mut()).enumerate() {
                 prefetch(tile, b + AHEAD_BYTES / std::mem::size_of::<Q4_1x16>());
@@ -674,34 +633,27 @@ mod simd {
                 }
             }
             let mut sums = Sums([[0; ROWS]; TILE_PASS_ROWS]);
-            let mut main = [_mm512_setzero_ps(); R];
+            let mut acc = [_mm512_setzero_ps(); R];
             for ((w, a), weights) in tile.iter().zip(acts).zip(unpacked.iter()) {
-                tile_multiply(configured, &weights.0, &a.qs, &mut sums);
-                let d = load_f16x16(&w.d);
-                for (r, main) in main.iter_mut().enumerate() {
+                amx::multiply(configured, &a.qs, &weights.0, &mut sums);
+                let (d, m) = (load_f16x16(&w.d), load_f16x16(&w.m));
+                for (r, acc) in acc.iter_mut().enumerate() {
                     let ints = load_i32x16(&sums.0[r]);
                     let scale = _mm512_mul_ps(d, _mm512_set1_ps(a.d[r]));
-                    *main = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(ints), *main);
-                }
-            }
-            // The `m` terms apart, in block order, then added once.
-            let mut min = [_mm512_setzero_ps(); R];
-            for (w, a) in tile.iter().zip(acts) {
-                let m = load_f16x16(&w.m);
-                for (min, &s) in min.iter_mut().zip(&a.s) {
-                    *min = _mm512_fmadd_ps(m, _mm512_set1_ps(s), *min);
+                    *acc = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(ints), *acc);
+                    *acc = _mm512_fmadd_ps(m, _mm512_set1_ps(a.s[r]), *acc);
                 }
             }
             for r in 0..R {
                 // SAFETY: writes exactly the 16 floats of the array.
-                unsafe { _mm512_storeu_ps(out[r].as_mut_ptr(), _mm512_add_ps(main[r], min[r])) };
+                unsafe { _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]) };
             }
         });
     }
 
     thread_local! {
         /// A tile's blocks unpacked, reused from call to call.
-        static UNPACKED: std::cell::RefCell<Vec<Unpacked>> = const { std::cell::RefCell::new(Vec::new()) };
+        static UNPACKED: std::cell::RefCell<Vec<Weights>> = const { std::cell::RefCell::new(Vec::new()) };
     }
 
     #[target_feature(enable = "avx512f,avx512bw,fma,f16c")]
@@ -715,7 +667,7 @@ mod simd {
         let mut main = [_mm512_setzero_ps(); R];
         for (b, (w, a)) in tile.iter().zip(acts).enumerate() {
             prefetch(tile, b + AHEAD_BYTES / std::mem::size_of::<Q8_0x16>());
-            tile_multiply(configured, &w.qs, &a.qs, &mut sums);
+            amx::multiply(configured, &a.qs, &w.qs, &mut sums);
             let d = load_f16x16(&w.d);
             for (r, main) in main.iter_mut().enumerate() {
                 // Σ a·(q_w + 128) counts 128 · Σ a too much.

@@ -7,9 +7,9 @@
 //! replaces it for the formats the default model uses (Q4_1 blocks, Q8_0 embeddings as the tied LM head); other
 //! formats keep candle's `QMatMul`.
 //!
-//! - [`amx`]: AMX tiles for prompt chunks, an opt-in arithmetic of its own (per-block integer sums).
-//! - [`block_sums`]: weights interleaved 16 rows at a time and per-block integer sums for every forward, the
-//!   opt-in arithmetic in which several rows cost little more than one.
+//! - [`block_sums`]: weights interleaved 16 rows at a time and each block summed as one integer, llama.cpp's
+//!   arithmetic on CPUs where it runs its AMX backend; several rows cost little more than one.
+//! - [`amx`]: the AMX tile registers and the one tile multiply [`block_sums`] uses.
 //! - [`blocks`]: block layouts and activation quantization.
 //! - [`dot`]: scalar reference dot products and their AVX2 versions (bit-identical).
 //! - [`paired`]: the AVX-512 kernels for several activation rows (two rows per register; bit-identical).
@@ -33,7 +33,6 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use candle_core::quantized::{GgmlDType, QTensor};
 
-use amx::TileActivations;
 use block_sums::{Q4_1x16, Q8_0x16};
 use blocks::{ActivationBlock, BLOCK, BlockQ4_1, BlockQ8_0};
 use huge_pages::{ArenaWriter, BlockBuffer};
@@ -228,34 +227,27 @@ impl QuantMatrix {
         }
     }
 
-    /// `x` holds `t` rows of `cols` values; returns `t` rows of `rows` values, in the given arithmetic.
-    pub fn matmul_in(self: &Arc<Self>, x: &[f32], t: usize, arithmetic: Arithmetic) -> Vec<f32> {
-        self.matmul_on(compute_pool(), x, t, arithmetic)
+    /// `x` holds `t` rows of `cols` values; returns `t` rows of `rows` values, in the arithmetic of the
+    /// matrix's layout (`vec_dot`'s, or [`block_sums`]' once [`Self::interleaved`]).
+    pub fn matmul(self: &Arc<Self>, x: &[f32], t: usize) -> Vec<f32> {
+        self.matmul_on(compute_pool(), x, t)
     }
 
-    /// [`Self::matmul_in`] on a given pool (tests run several pool sizes in one process).
-    pub fn matmul_on(
-        self: &Arc<Self>,
-        pool: &ComputePool,
-        x: &[f32],
-        t: usize,
-        arithmetic: Arithmetic,
-    ) -> Vec<f32> {
+    /// [`Self::matmul`] on a given pool (tests run several pool sizes in one process).
+    pub fn matmul_on(self: &Arc<Self>, pool: &ComputePool, x: &[f32], t: usize) -> Vec<f32> {
         let mut activations = Vec::with_capacity(t * self.cols / BLOCK);
         for row in x.chunks_exact(self.cols).take(t) {
             blocks::quantize_activations(row, &mut activations);
         }
         let threads = pool.threads();
         let per_row = self.cols / BLOCK;
-        let tiles = (arithmetic == Arithmetic::Tiles && matches!(self.blocks, Blocks::Q4_1(_)))
-            .then(|| TileActivations::new(&activations, per_row));
         // Enough chunks that a helper stalled by the scheduler leaves little behind, few enough to stay cheap;
-        // whole tiles of 16 weight rows for the tile and block-sums kernels.
+        // whole tiles of 16 weight rows for the block-sums kernels.
         let chunk_rows = if threads == 1 {
             self.rows
         } else {
             let rows = (self.rows / (8 * threads)).clamp(16, 256);
-            if tiles.is_some() || self.block_sums() {
+            if self.block_sums() {
                 rows.next_multiple_of(block_sums::ROWS)
             } else {
                 rows
@@ -263,11 +255,8 @@ impl QuantMatrix {
         };
         // One row streams the weights at memory speed with the 256-bit kernel; several rows are bound by
         // arithmetic, where pairing rows in 512-bit registers halves the instructions.
-        let paired = (tiles.is_none()
-            && !self.block_sums()
-            && t > PAIRED_FROM
-            && PairedActivations::available())
-        .then(|| PairedActivations::new(&activations, per_row));
+        let paired = (!self.block_sums() && t > PAIRED_FROM && PairedActivations::available())
+            .then(|| PairedActivations::new(&activations, per_row));
         let (activations, block_sums) = if self.block_sums() {
             let q8_0 = matches!(self.blocks, Blocks::Q8_0x16(_));
             let prepared = block_sums::Activations::new(activations, per_row, q8_0);
@@ -278,7 +267,6 @@ impl QuantMatrix {
         let job = Arc::new(MatmulJob {
             matrix: self.clone(),
             activations,
-            tiles,
             paired,
             block_sums,
             t,
@@ -312,18 +300,6 @@ impl QuantMatrix {
     }
 }
 
-/// The order of operations of a matmul.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Arithmetic {
-    /// ggml's `vec_dot`, bit for bit: the default, and what verification forwards always use.
-    #[default]
-    VecDot,
-    /// Per-block integer sums ([`amx`]): AMX tiles where the CPU has them, the same arithmetic in scalar code
-    /// elsewhere. Q8_0 matrices keep [`Arithmetic::VecDot`]. (An [`QuantMatrix::interleaved`] matrix takes
-    /// [`block_sums`] whatever is asked.)
-    Tiles,
-}
-
 /// Above this many activation rows the paired AVX-512 kernels win; at or below it, the 256-bit kernels with one
 /// register per row (a decode step, a short verification).
 const PAIRED_FROM: usize = 2;
@@ -331,7 +307,6 @@ const PAIRED_FROM: usize = 2;
 struct MatmulJob {
     matrix: Arc<QuantMatrix>,
     activations: Vec<ActivationBlock>,
-    tiles: Option<TileActivations>,
     paired: Option<PairedActivations>,
     block_sums: Option<block_sums::Activations>,
     t: usize,
@@ -359,8 +334,6 @@ impl Job for MatmulJob {
             acts.q4_1(b.get(tiles_range).unwrap_or(&[]), len, &mut values);
         } else if let (Some(acts), Blocks::Q8_0x16(b)) = (&self.block_sums, &m.blocks) {
             acts.q8_0(b.get(tiles_range).unwrap_or(&[]), len, &mut values);
-        } else if let (Some(tiles), Blocks::Q4_1(b)) = (&self.tiles, &m.blocks) {
-            tiles.q4_1(b.get(range).unwrap_or(&[]), per_row, &mut values);
         } else if let Some(paired) = &self.paired {
             match &m.blocks {
                 Blocks::Q4_1(b) => paired.q4_1(b.get(range).unwrap_or(&[]), per_row, &mut values),
@@ -456,11 +429,6 @@ mod tests {
 
     /// Row by row with the scalar reference: what every thread split and row count must reproduce bit for bit.
     fn reference(m: &QuantMatrix, x: &[f32], t: usize) -> Vec<f32> {
-        reference_in(m, x, t, Arithmetic::VecDot)
-    }
-
-    /// [`reference`] in either arithmetic (tiles cover Q4_1 only).
-    fn reference_in(m: &QuantMatrix, x: &[f32], t: usize, arithmetic: Arithmetic) -> Vec<f32> {
         let per_row = m.cols / BLOCK;
         let mut out = vec![0f32; t * m.rows];
         for (r, input) in x.chunks_exact(m.cols).enumerate() {
@@ -469,9 +437,6 @@ mod tests {
             for row in 0..m.rows {
                 let range = row * per_row..(row + 1) * per_row;
                 out[r * m.rows + row] = match &m.blocks {
-                    Blocks::Q4_1(b) if arithmetic == Arithmetic::Tiles => {
-                        amx::q4_1_reference(&b[range], &acts)
-                    }
                     Blocks::Q4_1(b) => dot::q4_1_reference(&b[range], &acts),
                     Blocks::Q8_0(b) => dot::q8_0_reference(&b[range], &acts),
                     _ => unreachable!("references take the file's layout"),
@@ -517,28 +482,20 @@ mod tests {
             for t in [1, 2, 3, 4, 5, 6, 16, 19] {
                 let x: Vec<f32> = (0..t * cols).map(|_| rng.random_range(-2.0..2.0)).collect();
                 let want = reference(&m, &x, t);
-                let want_tiles = reference_in(&m, &x, t, Arithmetic::Tiles);
                 let want_sums = reference_block_sums(&m, &x);
                 for pool in &pools {
-                    let got = interleaved.matmul_on(pool, &x, t, Arithmetic::VecDot);
+                    let got = interleaved.matmul_on(pool, &x, t);
                     assert_eq!(
                         got,
                         want_sums,
                         "block sums: rows {rows} cols {cols} t {t} threads {}",
                         pool.threads()
                     );
-                    let got = m.matmul_on(pool, &x, t, Arithmetic::VecDot);
+                    let got = m.matmul_on(pool, &x, t);
                     assert_eq!(
                         got,
                         want,
                         "rows {rows} cols {cols} t {t} threads {}",
-                        pool.threads()
-                    );
-                    let got = m.matmul_on(pool, &x, t, Arithmetic::Tiles);
-                    assert_eq!(
-                        got,
-                        want_tiles,
-                        "tiles: rows {rows} cols {cols} t {t} threads {}",
                         pool.threads()
                     );
                 }

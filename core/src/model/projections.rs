@@ -6,27 +6,44 @@ use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 
 use crate::error::{Error, Result};
-use crate::kernels::{Arithmetic as MatmulArithmetic, QuantMatrix};
+use crate::kernels::QuantMatrix;
 
 /// Which matmul kernels the forward uses.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Kernels {
-    /// Ours ([`crate::kernels`]): llama.cpp's arithmetic, several tokens per read of the weights, our thread pool.
-    /// Formats they do not cover fall back to candle's.
+    /// Ours ([`crate::kernels`]) in ggml's `vec_dot` arithmetic: llama.cpp's on CPUs without AMX (and the
+    /// fixtures'), several tokens per read of the weights, our thread pool. Formats they do not cover fall back to
+    /// candle's.
     #[default]
-    Specula,
-    /// Ours, with prompt chunks multiplied by AMX tiles in their own arithmetic ([`crate::kernels::amx`]):
-    /// faster prompts, rounded differently from llama.cpp's `vec_dot` (greedy output may part from llama.cpp's
-    /// after a near-tie). Decoding steps and verification forwards are unchanged. Needs a CPU with AMX-INT8.
-    PromptTiles,
-    /// Ours, with the weights interleaved for per-block integer sums in every forward ([`crate::kernels::block_sums`]):
-    /// verification forwards cost little more than a step, rounded differently from llama.cpp's `vec_dot` (greedy
-    /// output may part from llama.cpp's after a near-tie). Verification still equals step-by-step decoding.
-    /// Needs a CPU with AVX-512 VNNI.
+    VecDot,
+    /// Ours with the weights interleaved for per-block integer sums ([`crate::kernels::block_sums`]): llama.cpp's
+    /// arithmetic on CPUs with AMX, and verification forwards that cost little more than a step. Needs AVX-512
+    /// VNNI (AMX tiles where present).
     BlockSums,
     /// candle's `QMatMul` everywhere: bit-identical to candle-transformers' `quantized_llama`, which is how the
     /// parity test checks the rest of the forward.
     Candle,
+}
+
+impl Kernels {
+    /// What llama.cpp's CPU backend runs on this CPU: its AMX kernels' arithmetic where it has AMX-INT8 (and the
+    /// AVX-512 VNNI our version of it needs), `vec_dot` elsewhere.
+    pub fn llama_cpp_here() -> Self {
+        if crate::kernels::amx::available() && crate::kernels::block_sums::available() {
+            Self::BlockSums
+        } else {
+            Self::VecDot
+        }
+    }
+
+    /// The name traces, the CLI and `specula bench` use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::VecDot => "vec-dot",
+            Self::BlockSums => "block-sums",
+            Self::Candle => "candle",
+        }
+    }
 }
 
 /// One or more weight matrices applied to the same input (`y = x Wᵀ` each), returned separately.
@@ -99,7 +116,7 @@ impl Projections {
                 }
                 let t = x.elem_count() / cols.max(1);
                 let input = x.flatten_all()?.to_vec1::<f32>()?;
-                let parts = self.forward_rows_in(&input, t, MatmulArithmetic::VecDot)?;
+                let parts = self.forward_rows(&input, t)?;
                 parts
                     .into_iter()
                     .zip(&self.widths)
@@ -113,14 +130,8 @@ impl Projections {
         }
     }
 
-    /// `x` holds `t` rows of the input width; returns each matrix's `t` output rows, in the given arithmetic
-    /// (our kernels only; candle's have their own).
-    pub(super) fn forward_rows_in(
-        &self,
-        x: &[f32],
-        t: usize,
-        arithmetic: MatmulArithmetic,
-    ) -> Result<Vec<Vec<f32>>> {
+    /// `x` holds `t` rows of the input width; returns each matrix's `t` output rows.
+    pub(super) fn forward_rows(&self, x: &[f32], t: usize) -> Result<Vec<Vec<f32>>> {
         match &self.kernel {
             ProjectionKernel::Specula(matrix) => {
                 if x.len() != t * matrix.cols {
@@ -130,7 +141,7 @@ impl Projections {
                         matrix.cols
                     )));
                 }
-                let output = matrix.matmul_in(x, t, arithmetic);
+                let output = matrix.matmul(x, t);
                 if let [_] = self.widths.as_slice() {
                     // One projection (o, down, the LM head): nothing to split, no copy.
                     return Ok(vec![output]);
@@ -163,16 +174,7 @@ impl Projections {
 
     /// The single output of a one-matrix projection, on rows.
     pub(super) fn forward_one_rows(&self, x: &[f32], t: usize) -> Result<Vec<f32>> {
-        self.forward_one_rows_in(x, t, MatmulArithmetic::VecDot)
-    }
-
-    pub(super) fn forward_one_rows_in(
-        &self,
-        x: &[f32],
-        t: usize,
-        arithmetic: MatmulArithmetic,
-    ) -> Result<Vec<f32>> {
-        self.forward_rows_in(x, t, arithmetic)?
+        self.forward_rows(x, t)?
             .into_iter()
             .next()
             .ok_or_else(|| Error::InvalidInput("projection without weights".into()))

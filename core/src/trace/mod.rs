@@ -117,12 +117,12 @@ pub struct ModelInfo {
     pub vocab_size: usize,
     pub context_length: usize,
     pub file_bytes: u64,
-    /// "amx-tiles" when prompt chunks were multiplied in the AMX tile arithmetic (`--prompt-tiles`), whose
-    /// logits differ from the default's in the last bits; absent for the default.
+    /// "amx-tiles" in traces of the 2026-12-05 version run with `--prompt-tiles` (prompt chunks multiplied with
+    /// AMX tiles in an arithmetic of their own, since replaced by `block-sums`); read, never written now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt_matmul: Option<String>,
-    /// "block-sums" when every matmul summed each weight block as one integer (`--block-sums`), whose logits
-    /// differ from the default's in the last bits; absent for the default (llama.cpp's `vec_dot`).
+    /// "block-sums" when every matmul summed each weight block as one integer (llama.cpp's arithmetic on CPUs with
+    /// AMX, `--matmul block-sums` or `auto` there); absent for ggml's `vec_dot` (llama.cpp's elsewhere).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub matmul: Option<String>,
 }

@@ -25,20 +25,11 @@ pub fn model_status_ui(ui: &mut egui::Ui, ctx: &ViewCtx<'_>) {
                 info.weight_format,
                 megabytes(info.file_bytes)
             ));
-            if info.prompt_matmul.is_some() {
-                ui.label(RichText::new("AMX prompts").color(ui.visuals().warn_fg_color))
-                    .on_hover_text(
-                        "Started with --prompt-tiles: prompt chunks are multiplied with AMX tiles, rounded \
-                         differently from llama.cpp's vec_dot (decoding steps and verification are not)",
-                    );
-            }
             if info.matmul.is_some() {
-                ui.label(RichText::new("Block sums").color(ui.visuals().warn_fg_color))
-                    .on_hover_text(
-                        "Started with --block-sums: every forward sums each weight block as one integer, \
-                         rounded differently from llama.cpp's vec_dot; verifying drafts still gives exactly \
-                         the logits of decoding them one by one",
-                    );
+                ui.label("block sums").on_hover_text(
+                    "Matmuls sum each weight block as one integer, as llama.cpp's AMX kernels do (its \
+                     arithmetic on CPUs with AMX; --matmul vec-dot gives its arithmetic elsewhere)",
+                );
             }
         }
         ModelState::Loading { path } => {
