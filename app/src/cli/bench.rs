@@ -161,6 +161,8 @@ pub fn bench(model_path: Option<&Path>, threads: usize, args: BenchArgs) -> Resu
     let mut report = json!({
         "model": llama.info.file_name,
         "weight_format": llama.info.weight_format,
+        // The matmul arithmetic (`--matmul`): block sums or ggml's `vec_dot`.
+        "matmul": llama.info.matmul.as_deref().unwrap_or("vec-dot"),
         "threads": threads,
         "runs": runs,
         "load_ms": round(load_ms),
