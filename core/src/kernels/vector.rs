@@ -42,6 +42,19 @@ pub fn swiglu(flavor: Flavor, gate: &[f32], up: &[f32]) -> Vec<f32> {
     out
 }
 
+/// `expf` of every value, with libm's bits: 16 at a time where the CPU has AVX-512 (glibc's FMA build, which its
+/// loader picks on such a CPU, reproduced operation for operation), libm itself elsewhere.
+pub fn exp_in_place(values: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        simd::exp_in_place(values);
+        return;
+    }
+    for v in values {
+        *v = v.exp();
+    }
+}
+
 /// Appends the blocks of one row (length a multiple of 32), as ggml's `quantize_row_q8_1` does.
 pub fn quantize_row(row: &[f32], out: &mut Vec<ActivationBlock>) {
     #[cfg(target_arch = "x86_64")]
@@ -180,7 +193,6 @@ mod simd {
     }
 
     /// `expf` of every value, as libm computes it.
-    #[cfg(test)]
     pub fn exp_in_place(values: &mut [f32]) {
         // SAFETY: the caller checked the instruction sets at run time.
         unsafe { exp_avx512(values) }
