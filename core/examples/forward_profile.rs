@@ -1,8 +1,8 @@
 //! Repeats one k-token forward after a prefill (64 tokens unless a third argument says otherwise), for profilers:
 //! `perf record -g target/release/examples/forward_profile 16 200` (k = 16, 200 forwards).
-//! `forward_profile matmul 8 [vecdot|sums]` times the matmul kernels alone, in one arithmetic or both (an
-//! FFN-sized Q4_1 matrix and the LM head's Q8_0 shape, 8 activation rows). `--block-sums` anywhere loads the
-//! model in the block-sums arithmetic (`vec_dot` otherwise). Prints medians, so a change can be checked without the full
+//! `forward_profile matmul 8 [vec-dot|block-sums]` times the matmul kernels alone, in one arithmetic or both (an
+//! FFN-sized Q4_1 matrix and the LM head's Q8_0 shape, 8 activation rows). `--matmul block-sums` anywhere loads
+//! the model in the block-sums arithmetic (`vec_dot` otherwise), as the binary's flag does. Prints medians, so a change can be checked without the full
 //! `specula bench`.
 
 use std::sync::Arc;
@@ -70,12 +70,14 @@ fn matmuls(t: usize, only: Option<Kernel>) -> Result<(), Box<dyn std::error::Err
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
-    let block_sums = args.iter().any(|a| a == "--block-sums");
-    args.retain(|a| a != "--block-sums");
+    let block_sums = args.windows(2).any(|w| w == ["--matmul", "block-sums"]);
+    if let Some(at) = args.iter().position(|a| a == "--matmul") {
+        args.drain(at..(at + 2).min(args.len()));
+    }
     if args.first().map(String::as_str) == Some("matmul") {
         let only = match args.get(2).map(String::as_str) {
-            Some("vecdot") => Some(Kernel::VecDot),
-            Some("sums") => Some(Kernel::BlockSums),
+            Some("vec-dot") => Some(Kernel::VecDot),
+            Some("block-sums") => Some(Kernel::BlockSums),
             _ => None,
         };
         return matmuls(

@@ -215,7 +215,7 @@ impl Llama {
             context_length: config.context_length,
             file_bytes,
             prompt_matmul: None,
-            matmul: (kernels == Kernels::BlockSums).then(|| "block-sums".to_owned()),
+            matmul: (kernels == Kernels::BlockSums).then(|| kernels.name().to_owned()),
         };
         Ok(Self {
             config,

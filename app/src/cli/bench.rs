@@ -14,7 +14,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::{Value, json};
 use specula_core::calibrate;
-use specula_core::model::{Capture, KvCache, Llama, Logits, Mask, logits_row};
+use specula_core::model::{Capture, Kernels, KvCache, Llama, Logits, Mask, logits_row};
 use specula_core::sampling::argmax;
 use specula_core::{MethodParams, Model, PromptSpec, Run, RunSpec, SamplingParams};
 
@@ -162,7 +162,7 @@ pub fn bench(model_path: Option<&Path>, threads: usize, args: BenchArgs) -> Resu
         "model": llama.info.file_name,
         "weight_format": llama.info.weight_format,
         // The matmul arithmetic (`--matmul`): block sums or ggml's `vec_dot`.
-        "matmul": llama.info.matmul.as_deref().unwrap_or("vec-dot"),
+        "matmul": llama.info.matmul.as_deref().unwrap_or(Kernels::VecDot.name()),
         "threads": threads,
         "runs": runs,
         "load_ms": round(load_ms),

@@ -23,9 +23,10 @@ pub fn available() -> bool {
     })
 }
 
-/// Proof that this thread's tile registers are configured: only [`with_tiles`] makes one, and only while they are.
+/// Proof that this thread's tile registers are configured: only [`with_tiles`] makes one, and its lifetime (the
+/// closure's) and the raw pointer (not `Send`) keep it inside that call on that thread.
 #[derive(Clone, Copy)]
-pub(super) struct Configured(());
+pub(super) struct Configured<'a>(std::marker::PhantomData<&'a *const ()>);
 
 /// Releases the tiles when dropped, so a panic inside [`with_tiles`] does not leave them configured.
 struct Release;
@@ -38,12 +39,12 @@ impl Drop for Release {
 }
 
 /// Runs `f` with the tile registers configured on this thread (`None` where AMX is not [`available`]).
-pub(super) fn with_tiles<R>(f: impl FnOnce(Option<Configured>) -> R) -> R {
+pub(super) fn with_tiles<R>(f: impl for<'a> FnOnce(Option<Configured<'a>>) -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     if available() {
         simd::configure();
         let _release = Release;
-        return f(Some(Configured(())));
+        return f(Some(Configured(std::marker::PhantomData)));
     }
     f(None)
 }
@@ -60,7 +61,7 @@ pub(super) struct Weights(pub [[u8; 64]; 8]);
 #[cfg(target_arch = "x86_64")]
 #[inline]
 pub(super) fn multiply(
-    _configured: Configured,
+    _configured: Configured<'_>,
     activations: &[[i8; 32]; TILE_ROWS],
     weights: &[[u8; 64]; 8],
     sums: &mut Sums,

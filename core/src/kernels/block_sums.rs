@@ -164,16 +164,16 @@ pub fn q4_1_reference(weights: &[BlockQ4_1], activations: &[ActivationBlock]) ->
 
 /// [`q4_1_reference`] for Q8_0 weights (no `m` term).
 pub fn q8_0_reference(weights: &[BlockQ8_0], activations: &[ActivationBlock]) -> f32 {
-    let mut main = 0f32;
+    let mut acc = 0f32;
     for (w, a) in weights.iter().zip(activations) {
         let sum: i32 =
             w.qs.iter()
                 .zip(&a.qs)
                 .map(|(&q, &x)| i32::from(q) * i32::from(x))
                 .sum();
-        main = (w.d.to_f32() * a.d).mul_add(sum as f32, main);
+        acc = (w.d.to_f32() * a.d).mul_add(sum as f32, acc);
     }
-    main
+    acc
 }
 
 /// Whether this CPU has the instructions (checked once; the scalar reference runs otherwise).
@@ -232,7 +232,8 @@ impl Activations {
         } else {
             Q4_1_TILES_FROM
         };
-        let tile_blocks = if rows >= tiles_from && super::amx::available() {
+        // The tile kernels' scaling runs the same AVX-512 as the rest of this module.
+        let tile_blocks = if rows >= tiles_from && available() && super::amx::available() {
             tile_blocks(&blocks, per_row, q8_0)
         } else {
             Vec::new()
@@ -309,8 +310,13 @@ impl Activations {
 
 /// A tile kernel: one tile of weight rows against one pass of activation rows (`rows` of them real).
 #[cfg(target_arch = "x86_64")]
-type TileKernel<W> =
-    fn(super::amx::Configured, &[W], &[TileBlock], usize, &mut [[f32; ROWS]; TILE_PASS_ROWS]);
+type TileKernel<W> = for<'a> fn(
+    super::amx::Configured<'a>,
+    &[W],
+    &[TileBlock],
+    usize,
+    &mut [[f32; ROWS]; TILE_PASS_ROWS],
+);
 
 impl Activations {
     /// The AMX path of [`Self::q4_1`] and [`Self::q8_0`]: false (nothing written) unless the rows were prepared
@@ -401,8 +407,8 @@ fn scatter(
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod simd {
-    //! SIMD intrinsics. Entry points run only after [`super::available`]; every load reads a fixed-size array
-    //! through a pointer to it.
+    //! SIMD intrinsics. Entry points run only after [`super::available`] (the `*_tiles` ones after
+    //! [`crate::kernels::amx::available`] too); every load reads a fixed-size array through a pointer to it.
     use std::arch::x86_64::*;
 
     use super::{PASS_ROWS, Q4_1x16, Q8_0x16, ROWS, TILE_PASS_ROWS, TileBlock};
@@ -417,6 +423,7 @@ mod simd {
         // SAFETY: the caller checked the instruction sets at run time.
         unsafe {
             match rows.len() {
+                0 => {}
                 1 => q4_1_pass::<1>(tile, rows, out),
                 2 => q4_1_pass::<2>(tile, rows, out),
                 3 => q4_1_pass::<3>(tile, rows, out),
@@ -438,6 +445,7 @@ mod simd {
         // SAFETY: the caller checked the instruction sets at run time.
         unsafe {
             match rows.len() {
+                0 => {}
                 1 => q8_0_pass::<1>(tile, rows, shifts, out),
                 2 => q8_0_pass::<2>(tile, rows, shifts, out),
                 3 => q8_0_pass::<3>(tile, rows, shifts, out),
@@ -481,10 +489,7 @@ mod simd {
     }
 
     /// Activation rows cut to the tile's block count, as an array the loops index without checks.
-    fn rows_of<'a, const R: usize>(
-        rows: &[&'a [ActivationBlock]],
-        blocks: usize,
-    ) -> Option<[&'a [ActivationBlock]; R]> {
+    fn rows_of<'a, T, const R: usize>(rows: &[&'a [T]], blocks: usize) -> Option<[&'a [T]; R]> {
         let mut cut = [&[][..]; R];
         for (dst, row) in cut.iter_mut().zip(rows) {
             *dst = row.get(..blocks)?;
@@ -498,7 +503,7 @@ mod simd {
         rows: &[&[ActivationBlock]],
         out: &mut [[f32; ROWS]; PASS_ROWS],
     ) {
-        let Some(acts) = rows_of::<R>(rows, tile.len()) else {
+        let Some(acts) = rows_of::<ActivationBlock, R>(rows, tile.len()) else {
             return;
         };
         let low_nibbles = _mm512_set1_epi8(0x0F);
@@ -539,13 +544,13 @@ mod simd {
         out: &mut [[f32; ROWS]; PASS_ROWS],
     ) {
         let (Some(acts), Some(shifts)) = (
-            rows_of::<R>(rows, tile.len()),
-            rows_of_shifts::<R>(shifts, tile.len()),
+            rows_of::<ActivationBlock, R>(rows, tile.len()),
+            rows_of::<i32, R>(shifts, tile.len()),
         ) else {
             return;
         };
         let magic_bits = _mm512_castps_si512(_mm512_set1_ps(MAGIC));
-        let mut main = [_mm512_setzero_ps(); R];
+        let mut acc = [_mm512_setzero_ps(); R];
         for (b, w) in tile.iter().enumerate() {
             prefetch(tile, b + AHEAD_BYTES / std::mem::size_of::<Q8_0x16>());
             let q: [__m512i; 8] = std::array::from_fn(|g| load_u8x64(&w.qs[g]));
@@ -559,23 +564,23 @@ mod simd {
                 }
                 let sums = _mm512_sub_ps(_mm512_castsi512_ps(sums), _mm512_set1_ps(MAGIC));
                 let scale = _mm512_mul_ps(d, _mm512_set1_ps(a.d));
-                main[r] = _mm512_fmadd_ps(scale, sums, main[r]);
+                acc[r] = _mm512_fmadd_ps(scale, sums, acc[r]);
             }
         }
         for r in 0..R {
             // SAFETY: writes exactly the 16 floats of the array.
-            unsafe { _mm512_storeu_ps(out[r].as_mut_ptr(), main[r]) };
+            unsafe { _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]) };
         }
     }
 
     pub fn q4_1_tiles(
-        configured: Configured,
+        configured: Configured<'_>,
         tile: &[Q4_1x16],
         acts: &[TileBlock],
         rows: usize,
         out: &mut [[f32; ROWS]; TILE_PASS_ROWS],
     ) {
-        // SAFETY: tiles are only prepared where `amx::available()` found AVX-512 and AMX.
+        // SAFETY: tiles are only prepared where `available()` found the AVX-512 and `amx::available()` the AMX.
         unsafe {
             match rows {
                 0..=4 => q4_1_tiles_pass::<4>(configured, tile, acts, out),
@@ -587,7 +592,7 @@ mod simd {
     }
 
     pub fn q8_0_tiles(
-        configured: Configured,
+        configured: Configured<'_>,
         tile: &[Q8_0x16],
         acts: &[TileBlock],
         rows: usize,
@@ -607,7 +612,7 @@ mod simd {
     /// `R` accumulators of 16 weight rows each: rows past the real ones hold zero activations.
     #[target_feature(enable = "avx512f,avx512bw,fma,f16c")]
     fn q4_1_tiles_pass<const R: usize>(
-        configured: Configured,
+        configured: Configured<'_>,
         tile: &[Q4_1x16],
         acts: &[TileBlock],
         out: &mut [[f32; ROWS]; TILE_PASS_ROWS],
@@ -658,27 +663,27 @@ mod simd {
 
     #[target_feature(enable = "avx512f,avx512bw,fma,f16c")]
     fn q8_0_tiles_pass<const R: usize>(
-        configured: Configured,
+        configured: Configured<'_>,
         tile: &[Q8_0x16],
         acts: &[TileBlock],
         out: &mut [[f32; ROWS]; TILE_PASS_ROWS],
     ) {
         let mut sums = Sums([[0; ROWS]; TILE_PASS_ROWS]);
-        let mut main = [_mm512_setzero_ps(); R];
+        let mut acc = [_mm512_setzero_ps(); R];
         for (b, (w, a)) in tile.iter().zip(acts).enumerate() {
             prefetch(tile, b + AHEAD_BYTES / std::mem::size_of::<Q8_0x16>());
             amx::multiply(configured, &a.qs, &w.qs, &mut sums);
             let d = load_f16x16(&w.d);
-            for (r, main) in main.iter_mut().enumerate() {
+            for (r, acc) in acc.iter_mut().enumerate() {
                 // Σ a·(q_w + 128) counts 128 · Σ a too much.
                 let ints = _mm512_sub_epi32(load_i32x16(&sums.0[r]), _mm512_set1_epi32(a.shift[r]));
                 let scale = _mm512_mul_ps(d, _mm512_set1_ps(a.d[r]));
-                *main = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(ints), *main);
+                *acc = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(ints), *acc);
             }
         }
         for r in 0..R {
             // SAFETY: writes exactly the 16 floats of the array.
-            unsafe { _mm512_storeu_ps(out[r].as_mut_ptr(), main[r]) };
+            unsafe { _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]) };
         }
     }
 
@@ -686,17 +691,6 @@ mod simd {
     fn load_i32x16(values: &[i32; ROWS]) -> __m512i {
         // SAFETY: reads exactly the 16 integers of the array (unaligned load).
         unsafe { _mm512_loadu_si512(values.as_ptr().cast()) }
-    }
-
-    fn rows_of_shifts<'a, const R: usize>(
-        shifts: &[&'a [i32]],
-        blocks: usize,
-    ) -> Option<[&'a [i32]; R]> {
-        let mut cut = [&[][..]; R];
-        for (dst, row) in cut.iter_mut().zip(shifts) {
-            *dst = row.get(..blocks)?;
-        }
-        Some(cut)
     }
 }
 

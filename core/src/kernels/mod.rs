@@ -145,7 +145,7 @@ impl QuantMatrix {
     }
 
     /// Whether matmuls take the [`block_sums`] arithmetic (the matrix is [`Self::interleaved`]).
-    pub fn block_sums(&self) -> bool {
+    pub fn is_interleaved(&self) -> bool {
         matches!(self.blocks, Blocks::Q4_1x16(_) | Blocks::Q8_0x16(_))
     }
 
@@ -202,28 +202,15 @@ impl QuantMatrix {
     /// Dequantized rows (tests and reference computations).
     pub fn dequantize(&self) -> Vec<f32> {
         let per_row = (self.cols / BLOCK).max(1);
-        // Row `row` of an interleaved matrix, block by block.
-        let tile_rows = |row: usize| {
-            let tile = row / block_sums::ROWS * per_row;
-            (tile..tile + per_row, row % block_sums::ROWS)
-        };
         match &self.blocks {
             Blocks::Q4_1(b) => b.iter().flat_map(|b| b.dequantize()).collect(),
             Blocks::Q8_0(b) => b.iter().flat_map(|b| b.dequantize()).collect(),
-            Blocks::Q4_1x16(b) => (0..self.rows)
-                .flat_map(|row| {
-                    let (blocks, j) = tile_rows(row);
-                    let tiles = b.get(blocks).unwrap_or(&[]);
-                    tiles.iter().flat_map(move |t| t.row(j).dequantize())
-                })
-                .collect(),
-            Blocks::Q8_0x16(b) => (0..self.rows)
-                .flat_map(|row| {
-                    let (blocks, j) = tile_rows(row);
-                    let tiles = b.get(blocks).unwrap_or(&[]);
-                    tiles.iter().flat_map(move |t| t.row(j).dequantize())
-                })
-                .collect(),
+            Blocks::Q4_1x16(b) => {
+                dequantize_tiles(b, self.rows, per_row, |t, j| t.row(j).dequantize())
+            }
+            Blocks::Q8_0x16(b) => {
+                dequantize_tiles(b, self.rows, per_row, |t, j| t.row(j).dequantize())
+            }
         }
     }
 
@@ -247,7 +234,7 @@ impl QuantMatrix {
             self.rows
         } else {
             let rows = (self.rows / (8 * threads)).clamp(16, 256);
-            if self.block_sums() {
+            if self.is_interleaved() {
                 rows.next_multiple_of(block_sums::ROWS)
             } else {
                 rows
@@ -255,9 +242,9 @@ impl QuantMatrix {
         };
         // One row streams the weights at memory speed with the 256-bit kernel; several rows are bound by
         // arithmetic, where pairing rows in 512-bit registers halves the instructions.
-        let paired = (!self.block_sums() && t > PAIRED_FROM && PairedActivations::available())
+        let paired = (!self.is_interleaved() && t > PAIRED_FROM && PairedActivations::available())
             .then(|| PairedActivations::new(&activations, per_row));
-        let (activations, block_sums) = if self.block_sums() {
+        let (activations, block_sums) = if self.is_interleaved() {
             let q8_0 = matches!(self.blocks, Blocks::Q8_0x16(_));
             let prepared = block_sums::Activations::new(activations, per_row, q8_0);
             (Vec::new(), Some(prepared))
@@ -300,6 +287,25 @@ impl QuantMatrix {
     }
 }
 
+/// The first `rows` rows of an interleaved matrix, dequantized: row `j` of a tile by `row`.
+fn dequantize_tiles<T>(
+    tiles: &[T],
+    rows: usize,
+    per_row: usize,
+    row: impl Fn(&T, usize) -> [f32; BLOCK],
+) -> Vec<f32> {
+    (0..rows)
+        .flat_map(|r| {
+            let first = r / block_sums::ROWS * per_row;
+            let blocks = tiles.get(first..first + per_row).unwrap_or(&[]);
+            blocks
+                .iter()
+                .flat_map(|t| row(t, r % block_sums::ROWS))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
 /// Above this many activation rows the paired AVX-512 kernels win; at or below it, the 256-bit kernels with one
 /// register per row (a decode step, a short verification).
 const PAIRED_FROM: usize = 2;
@@ -327,7 +333,7 @@ impl Job for MatmulJob {
         let len = last - first;
         let range = first * per_row..last * per_row;
         let mut values = vec![0f32; len * self.t];
-        // Interleaved chunks start on a tile (chunk_rows is a multiple of 16).
+        // Interleaved chunks start on a tile (one chunk starts at 0; several are a multiple of 16 rows each).
         let tiles_range =
             first / block_sums::ROWS * per_row..last.div_ceil(block_sums::ROWS) * per_row;
         if let (Some(acts), Blocks::Q4_1x16(b)) = (&self.block_sums, &m.blocks) {
@@ -477,7 +483,7 @@ mod tests {
             let cols = 32 * (1 + case % 4);
             let m = Arc::new(matrix(&mut rng, rows, cols, case % 2 == 1));
             let interleaved = Arc::new((*m).clone().interleaved());
-            assert!(interleaved.block_sums() && !m.block_sums());
+            assert!(interleaved.is_interleaved() && !m.is_interleaved());
             assert_eq!(interleaved.dequantize(), m.dequantize());
             for t in [1, 2, 3, 4, 5, 6, 16, 19] {
                 let x: Vec<f32> = (0..t * cols).map(|_| rng.random_range(-2.0..2.0)).collect();

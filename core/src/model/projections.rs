@@ -36,7 +36,7 @@ impl Kernels {
         }
     }
 
-    /// The name traces, the CLI and `specula bench` use.
+    /// The name the trace's model info (`matmul`) and `specula bench` use, and `--matmul` takes.
     pub fn name(self) -> &'static str {
         match self {
             Self::VecDot => "vec-dot",

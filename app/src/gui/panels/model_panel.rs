@@ -1,6 +1,7 @@
 //! The model: its state in the top bar, and the first-start card that says how to get one.
 
 use egui::RichText;
+use specula_core::model::Kernels;
 use specula_core::store::{DEFAULT_HUB_REPO, DEFAULT_MODEL_FILE};
 
 use super::ViewCtx;
@@ -25,7 +26,7 @@ pub fn model_status_ui(ui: &mut egui::Ui, ctx: &ViewCtx<'_>) {
                 info.weight_format,
                 megabytes(info.file_bytes)
             ));
-            if info.matmul.is_some() {
+            if info.matmul.as_deref() == Some(Kernels::BlockSums.name()) {
                 ui.label("block sums").on_hover_text(
                     "Matmuls sum each weight block as one integer, as llama.cpp's AMX kernels do (its \
                      arithmetic on CPUs with AMX; --matmul vec-dot gives its arithmetic elsewhere)",
