@@ -34,8 +34,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# -displayfd picks a free display number and writes it once the server accepts connections.
-Xvfb -displayfd 3 -screen 0 1280x800x24 -nolisten tcp 3>"$workdir/display" >"$workdir/xvfb.log" 2>&1 &
+# -displayfd picks a free display number and writes it once the server accepts connections. -noreset: an X server
+# resets when its last client leaves, and xdotool below is the first client, so without it Specula could connect
+# during that reset and fail with "Failed to open connection to X server" (seen twice, once under load).
+Xvfb -displayfd 3 -noreset -screen 0 1280x800x24 -nolisten tcp 3>"$workdir/display" >"$workdir/xvfb.log" 2>&1 &
 xvfb_pid=$!
 for _ in $(seq 200); do [ -s "$workdir/display" ] && break; sleep 0.1; done
 [ -s "$workdir/display" ] || { echo "xvfb_smoke: Xvfb did not start; its log:" >&2; cat "$workdir/xvfb.log" >&2; exit 1; }
@@ -59,8 +61,8 @@ deadline=$((SECONDS + timeout_s))
 title=""
 while [ $SECONDS -lt $deadline ]; do
     if ! kill -0 "$app_pid" 2>/dev/null; then
-        echo "xvfb_smoke: Specula exited early; its log:" >&2
-        cat "$workdir/app.log" >&2
+        echo "xvfb_smoke: Specula exited early; its log, then Xvfb's:" >&2
+        cat "$workdir/app.log" "$workdir/xvfb.log" >&2
         exit 1
     fi
     wid="$(xdotool search --name '^Specula' 2>/dev/null | head -n1 || true)"

@@ -308,15 +308,14 @@ impl Activations {
     }
 }
 
-/// A tile kernel: one tile of weight rows against one pass of activation rows (`rows` of them real).
+/// Where a tile kernel hands each pass's sums: `emit(first activation row, real rows, sums)`.
 #[cfg(target_arch = "x86_64")]
-type TileKernel<W> = for<'a> fn(
-    super::amx::Configured<'a>,
-    &[W],
-    &[TileBlock],
-    usize,
-    &mut [[f32; ROWS]; TILE_PASS_ROWS],
-);
+type Emit<'e> = dyn FnMut(usize, usize, &[[f32; ROWS]; TILE_PASS_ROWS]) + 'e;
+
+/// A tile kernel: one tile of weight rows against every pass of activation rows (`rows` of them real).
+#[cfg(target_arch = "x86_64")]
+type TileKernel<W> =
+    for<'a> fn(super::amx::Configured<'a>, &[W], &[TileBlock], usize, &mut Emit<'_>);
 
 impl Activations {
     /// The AMX path of [`Self::q4_1`] and [`Self::q8_0`]: false (nothing written) unless the rows were prepared
@@ -338,13 +337,15 @@ impl Activations {
                 return false;
             };
             for (t, tile) in weights.chunks_exact(self.per_row).enumerate() {
-                for (pass, acts) in self.tile_blocks.chunks_exact(self.per_row).enumerate() {
-                    let first = pass * TILE_PASS_ROWS;
-                    let pass_rows = TILE_PASS_ROWS.min(rows.saturating_sub(first));
-                    let mut sums = [[0f32; ROWS]; TILE_PASS_ROWS];
-                    kernel(configured, tile, acts, pass_rows, &mut sums);
-                    scatter(&sums, pass_rows, first, t, n, out);
-                }
+                kernel(
+                    configured,
+                    tile,
+                    &self.tile_blocks,
+                    rows,
+                    &mut |first, pass_rows, sums| {
+                        scatter(sums, pass_rows, first, t, n, out);
+                    },
+                );
             }
             true
         })
@@ -411,7 +412,7 @@ mod simd {
     //! [`crate::kernels::amx::available`] too); every load reads a fixed-size array through a pointer to it.
     use std::arch::x86_64::*;
 
-    use super::{PASS_ROWS, Q4_1x16, Q8_0x16, ROWS, TILE_PASS_ROWS, TileBlock};
+    use super::{Emit, PASS_ROWS, Q4_1x16, Q8_0x16, ROWS, TILE_PASS_ROWS, TileBlock};
     use crate::kernels::amx::{self, Configured, Sums, Weights};
     use crate::kernels::blocks::ActivationBlock;
 
@@ -576,37 +577,94 @@ mod simd {
     pub fn q4_1_tiles(
         configured: Configured<'_>,
         tile: &[Q4_1x16],
-        acts: &[TileBlock],
+        passes: &[TileBlock],
         rows: usize,
-        out: &mut [[f32; ROWS]; TILE_PASS_ROWS],
+        emit: &mut Emit<'_>,
     ) {
-        // SAFETY: tiles are only prepared where `available()` found the AVX-512 and `amx::available()` the AMX.
-        unsafe {
-            match rows {
-                0..=4 => q4_1_tiles_pass::<4>(configured, tile, acts, out),
-                5..=8 => q4_1_tiles_pass::<8>(configured, tile, acts, out),
-                9..=12 => q4_1_tiles_pass::<12>(configured, tile, acts, out),
-                _ => q4_1_tiles_pass::<TILE_PASS_ROWS>(configured, tile, acts, out),
-            }
-        }
+        UNPACKED.with_borrow_mut(|unpacked| {
+            // SAFETY: tiles are only prepared where `available()` found the AVX-512 and `amx::available()` the
+            // AMX.
+            unsafe { unpack_q4_1(tile, unpacked) };
+            for_each_pass(tile.len(), passes, rows, emit, |acts, pass_rows, out| {
+                // SAFETY: as above.
+                unsafe {
+                    match pass_rows {
+                        0..=4 => q4_1_tiles_pass::<4>(configured, tile, unpacked, acts, out),
+                        5..=8 => q4_1_tiles_pass::<8>(configured, tile, unpacked, acts, out),
+                        9..=12 => q4_1_tiles_pass::<12>(configured, tile, unpacked, acts, out),
+                        _ => {
+                            q4_1_tiles_pass::<TILE_PASS_ROWS>(configured, tile, unpacked, acts, out)
+                        }
+                    }
+                }
+            });
+        });
     }
 
     pub fn q8_0_tiles(
         configured: Configured<'_>,
         tile: &[Q8_0x16],
-        acts: &[TileBlock],
+        passes: &[TileBlock],
         rows: usize,
-        out: &mut [[f32; ROWS]; TILE_PASS_ROWS],
+        emit: &mut Emit<'_>,
     ) {
-        // SAFETY: as in `q4_1_tiles`.
-        unsafe {
-            match rows {
-                0..=4 => q8_0_tiles_pass::<4>(configured, tile, acts, out),
-                5..=8 => q8_0_tiles_pass::<8>(configured, tile, acts, out),
-                9..=12 => q8_0_tiles_pass::<12>(configured, tile, acts, out),
-                _ => q8_0_tiles_pass::<TILE_PASS_ROWS>(configured, tile, acts, out),
+        for_each_pass(tile.len(), passes, rows, emit, |acts, pass_rows, out| {
+            // SAFETY: as in `q4_1_tiles`.
+            unsafe {
+                match pass_rows {
+                    0..=4 => q8_0_tiles_pass::<4>(configured, tile, acts, out),
+                    5..=8 => q8_0_tiles_pass::<8>(configured, tile, acts, out),
+                    9..=12 => q8_0_tiles_pass::<12>(configured, tile, acts, out),
+                    _ => q8_0_tiles_pass::<TILE_PASS_ROWS>(configured, tile, acts, out),
+                }
+            }
+        });
+    }
+
+    /// Runs `pass(activation blocks, real rows, sums)` on each 16-row pass of `passes` (`per_row` blocks each) and
+    /// emits its sums.
+    fn for_each_pass(
+        per_row: usize,
+        passes: &[TileBlock],
+        rows: usize,
+        emit: &mut Emit<'_>,
+        mut pass: impl FnMut(&[TileBlock], usize, &mut [[f32; ROWS]; TILE_PASS_ROWS]),
+    ) {
+        for (index, acts) in passes.chunks_exact(per_row.max(1)).enumerate() {
+            let first = index * TILE_PASS_ROWS;
+            let pass_rows = TILE_PASS_ROWS.min(rows.saturating_sub(first));
+            let mut sums = [[0f32; ROWS]; TILE_PASS_ROWS];
+            pass(acts, pass_rows, &mut sums);
+            emit(first, pass_rows, &sums);
+        }
+    }
+
+    /// A tile's blocks unpacked to bytes in the tiles' layout, once for every pass of activation rows. All of them
+    /// first: a tile load right after the stores that wrote its bytes would wait for them to reach the cache.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn unpack_q4_1(tile: &[Q4_1x16], unpacked: &mut Vec<Weights>) {
+        unpacked.resize_with(tile.len(), || Weights([[0; 64]; 8]));
+        let low_nibbles = _mm512_set1_epi8(0x0F);
+        for (b, (w, dst)) in tile.iter().zip(unpacked.iter_mut()).enumerate() {
+            prefetch(tile, b + AHEAD_BYTES / std::mem::size_of::<Q4_1x16>());
+            for (c, chunk) in w.qs.iter().enumerate() {
+                let packed = load_u8x64(chunk);
+                let high = _mm512_and_si512(_mm512_srli_epi16::<4>(packed), low_nibbles);
+                // SAFETY: each store writes exactly one 64-byte row of the buffer.
+                unsafe {
+                    _mm512_store_si512(
+                        dst.0[c].as_mut_ptr().cast(),
+                        _mm512_and_si512(packed, low_nibbles),
+                    );
+                    _mm512_store_si512(dst.0[c + 4].as_mut_ptr().cast(), high);
+                }
             }
         }
+    }
+
+    thread_local! {
+        /// A tile's blocks unpacked, reused from call to call.
+        static UNPACKED: std::cell::RefCell<Vec<Weights>> = const { std::cell::RefCell::new(Vec::new()) };
     }
 
     /// `R` accumulators of 16 weight rows each: rows past the real ones hold zero activations.
@@ -614,51 +672,26 @@ mod simd {
     fn q4_1_tiles_pass<const R: usize>(
         configured: Configured<'_>,
         tile: &[Q4_1x16],
+        unpacked: &[Weights],
         acts: &[TileBlock],
         out: &mut [[f32; ROWS]; TILE_PASS_ROWS],
     ) {
-        // Every block unpacked first: a tile load right after the stores that wrote its bytes would wait for
-        // them to reach the cache.
-        UNPACKED.with_borrow_mut(|unpacked| {
-            unpacked.resize_with(tile.len(), || Weights([[0; 64]; 8]));
-            let low_nibbles = _mm512_set1_epi8(0x0F);
-            for (b, (w, dst)) in tile.iter().zip(unpacked.iter_mut()).enumerate() {
-                prefetch(tile, b + AHEAD_BYTES / std::mem::size_of::<Q4_1x16>());
-                for (c, chunk) in w.qs.iter().enumerate() {
-                    let packed = load_u8x64(chunk);
-                    let high = _mm512_and_si512(_mm512_srli_epi16::<4>(packed), low_nibbles);
-                    // SAFETY: each store writes exactly one 64-byte row of the buffer.
-                    unsafe {
-                        _mm512_store_si512(
-                            dst.0[c].as_mut_ptr().cast(),
-                            _mm512_and_si512(packed, low_nibbles),
-                        );
-                        _mm512_store_si512(dst.0[c + 4].as_mut_ptr().cast(), high);
-                    }
-                }
+        let mut sums = Sums([[0; ROWS]; TILE_PASS_ROWS]);
+        let mut acc = [_mm512_setzero_ps(); R];
+        for ((w, a), weights) in tile.iter().zip(acts).zip(unpacked) {
+            amx::multiply(configured, &a.qs, &weights.0, &mut sums);
+            let (d, m) = (load_f16x16(&w.d), load_f16x16(&w.m));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let ints = load_i32x16(&sums.0[r]);
+                let scale = _mm512_mul_ps(d, _mm512_set1_ps(a.d[r]));
+                *acc = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(ints), *acc);
+                *acc = _mm512_fmadd_ps(m, _mm512_set1_ps(a.s[r]), *acc);
             }
-            let mut sums = Sums([[0; ROWS]; TILE_PASS_ROWS]);
-            let mut acc = [_mm512_setzero_ps(); R];
-            for ((w, a), weights) in tile.iter().zip(acts).zip(unpacked.iter()) {
-                amx::multiply(configured, &a.qs, &weights.0, &mut sums);
-                let (d, m) = (load_f16x16(&w.d), load_f16x16(&w.m));
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let ints = load_i32x16(&sums.0[r]);
-                    let scale = _mm512_mul_ps(d, _mm512_set1_ps(a.d[r]));
-                    *acc = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(ints), *acc);
-                    *acc = _mm512_fmadd_ps(m, _mm512_set1_ps(a.s[r]), *acc);
-                }
-            }
-            for r in 0..R {
-                // SAFETY: writes exactly the 16 floats of the array.
-                unsafe { _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]) };
-            }
-        });
-    }
-
-    thread_local! {
-        /// A tile's blocks unpacked, reused from call to call.
-        static UNPACKED: std::cell::RefCell<Vec<Weights>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        for r in 0..R {
+            // SAFETY: writes exactly the 16 floats of the array.
+            unsafe { _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]) };
+        }
     }
 
     #[target_feature(enable = "avx512f,avx512bw,fma,f16c")]
