@@ -253,27 +253,9 @@ impl Activations {
         if self.with_tiles(weights, n, out, simd::q4_1_tiles) {
             return;
         }
-        let rows: Vec<&[ActivationBlock]> = self.blocks.chunks_exact(self.per_row).collect();
-        for (t, tile) in weights.chunks_exact(self.per_row).enumerate() {
-            for (pass, rows) in rows.chunks(PASS_ROWS).enumerate() {
-                let mut sums = [[0f32; ROWS]; PASS_ROWS];
-                #[cfg(target_arch = "x86_64")]
-                let done = available() && {
-                    simd::q4_1(tile, rows, &mut sums);
-                    true
-                };
-                #[cfg(not(target_arch = "x86_64"))]
-                let done = false;
-                if !done {
-                    for (acts, row_sums) in rows.iter().zip(sums.iter_mut()) {
-                        for (j, sum) in row_sums.iter_mut().enumerate() {
-                            *sum = q4_1_reference(&tile_row(tile, Q4_1x16::row, j), acts);
-                        }
-                    }
-                }
-                scatter(&sums, rows.len(), pass * PASS_ROWS, t, n, out);
-            }
-        }
+        self.vector_passes(weights, n, out, |tile, j, acts| {
+            q4_1_reference(&tile_row(tile, Q4_1x16::row, j), acts)
+        });
     }
 
     /// [`Self::q4_1`] for Q8_0 weights, bit for bit [`q8_0_reference`] (needs `q8_0` in [`Self::new`]).
@@ -282,15 +264,35 @@ impl Activations {
         if self.with_tiles(weights, n, out, simd::q8_0_tiles) {
             return;
         }
+        self.vector_passes(weights, n, out, |tile, j, acts| {
+            q8_0_reference(&tile_row(tile, Q8_0x16::row, j), acts)
+        });
+    }
+
+    /// The `vpdpbusd` path of [`Self::q4_1`] and [`Self::q8_0`], 8 activation rows per pass over a tile; where the
+    /// CPU lacks the instructions, `reference(tile, weight row, activation row)`.
+    fn vector_passes<W: VectorWeights>(
+        &self,
+        weights: &[W],
+        n: usize,
+        out: &mut [f32],
+        reference: fn(&[W], usize, &[ActivationBlock]) -> f32,
+    ) {
         let rows: Vec<&[ActivationBlock]> = self.blocks.chunks_exact(self.per_row).collect();
-        let shifts: Vec<&[i32]> = self.shifts.chunks_exact(self.per_row).collect();
+        // Q8_0's shifts by row; empty rows for Q4_1, which has none.
+        let shifts: Vec<&[i32]> = (0..rows.len())
+            .map(|r| {
+                let at = r * self.per_row;
+                self.shifts.get(at..at + self.per_row).unwrap_or(&[])
+            })
+            .collect();
         for (t, tile) in weights.chunks_exact(self.per_row).enumerate() {
             let passes = rows.chunks(PASS_ROWS).zip(shifts.chunks(PASS_ROWS));
             for (pass, (rows, shifts)) in passes.enumerate() {
                 let mut sums = [[0f32; ROWS]; PASS_ROWS];
                 #[cfg(target_arch = "x86_64")]
                 let done = available() && {
-                    simd::q8_0(tile, rows, shifts, &mut sums);
+                    W::vector(tile, rows, shifts, &mut sums);
                     true
                 };
                 #[cfg(not(target_arch = "x86_64"))]
@@ -298,13 +300,48 @@ impl Activations {
                 if !done {
                     for (acts, row_sums) in rows.iter().zip(sums.iter_mut()) {
                         for (j, sum) in row_sums.iter_mut().enumerate() {
-                            *sum = q8_0_reference(&tile_row(tile, Q8_0x16::row, j), acts);
+                            *sum = reference(tile, j, acts);
                         }
                     }
                 }
                 scatter(&sums, rows.len(), pass * PASS_ROWS, t, n, out);
             }
         }
+    }
+}
+
+/// The interleaved formats' `vpdpbusd` kernels: one tile against up to 8 activation rows.
+trait VectorWeights: Sized {
+    #[cfg(target_arch = "x86_64")]
+    fn vector(
+        tile: &[Self],
+        rows: &[&[ActivationBlock]],
+        shifts: &[&[i32]],
+        out: &mut [[f32; ROWS]; PASS_ROWS],
+    );
+}
+
+impl VectorWeights for Q4_1x16 {
+    #[cfg(target_arch = "x86_64")]
+    fn vector(
+        tile: &[Self],
+        rows: &[&[ActivationBlock]],
+        _shifts: &[&[i32]],
+        out: &mut [[f32; ROWS]; PASS_ROWS],
+    ) {
+        simd::q4_1(tile, rows, out);
+    }
+}
+
+impl VectorWeights for Q8_0x16 {
+    #[cfg(target_arch = "x86_64")]
+    fn vector(
+        tile: &[Self],
+        rows: &[&[ActivationBlock]],
+        shifts: &[&[i32]],
+        out: &mut [[f32; ROWS]; PASS_ROWS],
+    ) {
+        simd::q8_0(tile, rows, shifts, out);
     }
 }
 
@@ -806,30 +843,28 @@ mod tests {
                 }
                 let prepared = Activations::new(acts.clone(), per_row, true);
                 let act = |r: usize| &acts[r * per_row..(r + 1) * per_row];
+                let check = |got: &[f32], what: &str, want: &dyn Fn(usize, usize) -> f32| {
+                    for r in 0..rows {
+                        for i in 0..weight_rows {
+                            assert_eq!(
+                                got[r * weight_rows + i].to_bits(),
+                                want(r, i).to_bits(),
+                                "{what}: {per_row} blocks, weight row {i}, activation row {r} of {rows}"
+                            );
+                        }
+                    }
+                };
+                let weight_row = |i: usize| i * per_row..(i + 1) * per_row;
                 let mut got = vec![f32::NAN; rows * weight_rows];
                 prepared.q4_1(&t4, weight_rows, &mut got);
-                for r in 0..rows {
-                    for i in 0..weight_rows {
-                        let want = q4_1_reference(&q4[i * per_row..(i + 1) * per_row], act(r));
-                        assert_eq!(
-                            got[r * weight_rows + i].to_bits(),
-                            want.to_bits(),
-                            "Q4_1: {per_row} blocks, weight row {i}, activation row {r} of {rows}"
-                        );
-                    }
-                }
+                check(&got, "Q4_1", &|r, i| {
+                    q4_1_reference(&q4[weight_row(i)], act(r))
+                });
                 got.fill(f32::NAN);
                 prepared.q8_0(&t8, weight_rows, &mut got);
-                for r in 0..rows {
-                    for i in 0..weight_rows {
-                        let want = q8_0_reference(&q8[i * per_row..(i + 1) * per_row], act(r));
-                        assert_eq!(
-                            got[r * weight_rows + i].to_bits(),
-                            want.to_bits(),
-                            "Q8_0: {per_row} blocks, weight row {i}, activation row {r} of {rows}"
-                        );
-                    }
-                }
+                check(&got, "Q8_0", &|r, i| {
+                    q8_0_reference(&q8[weight_row(i)], act(r))
+                });
             }
         }
     }
