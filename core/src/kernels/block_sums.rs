@@ -234,7 +234,7 @@ impl Activations {
         };
         // The tile kernels' scaling runs the same AVX-512 as the rest of this module.
         let tile_blocks = if rows >= tiles_from && available() && super::amx::available() {
-            tile_blocks(&blocks, per_row, q8_0)
+            tile_blocks(&blocks, &shifts, per_row)
         } else {
             Vec::new()
         };
@@ -389,11 +389,12 @@ impl Activations {
     }
 }
 
-/// The rows regrouped 16 per pass for the tiles, padded with zero rows.
-fn tile_blocks(blocks: &[ActivationBlock], per_row: usize, q8_0: bool) -> Vec<TileBlock> {
+/// The rows regrouped 16 per pass for the tiles, padded with zero rows; `shifts` as in [`Activations`] (empty
+/// for Q4_1).
+fn tile_blocks(blocks: &[ActivationBlock], shifts: &[i32], per_row: usize) -> Vec<TileBlock> {
     let rows: Vec<&[ActivationBlock]> = blocks.chunks_exact(per_row).collect();
     let mut out = Vec::with_capacity(rows.len().div_ceil(TILE_PASS_ROWS) * per_row);
-    for pass in rows.chunks(TILE_PASS_ROWS) {
+    for (p, pass) in rows.chunks(TILE_PASS_ROWS).enumerate() {
         for b in 0..per_row {
             let mut tile = TileBlock {
                 qs: [[0; 32]; TILE_PASS_ROWS],
@@ -406,9 +407,8 @@ fn tile_blocks(blocks: &[ActivationBlock], per_row: usize, q8_0: bool) -> Vec<Ti
                     tile.qs[r] = a.qs;
                     tile.d[r] = a.d;
                     tile.s[r] = a.s;
-                    if q8_0 {
-                        tile.shift[r] = 128 * a.qs.iter().map(|&q| i32::from(q)).sum::<i32>();
-                    }
+                    let at = (p * TILE_PASS_ROWS + r) * per_row + b;
+                    tile.shift[r] = shifts.get(at).copied().unwrap_or(0);
                 }
             }
             out.push(tile);
