@@ -20,6 +20,7 @@
 use crate::ggml_float::Flavor;
 use crate::kernels::f16::round_to_f16;
 use crate::kernels::vector::{OnlineSoftmax, online_softmax_64};
+use crate::kv_cache::RowSlice;
 
 mod job;
 
@@ -33,10 +34,12 @@ pub enum Arithmetic {
 }
 
 impl Arithmetic {
-    /// Rounds keys or values to what the cache stores.
-    pub fn store(self, values: &mut [f32]) {
-        if let Arithmetic::LlamaCpp(_) = self {
-            round_to_f16(values);
+    /// How the key-value cache stores keys and values: as f16 for llama.cpp's arithmetic (its cache's type),
+    /// as f32 for the exact one.
+    pub fn cache_precision(self) -> crate::kv_cache::Precision {
+        match self {
+            Arithmetic::LlamaCpp(_) => crate::kv_cache::Precision::F16,
+            Arithmetic::Exact => crate::kv_cache::Precision::F32,
         }
     }
 }
@@ -77,8 +80,8 @@ pub fn paths(t: usize, prompt_like: bool) -> Vec<AttentionPath> {
 
 /// One fed token's view of the cache: the cells it sees, in cache order.
 pub struct Cells<'a> {
-    pub keys: &'a [f32],
-    pub values: &'a [f32],
+    pub keys: RowSlice<'a>,
+    pub values: RowSlice<'a>,
     /// Values per cell (kv heads × head dim).
     pub width: usize,
     /// Cache index of every visible cell, in cache order.
@@ -98,9 +101,11 @@ pub struct KeyTiles {
 
 impl KeyTiles {
     /// Tiles of the first `cells` keys of a cache row holding `groups` kv heads of `d` values per cell.
-    pub fn new(keys: &[f32], groups: usize, d: usize, cells: usize) -> Self {
+    pub fn new(keys: RowSlice, groups: usize, d: usize, cells: usize) -> Self {
         let tiles_per_group = cells.div_ceil(TILE);
         let mut data = vec![0f32; groups * tiles_per_group * d * TILE];
+        let mut converted = Vec::new();
+        let keys = keys.f32s(0..(cells * groups * d).min(keys.len()), &mut converted);
         for (cell, key) in keys.chunks_exact(groups * d).take(cells).enumerate() {
             let (tile, lane) = (cell / TILE, cell % TILE);
             for (group, key) in key.chunks_exact(d).enumerate() {
@@ -123,33 +128,62 @@ impl KeyTiles {
     }
 }
 
-impl Cells<'_> {
-    fn key(&self, cell: usize, group: usize, d: usize) -> &[f32] {
+impl<'a> Cells<'a> {
+    /// A cell's key of head group `group` as f32 (converted into `buffer` from an f16 cache); empty if the cell
+    /// is out of range.
+    fn key<'b>(&self, cell: usize, group: usize, d: usize, buffer: &'b mut Vec<f32>) -> &'b [f32]
+    where
+        'a: 'b,
+    {
         let at = cell * self.width + group * d;
-        self.keys.get(at..at + d).unwrap_or_default()
+        self.keys.f32s(at..at + d, buffer)
     }
 
-    fn value(&self, cell: usize, group: usize, d: usize) -> &[f32] {
+    fn value<'b>(&self, cell: usize, group: usize, d: usize, buffer: &'b mut Vec<f32>) -> &'b [f32]
+    where
+        'a: 'b,
+    {
         let at = cell * self.width + group * d;
-        self.values.get(at..at + d).unwrap_or_default()
+        self.values.f32s(at..at + d, buffer)
     }
 
-    /// The given cells' keys and values of a 64-wide head group, for the vector online softmax; `None` if one
-    /// is not 64 wide (a cell out of range), which sends the caller to the scalar path.
-    pub(super) fn pairs_64(
+    /// Continues the vector online softmax of 64-wide `queries` (sharing key-value head `group`) over `cells`,
+    /// reading keys and values as the cache stores them. Returns `false`, touching nothing, where a cell is out
+    /// of range or the CPU lacks the vector code: the caller then takes the scalar path.
+    pub(super) fn online_softmax_64(
         &self,
         cells: impl Iterator<Item = usize>,
         group: usize,
-    ) -> Option<Vec<(&[f32; 64], &[f32; 64])>> {
-        cells
-            .map(|cell| {
-                let key = <&[f32; 64]>::try_from(self.key(cell, group, 64)).ok()?;
-                Some((
-                    key,
-                    <&[f32; 64]>::try_from(self.value(cell, group, 64)).ok()?,
-                ))
-            })
-            .collect()
+        queries: &[&[f32; 64]],
+        scale: f32,
+        states: &mut [OnlineSoftmax],
+    ) -> bool {
+        fn pairs<'r, T>(
+            keys: &'r [T],
+            values: &'r [T],
+            cells: impl Iterator<Item = usize>,
+            width: usize,
+            group: usize,
+        ) -> Option<Vec<(&'r [T; 64], &'r [T; 64])>> {
+            cells
+                .map(|cell| {
+                    let at = cell * width + group * 64;
+                    let key = keys.get(at..at + 64)?.try_into().ok()?;
+                    Some((key, values.get(at..at + 64)?.try_into().ok()?))
+                })
+                .collect()
+        }
+        match (self.keys, self.values) {
+            (RowSlice::F16(keys), RowSlice::F16(values)) => {
+                pairs(keys, values, cells, self.width, group)
+                    .is_some_and(|p| online_softmax_64(queries, scale, &p, states))
+            }
+            (RowSlice::F32(keys), RowSlice::F32(values)) => {
+                pairs(keys, values, cells, self.width, group)
+                    .is_some_and(|p| online_softmax_64(queries, scale, &p, states))
+            }
+            _ => false,
+        }
     }
 }
 
@@ -231,16 +265,12 @@ fn online(
     let mut q = queries.to_vec();
     round_to_f16(&mut q);
     if flavor == Flavor::Avx512 && d == 64 {
-        // A cell whose key or value is not 64 wide (none is, with 64-wide heads) sends it to the scalar path.
-        let pairs = cells.pairs_64(visible.iter().copied(), group);
         let heads: Vec<&[f32; 64]> = q
             .chunks_exact(64)
             .filter_map(|head| head.try_into().ok())
             .collect();
         let mut states = vec![OnlineSoftmax::start(64); heads.len()];
-        if let Some(pairs) = pairs
-            && online_softmax_64(&heads, scale, &pairs, &mut states)
-        {
+        if cells.online_softmax_64(visible.iter().copied(), group, &heads, scale, &mut states) {
             return states.into_iter().map(Partial::from).collect();
         }
     }
@@ -264,8 +294,9 @@ fn online_scalar(
         sum: 0.0,
         acc: vec![0f32; d],
     };
+    let mut buffer = Vec::new();
     for &cell in visible {
-        let s = flavor.dot_f16(cells.key(cell, group, d), q) * scale;
+        let s = flavor.dot_f16(cells.key(cell, group, d, &mut buffer), q) * scale;
         let (mut ms, mut vs) = (1f32, 1f32);
         if s > p.max {
             ms = (p.max - s).exp();
@@ -277,7 +308,11 @@ fn online_scalar(
         } else {
             vs = (s - p.max).exp();
         }
-        for (a, &v) in p.acc.iter_mut().zip(cells.value(cell, group, d)) {
+        for (a, &v) in p
+            .acc
+            .iter_mut()
+            .zip(cells.value(cell, group, d, &mut buffer))
+        {
             *a = v.mul_add(vs, *a);
         }
         round_to_f16(&mut p.acc);
@@ -297,6 +332,7 @@ fn tiled(flavor: Flavor, query: &[f32], cells: &Cells, group: usize, out: &mut [
     let mut acc = vec![0f32; d];
     let mut scores = [f32::NEG_INFINITY; TILE];
     let mut members = [usize::MAX; TILE];
+    let mut buffer = Vec::new();
     let mut rest = cells.visible;
     while let Some(&first) = rest.first() {
         let tile_start = first / TILE * TILE;
@@ -317,7 +353,7 @@ fn tiled(flavor: Flavor, query: &[f32], cells: &Cells, group: usize, out: &mut [
             None => {
                 for &cell in tile {
                     dots[cell - tile_start] = cells
-                        .key(cell, group, d)
+                        .key(cell, group, d, &mut buffer)
                         .iter()
                         .zip(query)
                         .fold(0f32, |acc, (&k, &q)| k.mul_add(q, acc));
@@ -346,7 +382,7 @@ fn tiled(flavor: Flavor, query: &[f32], cells: &Cells, group: usize, out: &mut [
             if cell == usize::MAX || weight == 0.0 {
                 continue;
             }
-            for (a, &v) in acc.iter_mut().zip(cells.value(cell, group, d)) {
+            for (a, &v) in acc.iter_mut().zip(cells.value(cell, group, d, &mut buffer)) {
                 *a = v.mul_add(weight, *a);
             }
         }
@@ -359,9 +395,10 @@ pub fn exact_head(query: &[f32], cells: &Cells, group: usize, out: &mut [f32]) -
     let d = query.len();
     let weights = exact_weights(query, cells, group);
     out.fill(0.0);
+    let mut buffer = Vec::new();
     for (&w, &cell) in weights.iter().zip(cells.visible) {
         if w != 0.0 {
-            for (o, &v) in out.iter_mut().zip(cells.value(cell, group, d)) {
+            for (o, &v) in out.iter_mut().zip(cells.value(cell, group, d, &mut buffer)) {
                 *o = w.mul_add(v, *o);
             }
         }
@@ -374,10 +411,11 @@ pub fn exact_head(query: &[f32], cells: &Cells, group: usize, out: &mut [f32]) -
 pub fn exact_weights(query: &[f32], cells: &Cells, group: usize) -> Vec<f32> {
     let d = query.len();
     let scale = 1.0 / (d as f32).sqrt();
+    let mut buffer = Vec::new();
     let mut weights: Vec<f32> = cells
         .visible
         .iter()
-        .map(|&cell| dot(query, cells.key(cell, group, d)) * scale)
+        .map(|&cell| dot(query, cells.key(cell, group, d, &mut buffer)) * scale)
         .collect();
     softmax_in_place(&mut weights);
     weights
@@ -422,7 +460,7 @@ mod tests {
     use super::*;
 
     /// The vector online softmax must do the scalar definition's roundings exactly: scores that rise (rescaling
-    /// the running sum) and fall, several key-value heads, masked cells.
+    /// the running sum) and fall, several key-value heads, masked cells, keys and values stored as f32 or f16.
     #[test]
     fn vector_online_softmax_equals_the_scalar_definition() {
         let mut rng = ChaCha8Rng::seed_from_u64(21);
@@ -444,25 +482,40 @@ mod tests {
                 .map(|_| rng.random_range(-2.0..2.0))
                 .collect();
             let visible: Vec<usize> = (0..n).filter(|i| i % 5 != 3).collect();
-            let cells = Cells {
-                keys: &keys,
-                values: &values,
+            // The same values as an f32 cache and as an f16 one (what llama.cpp's arithmetic stores).
+            let half = |v: &[f32]| {
+                v.iter()
+                    .map(|&x| half::f16::from_f32(x))
+                    .collect::<Vec<_>>()
+            };
+            let (half_keys, half_values) = (half(&keys), half(&values));
+            let as_f32 = Cells {
+                keys: RowSlice::F32(&keys),
+                values: RowSlice::F32(&values),
                 width: kv_heads * d,
                 visible: &visible,
                 tiles: None,
             };
+            let as_f16 = Cells {
+                keys: RowSlice::F16(&half_keys),
+                values: RowSlice::F16(&half_values),
+                ..as_f32
+            };
             for group in 0..kv_heads {
-                let got = online(Flavor::Avx512, &queries, d, &cells, &visible, group);
-                assert_eq!(got.len(), heads);
-                for (head, got) in got.iter().enumerate() {
-                    let mut q = queries[head * d..(head + 1) * d].to_vec();
-                    round_to_f16(&mut q);
-                    let scale = 1.0 / (d as f32).sqrt();
-                    let want = online_scalar(Flavor::Avx512, &q, scale, &cells, &visible, group);
-                    assert_eq!(got.max.to_bits(), want.max.to_bits(), "max, case {case}");
-                    assert_eq!(got.sum.to_bits(), want.sum.to_bits(), "sum, case {case}");
-                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                    assert_eq!(bits(&got.acc), bits(&want.acc), "values, case {case}");
+                for cells in [&as_f32, &as_f16] {
+                    let got = online(Flavor::Avx512, &queries, d, cells, &visible, group);
+                    assert_eq!(got.len(), heads);
+                    for (head, got) in got.iter().enumerate() {
+                        let mut q = queries[head * d..(head + 1) * d].to_vec();
+                        round_to_f16(&mut q);
+                        let scale = 1.0 / (d as f32).sqrt();
+                        let want =
+                            online_scalar(Flavor::Avx512, &q, scale, &as_f32, &visible, group);
+                        assert_eq!(got.max.to_bits(), want.max.to_bits(), "max, case {case}");
+                        assert_eq!(got.sum.to_bits(), want.sum.to_bits(), "sum, case {case}");
+                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(bits(&got.acc), bits(&want.acc), "values, case {case}");
+                    }
                 }
             }
         }

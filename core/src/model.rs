@@ -239,7 +239,7 @@ impl Llama {
     }
 
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.config.n_layers)
+        KvCache::new(self.config.n_layers, self.arithmetic.cache_precision())
     }
 
     /// Feeds `tokens` (b rows of t tokens, row-major) at `positions` (same layout) under `mask`, appending their
@@ -346,10 +346,8 @@ impl Llama {
             let (mut q, mut k) = (q.clone(), k.clone());
             self.rope(&mut q, positions);
             self.rope(&mut k, positions);
-            let mut v = v.clone();
-            self.arithmetic.store(&mut k);
-            self.arithmetic.store(&mut v);
-            cache.append(i, b, t, &k, &v)?;
+            // The cache rounds them to what it stores (f16 in llama.cpp's arithmetic).
+            cache.append(i, b, t, &k, v)?;
             let layer_cache = cache
                 .layers
                 .get(i)
@@ -483,15 +481,15 @@ impl Llama {
         let mut cells_seen = Vec::with_capacity(s);
         let tiled = paths.contains(&AttentionPath::Tiled);
         for (row, (keys, values)) in cache.keys.iter().zip(&cache.values).enumerate().take(b) {
-            let tiles = tiled.then(|| KeyTiles::new(keys, kv, d, s));
+            let tiles = tiled.then(|| KeyTiles::new(keys.as_slice(), kv, d, s));
             for i in 0..t {
                 let token = row * t + i;
                 cells_seen.clear();
                 cells_seen.extend(0..past);
                 cells_seen.extend((0..t).filter(|&j| visible[i * t + j]).map(|j| past + j));
                 let cells = Cells {
-                    keys,
-                    values,
+                    keys: keys.as_slice(),
+                    values: values.as_slice(),
                     width,
                     visible: &cells_seen,
                     tiles: tiles.as_ref(),

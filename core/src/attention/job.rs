@@ -7,15 +7,16 @@ use super::{AttentionPath, Cells, KeyTiles, llama_cpp_heads, normalise};
 use crate::ggml_float::Flavor;
 use crate::kernels::f16::round_to_f16;
 use crate::kernels::pool::Job;
-use crate::kernels::vector::{OnlineSoftmax, online_softmax_64};
+use crate::kernels::vector::OnlineSoftmax;
+use crate::kv_cache::Row;
 
 /// One layer's attention in llama.cpp's arithmetic for every fed token and query head, split across the compute
 /// pool's threads (each (token, head) is computed exactly as on one thread).
 pub struct AttentionJob {
     pub flavor: Flavor,
     /// Per batch row: the cache's keys and values, and their tiles when some token takes the tiled path.
-    pub keys: Vec<Arc<Vec<f32>>>,
-    pub values: Vec<Arc<Vec<f32>>>,
+    pub keys: Vec<Arc<Row>>,
+    pub values: Vec<Arc<Row>>,
     pub tiles: Vec<Option<KeyTiles>>,
     /// (b·t) × heads × d queries.
     pub queries: Vec<f32>,
@@ -45,8 +46,8 @@ impl AttentionJob {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         flavor: Flavor,
-        keys: Vec<Arc<Vec<f32>>>,
-        values: Vec<Arc<Vec<f32>>>,
+        keys: Vec<Arc<Row>>,
+        values: Vec<Arc<Row>>,
         queries: Vec<f32>,
         visible: Vec<bool>,
         paths: Vec<AttentionPath>,
@@ -58,7 +59,7 @@ impl AttentionJob {
             .map(|k| {
                 paths
                     .contains(&AttentionPath::Tiled)
-                    .then(|| KeyTiles::new(k, kv_heads, d, past + t))
+                    .then(|| KeyTiles::new(k.as_slice(), kv_heads, d, past + t))
             })
             .collect();
         let batched = flavor == Flavor::Avx512
@@ -135,14 +136,12 @@ impl AttentionJob {
             return Vec::new();
         };
         let cells = Cells {
-            keys,
-            values,
+            keys: keys.as_slice(),
+            values: values.as_slice(),
             width: self.kv_heads * d,
             visible: &[],
             tiles: None,
         };
-        let pairs =
-            |seen: &mut dyn Iterator<Item = usize>| cells.pairs_64(seen, group).unwrap_or_default();
         let mut q: Vec<f32> = tokens
             .clone()
             .flat_map(|token| {
@@ -158,14 +157,14 @@ impl AttentionJob {
             .collect();
         let mut states = vec![OnlineSoftmax::start(64); heads.len()];
         let scale = 1.0 / (d as f32).sqrt();
-        online_softmax_64(&heads, scale, &pairs(&mut (0..self.past)), &mut states);
+        cells.online_softmax_64(0..self.past, group, &heads, scale, &mut states);
         for (k, token) in tokens.enumerate() {
-            let mut fed = (0..t)
+            let fed = (0..t)
                 .filter(|&j| self.visible.get(token * t + j).copied().unwrap_or(false))
                 .map(|j| self.past + j);
             let range = k * per_group..(k + 1) * per_group;
             if let (Some(heads), Some(states)) = (heads.get(range.clone()), states.get_mut(range)) {
-                online_softmax_64(heads, scale, &pairs(&mut fed), states);
+                cells.online_softmax_64(fed, group, heads, scale, states);
             }
         }
         let mut out = vec![0f32; states.len() * d];
@@ -215,8 +214,8 @@ impl Job for AttentionJob {
                 visible_for = token;
             }
             let cells = Cells {
-                keys,
-                values,
+                keys: keys.as_slice(),
+                values: values.as_slice(),
                 width: kv_heads * d,
                 visible: &visible,
                 tiles: self.tiles.get(row).and_then(Option::as_ref),
@@ -259,8 +258,14 @@ mod tests {
                 v
             };
             let cells = past + t;
-            let keys = Arc::new(f16_values(cells * kv_heads * d, 3.0));
-            let values = Arc::new(f16_values(cells * kv_heads * d, 2.0));
+            // Stored as the f16 cache stores them.
+            let mut f16_row = |spread: f32| {
+                let values = f16_values(cells * kv_heads * d, spread);
+                Arc::new(Row::F16(
+                    values.iter().map(|&x| half::f16::from_f32(x)).collect(),
+                ))
+            };
+            let (keys, values) = (f16_row(3.0), f16_row(2.0));
             let queries: Vec<f32> = (0..t * heads * d)
                 .map(|_| rng.random_range(-2.0..2.0))
                 .collect();
@@ -289,8 +294,8 @@ mod tests {
                     .chain((0..t).filter(|&j| visible[i * t + j]).map(|j| past + j))
                     .collect();
                 let cells = Cells {
-                    keys: &keys,
-                    values: &values,
+                    keys: keys.as_slice(),
+                    values: values.as_slice(),
                     width: kv_heads * d,
                     visible: &seen,
                     tiles: None,

@@ -95,10 +95,10 @@ impl OnlineSoftmax {
 /// in f16, rounded after every cell as ggml's f16 buffer does. Each head is computed exactly as alone; together
 /// they share the loads and, more importantly, fill the pipeline: one head's running sum is a chain of dependent
 /// roundings. Returns `false`, touching nothing, where this CPU lacks AVX-512.
-pub fn online_softmax_64(
+pub fn online_softmax_64<T: Stored64>(
     queries: &[&[f32; 64]],
     scale: f32,
-    cells: &[(&[f32; 64], &[f32; 64])],
+    cells: &[(&T, &T)],
     states: &mut [OnlineSoftmax],
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -113,6 +113,27 @@ pub fn online_softmax_64(
     }
     let _ = (queries, scale, cells, states);
     false
+}
+
+/// 64 keys or values as a cache stores them: f32, or f16 (converted on load, exactly). Sealed: the vector
+/// code reads a value's bytes by this answer, so only these two types may give it.
+pub trait Stored64: Sync + sealed::Sealed {
+    /// Whether the 64 values are f16.
+    const F16: bool;
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for [f32; 64] {}
+    impl Sealed for [half::f16; 64] {}
+}
+
+impl Stored64 for [f32; 64] {
+    const F16: bool = false;
+}
+
+impl Stored64 for [half::f16; 64] {
+    const F16: bool = true;
 }
 
 /// glibc's `__exp2f_data.tab`: 2^(i/32) as doubles with i/32 taken out of the exponent.
@@ -161,15 +182,45 @@ mod simd {
 
     use half::f16;
 
-    use super::{ActivationBlock, BLOCK, EXP2F_TABLE, OnlineSoftmax};
+    use super::{ActivationBlock, BLOCK, EXP2F_TABLE, OnlineSoftmax, Stored64};
 
     /// Heads per pass: four heads' running sums (16 registers) and a value (4) fit the 32 registers.
     pub const MAX_HEADS: usize = 4;
 
-    pub fn online_softmax_64(
+    /// Cells per call of [`online_avx512`]: their scores and weights stay on the stack, and the next chunk's
+    /// keys and values are fetched from memory while this one's are summed.
+    const CHUNK: usize = 32;
+
+    pub fn online_softmax_64<T: Stored64>(
         queries: &[&[f32; 64]],
         scale: f32,
-        cells: &[(&[f32; 64], &[f32; 64])],
+        cells: &[(&T, &T)],
+        states: &mut [OnlineSoftmax],
+    ) {
+        for (index, chunk) in cells.chunks(CHUNK).enumerate() {
+            let next = cells.get((index + 1) * CHUNK..).unwrap_or_default();
+            for (key, value) in next.iter().take(CHUNK) {
+                prefetch(*key);
+                prefetch(*value);
+            }
+            online_chunk(queries, scale, chunk, states);
+        }
+    }
+
+    /// Asks for `x`'s cache lines (a hint: never faults).
+    fn prefetch<T>(x: &T) {
+        let start = std::ptr::from_ref(x).cast::<i8>();
+        for line in (0..size_of::<T>()).step_by(64) {
+            // SAFETY: a prefetch of any address is safe; this one lies within `x`.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(line)) };
+        }
+    }
+
+    /// At most [`CHUNK`] cells.
+    fn online_chunk<T: Stored64>(
+        queries: &[&[f32; 64]],
+        scale: f32,
+        cells: &[(&T, &T)],
         states: &mut [OnlineSoftmax],
     ) {
         // SAFETY: the caller checked the instruction sets at run time.
@@ -275,6 +326,21 @@ mod simd {
         std::array::from_fn(|i| unsafe { _mm512_loadu_ps(x.as_ptr().add(16 * i)) })
     }
 
+    /// 64 stored values as f32: an f16 value converts exactly.
+    #[target_feature(enable = "avx512f,f16c")]
+    fn load_stored<T: Stored64>(x: &T) -> [__m512; 4] {
+        let at = std::ptr::from_ref(x).cast::<u8>();
+        // SAFETY: `T` is `[f32; 64]` (256 bytes, read as four registers of 16 floats) or `[f16; 64]` (128 bytes,
+        // read as four halves of 16 f16 values).
+        std::array::from_fn(|i| unsafe {
+            if T::F16 {
+                _mm512_cvtph_ps(_mm256_loadu_si256(at.add(32 * i).cast()))
+            } else {
+                _mm512_loadu_ps(at.add(64 * i).cast())
+            }
+        })
+    }
+
     #[target_feature(enable = "avx512f,f16c")]
     fn round_f16(x: __m512) -> __m512 {
         _mm512_cvtph_ps(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x))
@@ -284,16 +350,18 @@ mod simd {
     /// register, and the loop would spill its accumulators around each one): every score, then the running
     /// maximum and the weights in scalar code, then the weighted values.
     #[target_feature(enable = "avx512f,avx512dq,f16c")]
-    fn online_avx512<const H: usize>(
+    fn online_avx512<T: Stored64, const H: usize>(
         queries: [&[f32; 64]; H],
         scale: f32,
-        cells: &[(&[f32; 64], &[f32; 64])],
+        cells: &[(&T, &T)],
         states: [&mut OnlineSoftmax; H],
     ) {
         let q = queries.map(|query| load64(query));
-        let mut scores = vec![[0f32; H]; cells.len()];
-        for ((key, _), scores) in cells.iter().zip(&mut scores) {
-            let k = load64(key);
+        let cells = cells.get(..CHUNK).unwrap_or(cells);
+        let mut all_scores = [[0f32; H]; CHUNK];
+        let scores = all_scores.get_mut(..cells.len()).unwrap_or_default();
+        for ((key, _), scores) in cells.iter().zip(scores.iter_mut()) {
+            let k = load_stored(*key);
             for (score, q) in scores.iter_mut().zip(&q) {
                 // `ggml_vec_dot_f16` of four registers: the f16 products are exact; accumulators pair as
                 // (0 + 2) + (1 + 3), then `_mm512_reduce_add_ps` halves the register down to one lane.
@@ -319,9 +387,10 @@ mod simd {
         // bulk of the work, then run 16 at a time.
         let mut max: [f32; H] = std::array::from_fn(|h| states[h].max);
         let mut sum: [f32; H] = std::array::from_fn(|h| states[h].sum);
-        let mut raised = vec![[false; H]; scores.len()];
-        let mut exps = scores;
-        for (exps, raised) in exps.iter_mut().zip(&mut raised) {
+        let mut all_raised = [[false; H]; CHUNK];
+        let raised = all_raised.get_mut(..cells.len()).unwrap_or_default();
+        let exps = scores;
+        for (exps, raised) in exps.iter_mut().zip(raised.iter_mut()) {
             for h in 0..H {
                 let score = exps[h];
                 raised[h] = score > max[h];
@@ -336,28 +405,25 @@ mod simd {
             }
         }
         exp_avx512(exps.as_flattened_mut());
-        let steps: Vec<[(bool, f32, f32); H]> = exps
-            .iter()
-            .zip(&raised)
-            .map(|(exps, raised)| {
-                std::array::from_fn(|h| {
-                    let (ms, vs) = if raised[h] {
-                        (exps[h], 1.0)
-                    } else {
-                        (1.0, exps[h])
-                    };
-                    // `S = S*ms + vs`, unfused as in ggml's build.
-                    sum[h] = sum[h] * ms + vs;
-                    (raised[h], ms, vs)
-                })
-            })
-            .collect();
+        let mut steps = [[(false, 1f32, 1f32); H]; CHUNK];
+        for ((steps, exps), raised) in steps.iter_mut().zip(exps.iter()).zip(raised.iter()) {
+            *steps = std::array::from_fn(|h| {
+                let (ms, vs) = if raised[h] {
+                    (exps[h], 1.0)
+                } else {
+                    (1.0, exps[h])
+                };
+                // `S = S*ms + vs`, unfused as in ggml's build.
+                sum[h] = sum[h] * ms + vs;
+                (raised[h], ms, vs)
+            });
+        }
         let mut acc: [[__m512; 4]; H] = std::array::from_fn(|h| {
             <&[f32; 64]>::try_from(states[h].acc.as_slice())
                 .map_or([_mm512_setzero_ps(); 4], |acc| load64(acc))
         });
         for ((_, value), steps) in cells.iter().zip(&steps) {
-            let v = load64(value);
+            let v = load_stored(*value);
             for (acc, &(raised, ms, vs)) in acc.iter_mut().zip(steps) {
                 if raised {
                     let factor = _mm512_set1_ps(ms);
