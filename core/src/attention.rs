@@ -19,7 +19,9 @@
 
 use crate::ggml_float::Flavor;
 use crate::kernels::f16::round_to_f16;
-use crate::kernels::vector::{OnlineSoftmax, online_softmax_64};
+use crate::kernels::vector::{
+    OnlineSoftmax, Stored64, online_softmax_64, soft_max_64, tile_dots_64, weighted_sums_64,
+};
 use crate::kv_cache::RowSlice;
 
 mod job;
@@ -147,6 +149,39 @@ impl<'a> Cells<'a> {
         self.values.f32s(at..at + d, buffer)
     }
 
+    /// For each query head h of key-value head `group`: `accs[h] ← value · weights[h][i] + accs[h]` for the i-th
+    /// of `members` in order (a zero weight skipped), 64-wide values read as the cache stores them. Returns
+    /// `false`, touching nothing, where a cell is out of range or the CPU lacks the vector code.
+    fn weighted_sums_64(
+        &self,
+        members: &[usize],
+        group: usize,
+        weights: &[[f32; 64]],
+        accs: &mut [[f32; 64]],
+    ) -> bool {
+        fn sums<T>(
+            values: &[T],
+            members: &[usize],
+            at: impl Fn(usize) -> usize,
+            weights: &[[f32; 64]],
+            accs: &mut [[f32; 64]],
+        ) -> bool
+        where
+            [T; 64]: Stored64,
+        {
+            let values: Option<Vec<&[T; 64]>> = members
+                .iter()
+                .map(|&cell| values.get(at(cell)..at(cell) + 64)?.try_into().ok())
+                .collect();
+            values.is_some_and(|values| weighted_sums_64(accs, &values, weights))
+        }
+        let at = |cell: usize| cell * self.width + group * 64;
+        match self.values {
+            RowSlice::F16(values) => sums(values, members, at, weights, accs),
+            RowSlice::F32(values) => sums(values, members, at, weights, accs),
+        }
+    }
+
     /// Continues the vector online softmax of 64-wide `queries` (sharing key-value head `group`) over `cells`,
     /// reading keys and values as the cache stores them. Returns `false`, touching nothing, where a cell is out
     /// of range or the CPU lacks the vector code: the caller then takes the scalar path.
@@ -230,6 +265,9 @@ pub fn llama_cpp_heads(
     let d = d.max(1);
     match path {
         AttentionPath::Tiled => {
+            if d == 64 && flavor == Flavor::Avx512 && tiled_64(queries, cells, group, out) {
+                return;
+            }
             for (query, out) in queries.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
                 tiled(flavor, query, cells, group, out);
             }
@@ -336,7 +374,12 @@ fn tiled(flavor: Flavor, query: &[f32], cells: &Cells, group: usize, out: &mut [
     let mut rest = cells.visible;
     while let Some(&first) = rest.first() {
         let tile_start = first / TILE * TILE;
-        let in_tile = rest.partition_point(|&cell| cell < tile_start + TILE);
+        // At most a tile's worth of cells, in order: a short scan beats a binary search's dependent loads.
+        let in_tile = rest
+            .iter()
+            .take(TILE)
+            .take_while(|&&cell| cell < tile_start + TILE)
+            .count();
         let (tile, after) = rest.split_at(in_tile);
         rest = after;
         scores.fill(f32::NEG_INFINITY);
@@ -388,6 +431,85 @@ fn tiled(flavor: Flavor, query: &[f32], cells: &Cells, group: usize, out: &mut [
         }
     }
     normalise(&acc, sum, out);
+}
+
+/// [`tiled`] in the AVX-512 flavor for the 64-wide query heads in `queries` that share key-value head `group`,
+/// keys in tiles: each head's operations are [`tiled`]'s, but the heads' independent chains of FMAs run side
+/// by side (one head's chains alone wait on each other's latency). Returns `false`, writing nothing, where it
+/// does not apply: no tiles, a missing tile, a CPU without AVX-512.
+fn tiled_64(queries: &[f32], cells: &Cells, group: usize, out: &mut [f32]) -> bool {
+    let Some(tiles) = cells.tiles else {
+        return false;
+    };
+    let heads: Vec<&[f32; 64]> = queries
+        .chunks_exact(64)
+        .filter_map(|head| head.try_into().ok())
+        .collect();
+    let n = heads.len();
+    if n * 64 != queries.len() || out.len() != queries.len() {
+        return false;
+    }
+    let scale = 1.0 / (64f32).sqrt();
+    let mut max = vec![f32::NEG_INFINITY; n];
+    let mut sum = vec![0f32; n];
+    let mut acc = vec![[0f32; 64]; n];
+    let mut dots = vec![[0f32; TILE]; n];
+    let mut weights = vec![[0f32; TILE]; n];
+    let mut rest = cells.visible;
+    while let Some(&first) = rest.first() {
+        let tile_start = first / TILE * TILE;
+        let in_tile = rest
+            .iter()
+            .take(TILE)
+            .take_while(|&&cell| cell < tile_start + TILE)
+            .count();
+        let (tile, after) = rest.split_at(in_tile);
+        rest = after;
+        let keys = tiles
+            .tile(group, tile_start / TILE)
+            .and_then(|keys| <&[f32; 64 * TILE]>::try_from(keys).ok());
+        let Some(keys) = keys else {
+            return false;
+        };
+        if !tile_dots_64(keys, &heads, &mut dots) {
+            return false;
+        }
+        for h in 0..n {
+            let mut scores = [f32::NEG_INFINITY; TILE];
+            for &cell in tile {
+                scores[cell - tile_start] = dots[h][cell - tile_start] * scale;
+            }
+            let tile_max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            weights[h] = [0.0; TILE];
+            if tile_max == f32::NEG_INFINITY {
+                continue;
+            }
+            let new_max = max[h].max(tile_max);
+            if new_max > max[h] {
+                let ms = (max[h] - new_max).exp();
+                for a in &mut acc[h] {
+                    *a *= ms;
+                }
+                sum[h] *= ms;
+            }
+            max[h] = new_max;
+            let Some(tile_sum) = soft_max_64(&mut scores, new_max) else {
+                return false;
+            };
+            sum[h] = (f64::from(sum[h]) + tile_sum) as f32;
+            // The weights in the order of the tile's visible cells.
+            for (weight, &cell) in weights[h].iter_mut().zip(tile) {
+                *weight = scores[cell - tile_start];
+            }
+        }
+        if !cells.weighted_sums_64(tile, group, &weights, &mut acc) {
+            return false;
+        }
+    }
+    for ((acc, &sum), out) in acc.iter().zip(&sum).zip(out.chunks_exact_mut(64)) {
+        normalise(acc, sum, out);
+    }
+    true
 }
 
 /// Plain f32 softmax attention of one query head; also returns the weights over `visible` (for capture).
@@ -458,6 +580,68 @@ mod tests {
     use rand_chacha::ChaCha8Rng;
 
     use super::*;
+
+    /// The tiled path's vector version (query heads side by side) must give each head [`tiled`]'s bits: cells
+    /// masked inside and across tiles, several tiles, keys and values stored as f32 or f16.
+    #[test]
+    fn vector_tiled_path_equals_the_scalar_definition() {
+        if !crate::kernels::vector::available() {
+            return;
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(23);
+        let (d, kv_heads) = (64, 3);
+        for case in 0..24 {
+            let n = 1 + case * 23;
+            let mut f16_values = |len: usize, spread: f32| {
+                let mut v: Vec<f32> = (0..len)
+                    .map(|_| rng.random_range(-spread..spread))
+                    .collect();
+                round_to_f16(&mut v);
+                v
+            };
+            // Wide key spreads make some weights underflow to exactly zero.
+            let keys = f16_values(n * kv_heads * d, [1.0, 3.0, 12.0][case % 3]);
+            let values = f16_values(n * kv_heads * d, 2.0);
+            let heads = 1 + case % 6;
+            let queries: Vec<f32> = (0..heads * d)
+                .map(|_| rng.random_range(-2.0..2.0))
+                .collect();
+            let visible: Vec<usize> = (0..n)
+                .filter(|i| i % 11 != 4 && (i / 64) % 3 != 2)
+                .collect();
+            let tiles = KeyTiles::new(RowSlice::F32(&keys), kv_heads, d, n);
+            let half = |v: &[f32]| {
+                v.iter()
+                    .map(|&x| half::f16::from_f32(x))
+                    .collect::<Vec<_>>()
+            };
+            let (half_keys, half_values) = (half(&keys), half(&values));
+            let as_f32 = Cells {
+                keys: RowSlice::F32(&keys),
+                values: RowSlice::F32(&values),
+                width: kv_heads * d,
+                visible: &visible,
+                tiles: Some(&tiles),
+            };
+            let as_f16 = Cells {
+                keys: RowSlice::F16(&half_keys),
+                values: RowSlice::F16(&half_values),
+                ..as_f32
+            };
+            for group in 0..kv_heads {
+                let mut want = vec![0f32; heads * d];
+                for (query, out) in queries.chunks_exact(d).zip(want.chunks_exact_mut(d)) {
+                    tiled(Flavor::Avx512, query, &as_f32, group, out);
+                }
+                for cells in [&as_f32, &as_f16] {
+                    let mut got = vec![0f32; heads * d];
+                    assert!(tiled_64(&queries, cells, group, &mut got));
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&got), bits(&want), "case {case}, group {group}");
+                }
+            }
+        }
+    }
 
     /// The vector online softmax must do the scalar definition's roundings exactly: scores that rise (rescaling
     /// the running sum) and fall, several key-value heads, masked cells, keys and values stored as f32 or f16.

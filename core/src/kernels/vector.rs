@@ -115,6 +115,48 @@ pub fn online_softmax_64<T: Stored64>(
     false
 }
 
+/// For each head h: `accs[h] ← values[i] · weights[h][i] + accs[h]` (fused, f32) for each value i in order, a
+/// zero weight leaving the sum as it is: the weighted sum of values in ggml's tiled attention, for query heads
+/// that share the values, their independent chains of FMAs side by side. Returns `false`, touching nothing,
+/// where this CPU lacks AVX-512.
+pub fn weighted_sums_64<T: Stored64>(
+    accs: &mut [[f32; 64]],
+    values: &[&T],
+    weights: &[[f32; 64]],
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if available() && values.len() <= 64 && weights.len() == accs.len() {
+        simd::weighted_sums_64(accs, values, weights);
+        return true;
+    }
+    let _ = (accs, values, weights);
+    false
+}
+
+/// One tile's 64 attention scores before scaling, for each query head: `dots[h][c] = Σ_dk keys[dk][c] ·
+/// queries[h][dk]`, fused in dk order (the keys transposed, 64 cells a row, as ggml's tiled path packs them), the
+/// heads' chains side by side. Returns `false`, touching nothing, where this CPU lacks AVX-512.
+pub fn tile_dots_64(keys: &[f32; 64 * 64], queries: &[&[f32; 64]], dots: &mut [[f32; 64]]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if available() && dots.len() == queries.len() {
+        simd::tile_dots_64(keys, queries, dots);
+        return true;
+    }
+    let _ = (keys, queries, dots);
+    false
+}
+
+/// `ggml_vec_soft_max_f32` of the AVX-512 build on 64 scores: each becomes `ggml_v_expf(x − max)`; returns their
+/// sum, each register of 16 reduced in f32 and the four added in f64. `None` where this CPU lacks AVX-512.
+pub fn soft_max_64(scores: &mut [f32; 64], max: f32) -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        return Some(simd::soft_max_64(scores, max));
+    }
+    let _ = (scores, max);
+    None
+}
+
 /// 64 keys or values as a cache stores them: f32, or f16 (converted on load, exactly). Sealed: the vector
 /// code reads a value's bytes by this answer, so only these two types may give it.
 pub trait Stored64: Sync + sealed::Sealed {
@@ -205,6 +247,160 @@ mod simd {
             }
             online_chunk(queries, scale, chunk, states);
         }
+    }
+
+    pub fn weighted_sums_64<T: Stored64>(
+        accs: &mut [[f32; 64]],
+        values: &[&T],
+        weights: &[[f32; 64]],
+    ) {
+        for (accs, weights) in accs.chunks_mut(MAX_HEADS).zip(weights.chunks(MAX_HEADS)) {
+            // SAFETY: the caller checked the instruction sets at run time.
+            unsafe {
+                match (accs, weights) {
+                    ([a], [wa]) => weighted_sums_avx512([a], values, [wa]),
+                    ([a, b], [wa, wb]) => weighted_sums_avx512([a, b], values, [wa, wb]),
+                    ([a, b, c], [wa, wb, wc]) => {
+                        weighted_sums_avx512([a, b, c], values, [wa, wb, wc])
+                    }
+                    ([a, b, c, d], [wa, wb, wc, wd]) => {
+                        weighted_sums_avx512([a, b, c, d], values, [wa, wb, wc, wd])
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,f16c")]
+    fn weighted_sums_avx512<T: Stored64, const H: usize>(
+        accs: [&mut [f32; 64]; H],
+        values: &[&T],
+        weights: [&[f32; 64]; H],
+    ) {
+        let mut sums: [[__m512; 4]; H] = std::array::from_fn(|h| load64(accs[h]));
+        for (i, value) in values.iter().enumerate() {
+            let v = load_stored(*value);
+            for (sums, weights) in sums.iter_mut().zip(weights) {
+                let weight = weights.get(i).copied().unwrap_or(0.0);
+                // A zero weight leaves the sum untouched (not even a zero's sign changes), as skipping it does.
+                let live = if weight == 0.0 { 0 } else { 0xFFFF };
+                let w = _mm512_set1_ps(weight);
+                for (sum, v) in sums.iter_mut().zip(v) {
+                    *sum = _mm512_mask3_fmadd_ps(v, w, *sum, live);
+                }
+            }
+        }
+        for (acc, sums) in accs.into_iter().zip(sums) {
+            for (chunk, sum) in acc.chunks_exact_mut(16).zip(sums) {
+                // SAFETY: each chunk holds exactly 16 floats.
+                unsafe { _mm512_storeu_ps(chunk.as_mut_ptr(), sum) };
+            }
+        }
+    }
+
+    pub fn tile_dots_64(keys: &[f32; 64 * 64], queries: &[&[f32; 64]], dots: &mut [[f32; 64]]) {
+        for (queries, dots) in queries.chunks(MAX_HEADS).zip(dots.chunks_mut(MAX_HEADS)) {
+            // SAFETY: the caller checked the instruction sets at run time.
+            unsafe {
+                match (queries, dots) {
+                    ([a], [da]) => tile_dots_avx512(keys, [a], [da]),
+                    ([a, b], [da, db]) => tile_dots_avx512(keys, [a, b], [da, db]),
+                    ([a, b, c], [da, db, dc]) => tile_dots_avx512(keys, [a, b, c], [da, db, dc]),
+                    ([a, b, c, d], [da, db, dc, dd]) => {
+                        tile_dots_avx512(keys, [a, b, c, d], [da, db, dc, dd])
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    fn tile_dots_avx512<const H: usize>(
+        keys: &[f32; 64 * 64],
+        queries: [&[f32; 64]; H],
+        out: [&mut [f32; 64]; H],
+    ) {
+        let mut dots = [[_mm512_setzero_ps(); 4]; H];
+        for (dk, row) in keys.chunks_exact(64).enumerate() {
+            let Ok(row) = <&[f32; 64]>::try_from(row) else {
+                continue;
+            };
+            let k = load64(row);
+            for (dots, query) in dots.iter_mut().zip(queries) {
+                let q = _mm512_set1_ps(query.get(dk).copied().unwrap_or(0.0));
+                for (dot, k) in dots.iter_mut().zip(k) {
+                    *dot = _mm512_fmadd_ps(k, q, *dot);
+                }
+            }
+        }
+        for (out, dots) in out.into_iter().zip(dots) {
+            for (chunk, dot) in out.chunks_exact_mut(16).zip(dots) {
+                // SAFETY: each chunk holds exactly 16 floats.
+                unsafe { _mm512_storeu_ps(chunk.as_mut_ptr(), dot) };
+            }
+        }
+    }
+
+    pub fn soft_max_64(scores: &mut [f32; 64], max: f32) -> f64 {
+        // SAFETY: the caller checked the instruction sets at run time.
+        unsafe { soft_max_avx512(scores, max) }
+    }
+
+    #[target_feature(enable = "avx512f,avx512dq")]
+    fn soft_max_avx512(scores: &mut [f32; 64], max: f32) -> f64 {
+        let mut sum = 0f64;
+        for chunk in scores.chunks_exact_mut(16) {
+            // SAFETY: each chunk holds exactly 16 floats.
+            let x = unsafe { _mm512_loadu_ps(chunk.as_ptr()) };
+            let e = ggml_v_expf(_mm512_sub_ps(x, _mm512_set1_ps(max)));
+            // SAFETY: as above.
+            unsafe { _mm512_storeu_ps(chunk.as_mut_ptr(), e) };
+            sum += f64::from(reduce_add(e));
+        }
+        sum
+    }
+
+    /// `_mm512_reduce_add_ps` as ggml's build computes it: halves, then halves again.
+    #[target_feature(enable = "avx512f,avx512dq")]
+    fn reduce_add(x: __m512) -> f32 {
+        let eight = _mm256_add_ps(_mm512_castps512_ps256(x), _mm512_extractf32x8_ps::<1>(x));
+        let four = _mm_add_ps(
+            _mm256_castps256_ps128(eight),
+            _mm256_extractf128_ps::<1>(eight),
+        );
+        let two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+        _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)))
+    }
+
+    /// ggml's `ggml_v_expf` (AVX-512): `Flavor::expf` is its scalar definition.
+    #[target_feature(enable = "avx512f,avx512dq")]
+    fn ggml_v_expf(x: __m512) -> __m512 {
+        let c = |bits: u32| _mm512_set1_ps(f32::from_bits(bits));
+        let r = c(0x4b40_0000);
+        let z = _mm512_fmadd_ps(x, c(0x3fb8_aa3b), r);
+        let n = _mm512_sub_ps(z, r);
+        let b = _mm512_fnmadd_ps(n, c(0x35bf_be8e), _mm512_fnmadd_ps(n, c(0x3f31_7200), x));
+        let d = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(_mm512_abs_ps(n), _mm512_set1_ps(192.0));
+        let u = _mm512_mul_ps(b, b);
+        let j = _mm512_fmadd_ps(
+            _mm512_fmadd_ps(
+                _mm512_fmadd_ps(c(0x3c07_2010), b, c(0x3d2b_9f17)),
+                u,
+                _mm512_fmadd_ps(c(0x3e2a_af33), b, c(0x3eff_fedb)),
+            ),
+            u,
+            _mm512_fmadd_ps(c(0x3f7f_fff6), b, _mm512_set1_ps(1.0)),
+        );
+        let res = _mm512_scalef_ps(j, n);
+        let zero = _mm512_setzero_ps();
+        let alt = _mm512_mask_blend_ps(
+            _mm512_cmp_ps_mask::<_CMP_LE_OQ>(n, zero),
+            _mm512_set1_ps(f32::INFINITY),
+            zero,
+        );
+        _mm512_mask_blend_ps(d, res, alt)
     }
 
     /// Asks for `x`'s cache lines (a hint: never faults).
@@ -602,6 +798,121 @@ mod tests {
     /// Every float whose exp is neither 0 nor ∞ in steps, and the special values: the vector exp must return
     /// libm's bits. `exp_equals_libm_on_every_float` checks all 2.2 billion of them (about a minute; run by hand).
     #[cfg(target_arch = "x86_64")]
+    /// The tiled attention's vector pieces must give the scalar definitions' bits: dot products of a key tile,
+    /// ggml's softmax of a tile (masked cells at −∞, scores far below the maximum, a maximum that is a score),
+    /// and the weighted sum of f32 or f16 values.
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn tiled_attention_pieces_equal_the_scalar_definitions() {
+        use crate::ggml_float::Flavor;
+        if !available() {
+            return;
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(17);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for case in 0..100 {
+            let spread = [0.5f32, 4.0, 40.0, 300.0][case % 4];
+            let keys: Vec<f32> = (0..64 * 64).map(|_| rng.random_range(-2.0..2.0)).collect();
+            let query: [f32; 64] = std::array::from_fn(|_| rng.random_range(-2.0..2.0));
+            let mut want = [0f32; 64];
+            for (row, &q) in keys.chunks_exact(64).zip(&query) {
+                for (dot, &k) in want.iter_mut().zip(row) {
+                    *dot = k.mul_add(q, *dot);
+                }
+            }
+            let keys: &[f32; 64 * 64] = keys.as_slice().try_into().unwrap();
+            // Up to six heads: more than one pass of four.
+            let heads = 1 + case % 6;
+            let queries: Vec<[f32; 64]> = (0..heads)
+                .map(|h| {
+                    if h == 0 {
+                        query
+                    } else {
+                        std::array::from_fn(|_| rng.random_range(-2.0..2.0))
+                    }
+                })
+                .collect();
+            let refs: Vec<&[f32; 64]> = queries.iter().collect();
+            let mut got = vec![[0f32; 64]; heads];
+            assert!(tile_dots_64(keys, &refs, &mut got));
+            assert_eq!(bits(&got[0]), bits(&want), "dots, case {case}");
+            for (h, got) in got.iter().enumerate() {
+                let mut want = [0f32; 64];
+                for (row, &q) in keys.chunks_exact(64).zip(&queries[h]) {
+                    for (dot, &k) in want.iter_mut().zip(row) {
+                        *dot = k.mul_add(q, *dot);
+                    }
+                }
+                assert_eq!(bits(got), bits(&want), "dots of head {h}, case {case}");
+            }
+
+            let mut scores: [f32; 64] = std::array::from_fn(|i| {
+                if i % 7 == 3 {
+                    f32::NEG_INFINITY
+                } else {
+                    rng.random_range(-spread..spread)
+                }
+            });
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut want = scores;
+            let want_sum = Flavor::Avx512.soft_max(&mut want, max);
+            let got_sum = soft_max_64(&mut scores, max).unwrap();
+            assert_eq!(bits(&scores), bits(&want), "softmax, case {case}");
+            assert_eq!(
+                got_sum.to_bits(),
+                want_sum.to_bits(),
+                "softmax sum, case {case}"
+            );
+
+            let values: Vec<[f32; 64]> = (0..1 + case % 64)
+                .map(|_| {
+                    std::array::from_fn(|_| {
+                        half::f16::from_f32(rng.random_range(-3.0..3.0)).to_f32()
+                    })
+                })
+                .collect();
+            let halves: Vec<[half::f16; 64]> =
+                values.iter().map(|v| v.map(half::f16::from_f32)).collect();
+            // Each head its own weights, some exactly zero (skipped, as the scalar path skips them).
+            let weights: Vec<[f32; 64]> = (0..heads)
+                .map(|_| {
+                    std::array::from_fn(|_| {
+                        if rng.random_bool(0.2) {
+                            0.0
+                        } else {
+                            rng.random_range(0.0..1.0)
+                        }
+                    })
+                })
+                .collect();
+            let starts: Vec<[f32; 64]> = (0..heads)
+                .map(|_| std::array::from_fn(|_| rng.random_range(-1.0..1.0)))
+                .collect();
+            let (value_refs, half_refs): (Vec<&[f32; 64]>, Vec<&[half::f16; 64]>) =
+                (values.iter().collect(), halves.iter().collect());
+            let (mut from_f32, mut from_f16) = (starts.clone(), starts.clone());
+            assert!(weighted_sums_64(&mut from_f32, &value_refs, &weights));
+            assert!(weighted_sums_64(&mut from_f16, &half_refs, &weights));
+            for h in 0..heads {
+                let mut want = starts[h];
+                for (v, &w) in values.iter().zip(&weights[h]) {
+                    if w == 0.0 {
+                        continue;
+                    }
+                    for (a, &v) in want.iter_mut().zip(v) {
+                        *a = v.mul_add(w, *a);
+                    }
+                }
+                assert_eq!(bits(&from_f32[h]), bits(&want), "weighted sum, case {case}");
+                assert_eq!(
+                    bits(&from_f16[h]),
+                    bits(&want),
+                    "weighted sum of f16, case {case}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn vector_exp_equals_libm() {
         check_exp(4099);
