@@ -103,12 +103,7 @@ pub fn online_softmax_64<T: Stored64>(
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
     if available() && states.iter().all(|s| s.acc.len() == 64) {
-        for (queries, states) in queries
-            .chunks(simd::MAX_HEADS)
-            .zip(states.chunks_mut(simd::MAX_HEADS))
-        {
-            simd::online_softmax_64(queries, scale, cells, states);
-        }
+        simd::online_softmax_64(queries, scale, cells, states);
         return true;
     }
     let _ = (queries, scale, cells, states);
@@ -245,7 +240,10 @@ mod simd {
                 prefetch(*key);
                 prefetch(*value);
             }
-            online_chunk(queries, scale, chunk, states);
+            // Every group of heads over this chunk while its keys and values are in the nearest cache.
+            for (queries, states) in queries.chunks(MAX_HEADS).zip(states.chunks_mut(MAX_HEADS)) {
+                online_chunk(queries, scale, chunk, states);
+            }
         }
     }
 
