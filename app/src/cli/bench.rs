@@ -73,6 +73,19 @@ impl Samples {
         v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
     }
 
+    /// The median over runs of `1 − self / base`, run by run: what `self` costs against `base`, measured
+    /// back to back within each run, so that the VM's drift from run to run cancels.
+    fn paired_cost(&self, base: &Samples) -> f64 {
+        let costs: Samples = Samples(
+            self.0
+                .iter()
+                .zip(&base.0)
+                .map(|(&with, &without)| 1.0 - with / without)
+                .collect(),
+        );
+        costs.median()
+    }
+
     fn json(&self) -> Value {
         let v = self.sorted();
         json!({
@@ -140,6 +153,10 @@ pub fn bench(model_path: Option<&Path>, threads: usize, args: BenchArgs) -> Resu
     let ratio_to_step = |k: usize| forward_ms.get(&k).map_or(f64::NAN, |s| s.median() / step);
     let median = |name: &str| figures.get(name).map_or(f64::NAN, Samples::median);
     let decode = median("decode_tokens_per_s");
+    let cost = |name: &str| match (figures.get(name), figures.get("forward_only_tokens_per_s")) {
+        (Some(with), Some(without)) => with.paired_cost(without),
+        _ => f64::NAN,
+    };
 
     let memory = if args.no_memory {
         None
@@ -175,10 +192,9 @@ pub fn bench(model_path: Option<&Path>, threads: usize, args: BenchArgs) -> Resu
         // What one drafted token adds to a 4-token verification, in one-token steps: the cost `--draft-cost`
         // takes.
         "verify_token_cost": round(calibrate::raw_draft_cost(ratio_to_step(4))),
-        // What recording the trace costs: the engine's decode against bare forwards with an argmax.
-        "trace_capture_cost": round(1.0 - decode / median("forward_only_tokens_per_s")),
-        "attention_capture_cost_last_2_layers": round(
-            1.0 - median("attention_capture_tokens_per_s") / median("forward_only_tokens_per_s")),
+        // What recording the trace costs: the engine's decode against bare forwards with an argmax, run by run.
+        "trace_capture_cost": round(cost("decode_tokens_per_s")),
+        "attention_capture_cost_last_2_layers": round(cost("attention_capture_tokens_per_s")),
         "busy_thread_over_idle": round(median("busy_thread_decode_tokens_per_s") / decode),
     });
     for (name, samples) in &figures {
@@ -497,4 +513,21 @@ fn ms(t: Instant) -> f64 {
 
 fn round(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cost is taken run by run: a run in which both sides ran slower costs what its own pair says.
+    #[test]
+    fn capture_cost_pairs_each_run_with_its_own_base() {
+        let with = Samples(vec![95.0, 47.5, 190.0]);
+        let without = Samples(vec![100.0, 50.0, 200.0]);
+        assert!((with.paired_cost(&without) - 0.05).abs() < 1e-12);
+        // The same figures paired with the wrong runs: slow against fast looks like a 52% cost.
+        let misordered = Samples(vec![47.5, 190.0, 95.0]);
+        assert!((misordered.paired_cost(&without) - 0.525).abs() < 1e-12);
+        assert!(Samples(vec![]).paired_cost(&without).is_nan());
+    }
 }
