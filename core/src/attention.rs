@@ -581,6 +581,59 @@ mod tests {
 
     use super::*;
 
+    /// Random keys and values already rounded to f16, held both as an f32 cache row and as an f16 one (what
+    /// llama.cpp's arithmetic stores).
+    struct RandomRow {
+        keys: Vec<f32>,
+        values: Vec<f32>,
+        half_keys: Vec<half::f16>,
+        half_values: Vec<half::f16>,
+    }
+
+    impl RandomRow {
+        fn new(rng: &mut ChaCha8Rng, len: usize, key_spread: f32) -> Self {
+            let mut f16_values = |spread: f32| {
+                let mut v: Vec<f32> = (0..len)
+                    .map(|_| rng.random_range(-spread..spread))
+                    .collect();
+                round_to_f16(&mut v);
+                v
+            };
+            let (keys, values) = (f16_values(key_spread), f16_values(2.0));
+            let half = |v: &[f32]| v.iter().map(|&x| half::f16::from_f32(x)).collect();
+            Self {
+                half_keys: half(&keys),
+                half_values: half(&values),
+                keys,
+                values,
+            }
+        }
+
+        /// The row as an f32 cache's cells and as an f16 cache's.
+        fn cells<'a>(
+            &'a self,
+            width: usize,
+            visible: &'a [usize],
+            tiles: Option<&'a KeyTiles>,
+        ) -> [Cells<'a>; 2] {
+            let as_f32 = Cells {
+                keys: RowSlice::F32(&self.keys),
+                values: RowSlice::F32(&self.values),
+                width,
+                visible,
+                tiles,
+            };
+            let as_f16 = Cells {
+                keys: RowSlice::F16(&self.half_keys),
+                values: RowSlice::F16(&self.half_values),
+                width,
+                visible,
+                tiles,
+            };
+            [as_f32, as_f16]
+        }
+    }
+
     /// The tiled path's vector version (query heads side by side) must give each head [`tiled`]'s bits: cells
     /// masked inside and across tiles, several tiles, keys and values stored as f32 or f16.
     #[test]
@@ -592,16 +645,8 @@ mod tests {
         let (d, kv_heads) = (64, 3);
         for case in 0..24 {
             let n = 1 + case * 23;
-            let mut f16_values = |len: usize, spread: f32| {
-                let mut v: Vec<f32> = (0..len)
-                    .map(|_| rng.random_range(-spread..spread))
-                    .collect();
-                round_to_f16(&mut v);
-                v
-            };
             // Wide key spreads make some weights underflow to exactly zero.
-            let keys = f16_values(n * kv_heads * d, [1.0, 3.0, 12.0][case % 3]);
-            let values = f16_values(n * kv_heads * d, 2.0);
+            let row = RandomRow::new(&mut rng, n * kv_heads * d, [1.0, 3.0, 12.0][case % 3]);
             let heads = 1 + case % 6;
             let queries: Vec<f32> = (0..heads * d)
                 .map(|_| rng.random_range(-2.0..2.0))
@@ -609,25 +654,8 @@ mod tests {
             let visible: Vec<usize> = (0..n)
                 .filter(|i| i % 11 != 4 && (i / 64) % 3 != 2)
                 .collect();
-            let tiles = KeyTiles::new(RowSlice::F32(&keys), kv_heads, d, n);
-            let half = |v: &[f32]| {
-                v.iter()
-                    .map(|&x| half::f16::from_f32(x))
-                    .collect::<Vec<_>>()
-            };
-            let (half_keys, half_values) = (half(&keys), half(&values));
-            let as_f32 = Cells {
-                keys: RowSlice::F32(&keys),
-                values: RowSlice::F32(&values),
-                width: kv_heads * d,
-                visible: &visible,
-                tiles: Some(&tiles),
-            };
-            let as_f16 = Cells {
-                keys: RowSlice::F16(&half_keys),
-                values: RowSlice::F16(&half_values),
-                ..as_f32
-            };
+            let tiles = KeyTiles::new(RowSlice::F32(&row.keys), kv_heads, d, n);
+            let [as_f32, as_f16] = row.cells(kv_heads * d, &visible, Some(&tiles));
             for group in 0..kv_heads {
                 let mut want = vec![0f32; heads * d];
                 for (query, out) in queries.chunks_exact(d).zip(want.chunks_exact_mut(d)) {
@@ -651,40 +679,14 @@ mod tests {
         let (d, kv_heads) = (64, 3);
         for case in 0..40 {
             let n = 1 + case * 7;
-            let mut f16_values = |len: usize, spread: f32| {
-                let mut v: Vec<f32> = (0..len)
-                    .map(|_| rng.random_range(-spread..spread))
-                    .collect();
-                round_to_f16(&mut v);
-                v
-            };
-            let keys = f16_values(n * kv_heads * d, 3.0);
-            let values = f16_values(n * kv_heads * d, 2.0);
+            let row = RandomRow::new(&mut rng, n * kv_heads * d, 3.0);
             // Up to five query heads sharing a key-value head (more than one pass of the vector code holds).
             let heads = 1 + case % 5;
             let queries: Vec<f32> = (0..heads * d)
                 .map(|_| rng.random_range(-2.0..2.0))
                 .collect();
             let visible: Vec<usize> = (0..n).filter(|i| i % 5 != 3).collect();
-            // The same values as an f32 cache and as an f16 one (what llama.cpp's arithmetic stores).
-            let half = |v: &[f32]| {
-                v.iter()
-                    .map(|&x| half::f16::from_f32(x))
-                    .collect::<Vec<_>>()
-            };
-            let (half_keys, half_values) = (half(&keys), half(&values));
-            let as_f32 = Cells {
-                keys: RowSlice::F32(&keys),
-                values: RowSlice::F32(&values),
-                width: kv_heads * d,
-                visible: &visible,
-                tiles: None,
-            };
-            let as_f16 = Cells {
-                keys: RowSlice::F16(&half_keys),
-                values: RowSlice::F16(&half_values),
-                ..as_f32
-            };
+            let [as_f32, as_f16] = row.cells(kv_heads * d, &visible, None);
             for group in 0..kv_heads {
                 for cells in [&as_f32, &as_f16] {
                     let got = online(Flavor::Avx512, &queries, d, cells, &visible, group);

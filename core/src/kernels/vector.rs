@@ -352,7 +352,7 @@ mod simd {
         for chunk in scores.chunks_exact_mut(16) {
             // SAFETY: each chunk holds exactly 16 floats.
             let x = unsafe { _mm512_loadu_ps(chunk.as_ptr()) };
-            let e = ggml_v_expf(_mm512_sub_ps(x, _mm512_set1_ps(max)));
+            let e = expf(_mm512_sub_ps(x, _mm512_set1_ps(max)));
             // SAFETY: as above.
             unsafe { _mm512_storeu_ps(chunk.as_mut_ptr(), e) };
             sum += f64::from(reduce_add(e));
@@ -370,35 +370,6 @@ mod simd {
         );
         let two = _mm_add_ps(four, _mm_movehl_ps(four, four));
         _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)))
-    }
-
-    /// ggml's `ggml_v_expf` (AVX-512): `Flavor::expf` is its scalar definition.
-    #[target_feature(enable = "avx512f,avx512dq")]
-    fn ggml_v_expf(x: __m512) -> __m512 {
-        let c = |bits: u32| _mm512_set1_ps(f32::from_bits(bits));
-        let r = c(0x4b40_0000);
-        let z = _mm512_fmadd_ps(x, c(0x3fb8_aa3b), r);
-        let n = _mm512_sub_ps(z, r);
-        let b = _mm512_fnmadd_ps(n, c(0x35bf_be8e), _mm512_fnmadd_ps(n, c(0x3f31_7200), x));
-        let d = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(_mm512_abs_ps(n), _mm512_set1_ps(192.0));
-        let u = _mm512_mul_ps(b, b);
-        let j = _mm512_fmadd_ps(
-            _mm512_fmadd_ps(
-                _mm512_fmadd_ps(c(0x3c07_2010), b, c(0x3d2b_9f17)),
-                u,
-                _mm512_fmadd_ps(c(0x3e2a_af33), b, c(0x3eff_fedb)),
-            ),
-            u,
-            _mm512_fmadd_ps(c(0x3f7f_fff6), b, _mm512_set1_ps(1.0)),
-        );
-        let res = _mm512_scalef_ps(j, n);
-        let zero = _mm512_setzero_ps();
-        let alt = _mm512_mask_blend_ps(
-            _mm512_cmp_ps_mask::<_CMP_LE_OQ>(n, zero),
-            _mm512_set1_ps(f32::INFINITY),
-            zero,
-        );
-        _mm512_mask_blend_ps(d, res, alt)
     }
 
     /// Asks for `x`'s cache lines (a hint: never faults).
@@ -677,7 +648,7 @@ mod simd {
         _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0), exp))
     }
 
-    /// `ggml_v_expf`, AVX-512 variant, constant for constant.
+    /// `ggml_v_expf`, AVX-512 variant, constant for constant (`Flavor::expf` is its scalar definition).
     #[target_feature(enable = "avx512f,avx512dq")]
     fn expf(x: __m512) -> __m512 {
         let c = |bits: u32| _mm512_set1_ps(f32::from_bits(bits));
