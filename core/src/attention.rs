@@ -360,6 +360,23 @@ fn online_scalar(
     p
 }
 
+/// The visible cells (in cache order) tile by tile: each tile's first cache index and its visible cells.
+fn by_tile(visible: &[usize]) -> impl Iterator<Item = (usize, &[usize])> {
+    let mut rest = visible;
+    std::iter::from_fn(move || {
+        let tile_start = rest.first()? / TILE * TILE;
+        // At most a tile's worth of cells, in order: a short scan beats a binary search's dependent loads.
+        let in_tile = rest
+            .iter()
+            .take(TILE)
+            .take_while(|&&cell| cell < tile_start + TILE)
+            .count();
+        let (tile, after) = rest.split_at(in_tile);
+        rest = after;
+        Some((tile_start, tile))
+    })
+}
+
 /// `ggml_compute_forward_flash_attn_ext_tiled`: keys in tiles of 64 cells (by cache index), each tile's scores
 /// as f32 FMA chains over the head dimension, the tile's softmax with ggml's vector exp, the weighted values
 /// accumulated in f32.
@@ -371,17 +388,7 @@ fn tiled(flavor: Flavor, query: &[f32], cells: &Cells, group: usize, out: &mut [
     let mut scores = [f32::NEG_INFINITY; TILE];
     let mut members = [usize::MAX; TILE];
     let mut buffer = Vec::new();
-    let mut rest = cells.visible;
-    while let Some(&first) = rest.first() {
-        let tile_start = first / TILE * TILE;
-        // At most a tile's worth of cells, in order: a short scan beats a binary search's dependent loads.
-        let in_tile = rest
-            .iter()
-            .take(TILE)
-            .take_while(|&&cell| cell < tile_start + TILE)
-            .count();
-        let (tile, after) = rest.split_at(in_tile);
-        rest = after;
+    for (tile_start, tile) in by_tile(cells.visible) {
         scores.fill(f32::NEG_INFINITY);
         members.fill(usize::MAX);
         let mut dots = [0f32; TILE];
@@ -455,16 +462,7 @@ fn tiled_64(queries: &[f32], cells: &Cells, group: usize, out: &mut [f32]) -> bo
     let mut acc = vec![[0f32; 64]; n];
     let mut dots = vec![[0f32; TILE]; n];
     let mut weights = vec![[0f32; TILE]; n];
-    let mut rest = cells.visible;
-    while let Some(&first) = rest.first() {
-        let tile_start = first / TILE * TILE;
-        let in_tile = rest
-            .iter()
-            .take(TILE)
-            .take_while(|&&cell| cell < tile_start + TILE)
-            .count();
-        let (tile, after) = rest.split_at(in_tile);
-        rest = after;
+    for (tile_start, tile) in by_tile(cells.visible) {
         let keys = tiles
             .tile(group, tile_start / TILE)
             .and_then(|keys| <&[f32; 64 * TILE]>::try_from(keys).ok());
