@@ -86,7 +86,7 @@ pub struct Cells<'a> {
     pub values: RowSlice<'a>,
     /// Values per cell (kv heads × head dim).
     pub width: usize,
-    /// Cache index of every visible cell, in cache order.
+    /// Cache index of every visible cell, in cache order (strictly increasing).
     pub visible: &'a [usize],
     /// The keys in tiles, for the tiled path.
     pub tiles: Option<&'a KeyTiles>,
@@ -125,6 +125,9 @@ impl KeyTiles {
     }
 
     fn tile(&self, group: usize, tile: usize) -> Option<&[f32]> {
+        if tile >= self.tiles_per_group {
+            return None;
+        }
         let at = (group * self.tiles_per_group + tile) * self.d * TILE;
         self.data.get(at..at + self.d * TILE)
     }
@@ -149,9 +152,16 @@ impl<'a> Cells<'a> {
         self.values.f32s(at..at + d, buffer)
     }
 
+    /// The 64 values of head group `group` at `cell` in a row of `width` values per cell.
+    fn cell_64<T>(row: &[T], cell: usize, width: usize, group: usize) -> Option<&[T; 64]> {
+        let at = cell * width + group * 64;
+        row.get(at..at + 64)?.try_into().ok()
+    }
+
     /// For each query head h of key-value head `group`: `accs[h] ← value · weights[h][i] + accs[h]` for the i-th
     /// of `members` in order (a zero weight skipped), 64-wide values read as the cache stores them. Returns
-    /// `false`, touching nothing, where a cell is out of range or the CPU lacks the vector code.
+    /// `false`, touching nothing, where a cell is out of range, there are more than 64 members or a different
+    /// number of weights than sums, or the CPU lacks the vector code.
     fn weighted_sums_64(
         &self,
         members: &[usize],
@@ -162,7 +172,7 @@ impl<'a> Cells<'a> {
         fn sums<T>(
             values: &[T],
             members: &[usize],
-            at: impl Fn(usize) -> usize,
+            (width, group): (usize, usize),
             weights: &[[f32; 64]],
             accs: &mut [[f32; 64]],
         ) -> bool
@@ -171,11 +181,11 @@ impl<'a> Cells<'a> {
         {
             let values: Option<Vec<&[T; 64]>> = members
                 .iter()
-                .map(|&cell| values.get(at(cell)..at(cell) + 64)?.try_into().ok())
+                .map(|&cell| Cells::cell_64(values, cell, width, group))
                 .collect();
             values.is_some_and(|values| weighted_sums_64(accs, &values, weights))
         }
-        let at = |cell: usize| cell * self.width + group * 64;
+        let at = (self.width, group);
         match self.values {
             RowSlice::F16(values) => sums(values, members, at, weights, accs),
             RowSlice::F32(values) => sums(values, members, at, weights, accs),
@@ -184,7 +194,8 @@ impl<'a> Cells<'a> {
 
     /// Continues the vector online softmax of 64-wide `queries` (sharing key-value head `group`) over `cells`,
     /// reading keys and values as the cache stores them. Returns `false`, touching nothing, where a cell is out
-    /// of range or the CPU lacks the vector code: the caller then takes the scalar path.
+    /// of range, keys and values differ in precision, a state is not 64 wide, or the CPU lacks the vector code:
+    /// the caller then takes the scalar path.
     pub(super) fn online_softmax_64(
         &self,
         cells: impl Iterator<Item = usize>,
@@ -202,9 +213,10 @@ impl<'a> Cells<'a> {
         ) -> Option<Vec<(&'r [T; 64], &'r [T; 64])>> {
             cells
                 .map(|cell| {
-                    let at = cell * width + group * 64;
-                    let key = keys.get(at..at + 64)?.try_into().ok()?;
-                    Some((key, values.get(at..at + 64)?.try_into().ok()?))
+                    Some((
+                        Cells::cell_64(keys, cell, width, group)?,
+                        Cells::cell_64(values, cell, width, group)?,
+                    ))
                 })
                 .collect()
         }
@@ -362,6 +374,10 @@ fn online_scalar(
 
 /// The visible cells (in cache order) tile by tile: each tile's first cache index and its visible cells.
 fn by_tile(visible: &[usize]) -> impl Iterator<Item = (usize, &[usize])> {
+    debug_assert!(
+        visible.windows(2).all(|w| w[0] < w[1]),
+        "visible cells must be strictly increasing"
+    );
     let mut rest = visible;
     std::iter::from_fn(move || {
         let tile_start = rest.first()? / TILE * TILE;
@@ -369,7 +385,7 @@ fn by_tile(visible: &[usize]) -> impl Iterator<Item = (usize, &[usize])> {
         let in_tile = rest
             .iter()
             .take(TILE)
-            .take_while(|&&cell| cell < tile_start + TILE)
+            .take_while(|&&cell| (tile_start..tile_start + TILE).contains(&cell))
             .count();
         let (tile, after) = rest.split_at(in_tile);
         rest = after;
@@ -443,7 +459,8 @@ fn tiled(flavor: Flavor, query: &[f32], cells: &Cells, group: usize, out: &mut [
 /// [`tiled`] in the AVX-512 flavor for the 64-wide query heads in `queries` that share key-value head `group`,
 /// keys in tiles: each head's operations are [`tiled`]'s, but the heads' independent chains of FMAs run side
 /// by side (one head's chains alone wait on each other's latency). Returns `false`, writing nothing, where it
-/// does not apply: no tiles, a missing tile, a CPU without AVX-512.
+/// does not apply: no tiles, a missing tile, a cell out of range, queries not a whole number of 64-wide heads or
+/// `out` of another size, a CPU without AVX-512.
 fn tiled_64(queries: &[f32], cells: &Cells, group: usize, out: &mut [f32]) -> bool {
     let Some(tiles) = cells.tiles else {
         return false;

@@ -198,10 +198,6 @@ impl KvCache {
         }
     }
 
-    pub fn precision(&self) -> Precision {
-        self.precision
-    }
-
     /// Cached positions in a layer. Layers differ only on a draft copy that skipped some layers.
     pub fn layer_len(&self, layer: usize) -> usize {
         self.layers.get(layer).map_or(0, |l| l.len)

@@ -128,6 +128,49 @@ impl AttentionJob {
         (row, group, first..(first + TOKENS_PER_BLOCK).min(self.t))
     }
 
+    /// A batched unit's output through the one-token path, token by token.
+    fn run_block_token_by_token(
+        &self,
+        row: usize,
+        group: usize,
+        tokens: std::ops::Range<usize>,
+    ) -> Vec<f32> {
+        let (t, d, per_group) = (self.t, self.d, self.heads / self.kv_heads.max(1));
+        let (Some(keys), Some(values)) = (self.keys.get(row), self.values.get(row)) else {
+            return Vec::new();
+        };
+        let mut out = vec![0f32; tokens.len() * per_group * d];
+        for (token, out) in tokens.zip(out.chunks_exact_mut(per_group * d)) {
+            let visible: Vec<usize> = (0..self.past)
+                .chain(
+                    (0..t)
+                        .filter(|&j| self.visible.get(token * t + j).copied().unwrap_or(false))
+                        .map(|j| self.past + j),
+                )
+                .collect();
+            let cells = Cells {
+                keys: keys.as_slice(),
+                values: values.as_slice(),
+                width: self.kv_heads * d,
+                visible: &visible,
+                tiles: None,
+            };
+            let at = ((row * t + token) * self.heads + group * per_group) * d;
+            if let Some(queries) = self.queries.get(at..at + per_group * d) {
+                llama_cpp_heads(
+                    self.flavor,
+                    AttentionPath::Online,
+                    queries,
+                    d,
+                    &cells,
+                    group,
+                    out,
+                );
+            }
+        }
+        out
+    }
+
     /// One batched unit: the block's query heads over the past cells together, then each token's own fed cells.
     fn run_block(&self, unit: usize) -> Vec<f32> {
         let (row, group, tokens) = self.block(unit);
@@ -157,15 +200,20 @@ impl AttentionJob {
             .collect();
         let mut states = vec![OnlineSoftmax::start(64); heads.len()];
         let scale = 1.0 / (d as f32).sqrt();
-        cells.online_softmax_64(0..self.past, group, &heads, scale, &mut states);
-        for (k, token) in tokens.enumerate() {
+        let mut vector = cells.online_softmax_64(0..self.past, group, &heads, scale, &mut states);
+        for (k, token) in tokens.clone().enumerate() {
             let fed = (0..t)
                 .filter(|&j| self.visible.get(token * t + j).copied().unwrap_or(false))
                 .map(|j| self.past + j);
             let range = k * per_group..(k + 1) * per_group;
             if let (Some(heads), Some(states)) = (heads.get(range.clone()), states.get_mut(range)) {
-                cells.online_softmax_64(fed, group, heads, scale, states);
+                vector &= cells.online_softmax_64(fed, group, heads, scale, states);
             }
+        }
+        if !vector {
+            // Cannot happen with the cache's own rows (every cell in range, keys and values alike); if it
+            // did, the one-token path gives the same bits.
+            return self.run_block_token_by_token(row, group, tokens);
         }
         let mut out = vec![0f32; states.len() * d];
         for (state, out) in states.iter().zip(out.chunks_exact_mut(d)) {
@@ -242,7 +290,7 @@ mod tests {
     use crate::attention::llama_cpp_head;
 
     /// A batched job (past cells read once for a block of tokens) must give every (token, head) exactly what the
-    /// one-token path gives it alone, for tree masks too.
+    /// one-token path gives it alone, for tree masks too, and when its vector path declines a block.
     #[test]
     fn batched_job_equals_the_one_token_path_head_by_head() {
         let mut rng = ChaCha8Rng::seed_from_u64(33);
@@ -265,7 +313,14 @@ mod tests {
                     values.iter().map(|&x| half::f16::from_f32(x)).collect(),
                 ))
             };
-            let (keys, values) = (f16_row(3.0), f16_row(2.0));
+            let (keys, mut values) = (f16_row(3.0), f16_row(2.0));
+            if case % 4 == 3 {
+                // Values as f32 beside f16 keys: the vector path declines, and the block is computed token by
+                // token through the one-token path instead; the bits must not change.
+                if let Row::F16(half) = values.as_ref() {
+                    values = Arc::new(Row::F32(half.iter().map(|x| x.to_f32()).collect()));
+                }
+            }
             let queries: Vec<f32> = (0..t * heads * d)
                 .map(|_| rng.random_range(-2.0..2.0))
                 .collect();

@@ -264,7 +264,7 @@ mod simd {
                     ([a, b, c, d], [wa, wb, wc, wd]) => {
                         weighted_sums_avx512([a, b, c, d], values, [wa, wb, wc, wd])
                     }
-                    _ => {}
+                    _ => debug_assert!(false, "accumulators and weights differ in number"),
                 }
             }
         }
@@ -308,7 +308,7 @@ mod simd {
                     ([a, b, c, d], [da, db, dc, dd]) => {
                         tile_dots_avx512(keys, [a, b, c, d], [da, db, dc, dd])
                     }
-                    _ => {}
+                    _ => debug_assert!(false, "queries and dots differ in number"),
                 }
             }
         }
@@ -321,10 +321,7 @@ mod simd {
         out: [&mut [f32; 64]; H],
     ) {
         let mut dots = [[_mm512_setzero_ps(); 4]; H];
-        for (dk, row) in keys.chunks_exact(64).enumerate() {
-            let Ok(row) = <&[f32; 64]>::try_from(row) else {
-                continue;
-            };
+        for (dk, row) in keys.as_chunks::<64>().0.iter().enumerate() {
             let k = load64(row);
             for (dots, query) in dots.iter_mut().zip(queries) {
                 let q = _mm512_set1_ps(query.get(dk).copied().unwrap_or(0.0));
@@ -375,9 +372,12 @@ mod simd {
     /// Asks for `x`'s cache lines (a hint: never faults).
     fn prefetch<T>(x: &T) {
         let start = std::ptr::from_ref(x).cast::<i8>();
-        for line in (0..size_of::<T>()).step_by(64) {
+        // Every line `x` touches: from its first byte in steps of a line, and its last byte (`x` need not start on
+        // a line).
+        let last = size_of::<T>().saturating_sub(1);
+        for offset in (0..size_of::<T>()).step_by(64).chain([last]) {
             // SAFETY: a prefetch of any address is safe; this one lies within `x`.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(line)) };
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(offset)) };
         }
     }
 
@@ -522,6 +522,7 @@ mod simd {
         states: [&mut OnlineSoftmax; H],
     ) {
         let q = queries.map(|query| load64(query));
+        debug_assert!(cells.len() <= CHUNK, "a chunk holds at most {CHUNK} cells");
         let cells = cells.get(..CHUNK).unwrap_or(cells);
         let mut all_scores = [[0f32; H]; CHUNK];
         let scores = all_scores.get_mut(..cells.len()).unwrap_or_default();
@@ -764,9 +765,6 @@ mod tests {
         }
     }
 
-    /// Every float whose exp is neither 0 nor ∞ in steps, and the special values: the vector exp must return
-    /// libm's bits. `exp_equals_libm_on_every_float` checks all 2.2 billion of them (about a minute; run by hand).
-    #[cfg(target_arch = "x86_64")]
     /// The tiled attention's vector pieces must give the scalar definitions' bits: dot products of a key tile,
     /// ggml's softmax of a tile (masked cells at −∞, scores far below the maximum, a maximum that is a score),
     /// and the weighted sum of f32 or f16 values.
@@ -882,6 +880,9 @@ mod tests {
         }
     }
 
+    /// Every float whose exp is neither 0 nor ∞ in steps, and the special values: the vector exp must return
+    /// libm's bits. `exp_equals_libm_on_every_float` checks all 2.2 billion of them (about a minute; run by hand).
+    #[cfg(target_arch = "x86_64")]
     #[test]
     fn vector_exp_equals_libm() {
         check_exp(4099);
