@@ -1,9 +1,9 @@
 //! Entropy-adaptive decoding: the full model or a layer-skipped copy, switched by rolling entropy.
 
-use specula_core::{Error, MethodParams, PromptSpec, RunSpec, SamplingParams, Trace, generate};
+use specula_core::{MethodParams, PromptSpec, RunSpec, SamplingParams, Trace, generate};
 
 use super::common::model;
-use super::{PROMPTS, greedy, ids};
+use super::{PROMPTS, assert_refused, greedy, ids};
 
 fn adaptive(prompt: (&str, bool), threshold: f32, window: usize, dwell: usize, n: usize) -> Trace {
     generate(
@@ -203,26 +203,14 @@ fn bad_entropy_adaptive_parameters_are_refused() {
         (1.0, 0, 4, "entropy_window"),
         (1.0, 4, 0, "min_dwell"),
     ] {
-        let spec = RunSpec {
-            method: "entropy-adaptive".into(),
-            params: MethodParams {
-                adaptive: specula_core::trace::AdaptiveParams {
-                    threshold: t,
-                    window: w,
-                    min_dwell: d,
-                },
-                ..MethodParams::default()
+        let params = MethodParams {
+            adaptive: specula_core::trace::AdaptiveParams {
+                threshold: t,
+                window: w,
+                min_dwell: d,
             },
-            prompt: PromptSpec {
-                text: "Hi".into(),
-                ..PromptSpec::default()
-            },
-            ..RunSpec::default()
+            ..MethodParams::default()
         };
-        match specula_core::Run::new(model(), spec) {
-            Err(Error::BadParameter { name: n, .. }) => assert_eq!(n, name),
-            Err(e) => panic!("{name}: {e}"),
-            Ok(_) => panic!("{name} was accepted"),
-        }
+        assert_refused("entropy-adaptive", params, name);
     }
 }

@@ -1,10 +1,10 @@
 //! What a run records for inspection: the logit lens and every layer's attention.
 
 use specula_core::methods::lens::logit_lens;
-use specula_core::{Error, MethodParams, PromptSpec, RunSpec, SamplingParams, Trace, generate};
+use specula_core::{MethodParams, PromptSpec, RunSpec, SamplingParams, Trace, generate};
 
 use super::common::model;
-use super::{PROMPTS, greedy, ids};
+use super::{PROMPTS, assert_refused, greedy, ids};
 
 #[test]
 fn logit_lens_at_the_last_layer_is_the_output() {
@@ -253,22 +253,10 @@ fn bad_attention_settings_are_refused_with_their_name() {
             "attention_top_k",
         ),
     ] {
-        let spec = RunSpec {
-            method: "greedy".into(),
-            params: MethodParams {
-                inspect,
-                ..MethodParams::default()
-            },
-            prompt: PromptSpec {
-                text: "Hi".into(),
-                ..PromptSpec::default()
-            },
-            ..RunSpec::default()
+        let params = MethodParams {
+            inspect,
+            ..MethodParams::default()
         };
-        match specula_core::Run::new(model(), spec) {
-            Err(Error::BadParameter { name: n, .. }) => assert_eq!(n, name),
-            Err(e) => panic!("{name}: {e}"),
-            Ok(_) => panic!("{name} was accepted"),
-        }
+        assert_refused("greedy", params, name);
     }
 }

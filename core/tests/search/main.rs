@@ -57,6 +57,24 @@ fn beams(beams: usize) -> SearchParams {
     }
 }
 
+/// Asserts that a run of `method` with `params` (on a short prompt) is refused for its parameter `name`.
+fn assert_refused(method: &str, params: MethodParams, name: &str) {
+    let spec = RunSpec {
+        method: method.into(),
+        params,
+        prompt: PromptSpec {
+            text: "Hi".into(),
+            ..PromptSpec::default()
+        },
+        ..RunSpec::default()
+    };
+    match specula_core::Run::new(model(), spec) {
+        Err(Error::BadParameter { name: n, .. }) => assert_eq!(n, name),
+        Err(e) => panic!("{name}: {e}"),
+        Ok(_) => panic!("{name} was accepted"),
+    }
+}
+
 /// Sum of ln p of the output, each token under the model given the output before it.
 fn logprob(trace: &Trace) -> f64 {
     trace.tokens().map(|t| f64::from(t.logprob)).sum()
