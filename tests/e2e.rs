@@ -207,6 +207,8 @@ fn bench_prints_its_figures() {
         "verify8_over_step",
         "verify16_over_step",
         "verify_token_cost",
+        "verify_token_cost_after_1024_tokens",
+        "verify_token_cost_growth",
         "trace_capture_cost",
         "attention_capture_cost_last_2_layers",
         "busy_thread_over_idle",
@@ -223,7 +225,7 @@ fn bench_prints_its_figures() {
 }
 
 /// `bench --spec-bench` prints Spec-Bench's table (MAT and speedup per category, a JSON row per drafter) and takes
-/// the draft-length policies; the two adaptive policies exclude each other.
+/// the draft-length policies; the two adaptive policies exclude each other, and the cost's growth needs the cost.
 #[test]
 fn spec_bench_prints_its_table_with_a_cost_aware_drafter() {
     let out = specula(&[
@@ -238,6 +240,8 @@ fn spec_bench_prints_its_table_with_a_cost_aware_drafter() {
         "12",
         "--draft-cost",
         "0.3",
+        "--draft-cost-growth",
+        "0.2",
         "--draft-len",
         "6",
     ]);
@@ -276,6 +280,14 @@ fn spec_bench_prints_its_table_with_a_cost_aware_drafter() {
         stderr(&both).contains("cannot be used with"),
         "{}",
         stderr(&both)
+    );
+    // The cost's growth with context prices nothing without the cost itself.
+    let growth_alone = specula(&["bench", "--spec-bench", "1", "--draft-cost-growth", "0.2"]);
+    assert!(!growth_alone.status.success());
+    assert!(
+        stderr(&growth_alone).contains("--draft-cost <C>"),
+        "{}",
+        stderr(&growth_alone)
     );
 }
 

@@ -79,8 +79,12 @@ impl Backend for FakeBackend {
 
     /// Answers as the worker does, with a cost a real machine could measure.
     fn measure_draft_cost(&mut self) {
-        self.events
-            .push_back(Event::DraftCostMeasured { draft_cost: 0.42 });
+        self.events.push_back(Event::DraftCostMeasured {
+            draft_cost: specula_core::calibrate::DraftCost {
+                cost: 0.42,
+                growth: 0.25,
+            },
+        });
     }
 
     fn try_event(&mut self) -> Option<Event> {
@@ -333,7 +337,8 @@ fn fork_from_a_token_builds_the_run_spec() {
     assert_eq!(started[0].method, trace.header.method);
 }
 
-/// "Measure here" asks the worker for this machine's draft cost; "Use" puts it into the run's parameters.
+/// "Measure here" asks the worker for this machine's draft cost and its growth with context; "Use" puts both
+/// into the run's parameters.
 #[test]
 fn the_measured_draft_cost_can_be_used() {
     let mut harness = harness(setup_with_model(&Rc::default()));
@@ -341,13 +346,14 @@ fn the_measured_draft_cost_can_be_used() {
     harness.run();
     harness.get_by_label("Cost-aware").click();
     harness.run();
-    assert!(harness.query_by_label("Use 0.42").is_none());
+    assert!(harness.query_by_label("Use 0.42 + 0.25/1k").is_none());
     harness.get_by_label("Measure here").click();
     harness.run();
-    harness.get_by_label("Use 0.42").click();
+    harness.get_by_label("Use 0.42 + 0.25/1k").click();
     harness.run();
     let spec = harness.state_mut().settings_mut().run.run_spec();
     assert_eq!(spec.params.speculative.draft_cost, Some(0.42));
+    assert_eq!(spec.params.speculative.draft_cost_growth, Some(0.25));
 }
 
 #[test]

@@ -271,10 +271,19 @@ fn the_speculative_method_shows_its_parameters() {
             .query_all_by_label("Cost per draft")
             .next()
             .is_some()
+            && harness
+                .query_all_by_label("Growth per 1k context")
+                .next()
+                .is_some()
     );
     let spec = harness.state_mut().settings_mut().run.run_spec();
     assert_eq!(spec.params.speculative.adaptive, None);
     assert_eq!(spec.params.speculative.draft_cost, Some(0.3));
+    // With its growth per 1,000 tokens of context; at 0 the cost is the same at every length.
+    assert_eq!(spec.params.speculative.draft_cost_growth, Some(0.2));
+    harness.state_mut().settings_mut().run.draft_cost_growth = 0.0;
+    let spec = harness.state_mut().settings_mut().run.run_spec();
+    assert_eq!(spec.params.speculative.draft_cost_growth, None);
 }
 
 /// The prompt panel with speculative decoding and the cost-aware draft length chosen.

@@ -1,6 +1,7 @@
 //! This machine's forward costs, measured: what a k-token forward costs against a one-token step, and from it
-//! the cost of one drafted token that the cost-aware draft length takes (`SpeculativeParams::draft_cost`).
-//! `specula bench` prints these; the GUI measures the draft cost when asked.
+//! the cost of one drafted token that the cost-aware draft length takes (`SpeculativeParams::draft_cost`), and
+//! how that cost grows with the context (`draft_cost_growth`). `specula bench` prints these; the GUI measures
+//! them when asked.
 //!
 //! A run never measures itself: a run that timed its own forwards would draft differently from one run to the
 //! next, and the same seed would no longer give the same trace. The measured figure is a suggestion the user
@@ -15,14 +16,24 @@ use crate::model::{Capture, Llama, Logits, Mask};
 /// Tokens in the prefix the forwards are timed after.
 pub const PREFIX_TOKENS: usize = 64;
 
+/// A longer prefix, where the draft cost is measured again to see how it grows with context (every verified
+/// token attends over the whole cache).
+pub const LONG_PREFIX_TOKENS: usize = 1024;
+
 /// Draft tokens whose verification the draft cost is measured from.
 const VERIFIED: usize = 4;
 
-/// Milliseconds of one forward of k tokens after one [`PREFIX_TOKENS`]-token prefill, for each k in `sizes`, the
-/// sizes taken in turn `repeats` times (every position's logits, as a verification asks for them).
-pub fn forward_ms(llama: &Llama, sizes: &[usize], repeats: usize) -> Result<Vec<(usize, f64)>> {
-    let ids: Vec<u32> = (0..PREFIX_TOKENS as u32).map(|i| 300 + 7 * i).collect();
-    let positions: Vec<usize> = (0..PREFIX_TOKENS).collect();
+/// Milliseconds of one forward of k tokens after a `prefix`-token prefill, for each k in `sizes`, the sizes taken
+/// in turn `repeats` times (every position's logits, as a verification asks for them).
+pub fn forward_ms(
+    llama: &Llama,
+    prefix: usize,
+    sizes: &[usize],
+    repeats: usize,
+) -> Result<Vec<(usize, f64)>> {
+    let vocab = llama.config.vocab_size.max(1) as u32;
+    let ids: Vec<u32> = (0..prefix as u32).map(|i| (300 + 7 * i) % vocab).collect();
+    let positions: Vec<usize> = (0..prefix).collect();
     let mut cache = llama.new_cache();
     llama.forward(
         &mut cache,
@@ -39,7 +50,7 @@ pub fn forward_ms(llama: &Llama, sizes: &[usize], repeats: usize) -> Result<Vec<
         .take(sizes.len() * repeats.max(1))
         .map(|&k| {
             let tokens: Vec<u32> = ids.iter().copied().cycle().take(k).collect();
-            let pos: Vec<usize> = (PREFIX_TOKENS..PREFIX_TOKENS + k).collect();
+            let pos: Vec<usize> = (prefix..prefix + k).collect();
             let started = Instant::now();
             llama.forward(
                 &mut cache,
@@ -52,7 +63,7 @@ pub fn forward_ms(llama: &Llama, sizes: &[usize], repeats: usize) -> Result<Vec<
             )?;
             let elapsed = started.elapsed().as_secs_f64() * 1000.0;
             // Back to the prefix in place (a clone would share rows and make the next append copy them).
-            cache.truncate(PREFIX_TOKENS)?;
+            cache.truncate(prefix)?;
             Ok((k, elapsed))
         })
         .collect()
@@ -64,27 +75,69 @@ pub fn raw_draft_cost(four_over_step: f64) -> f64 {
     (four_over_step - 1.0) / (VERIFIED - 1) as f64
 }
 
-/// [`raw_draft_cost`] as a run's parameter takes it: within `0..=MAX_DRAFT_COST`, 0 when not measurable.
-pub fn draft_cost(step_ms: f64, four_ms: f64) -> f32 {
-    let cost = raw_draft_cost(four_ms / step_ms);
-    if cost.is_finite() {
-        (cost as f32).clamp(0.0, MAX_DRAFT_COST)
-    } else {
-        0.0
+/// The cost-aware policy's figures for this machine (`SpeculativeParams::draft_cost` and `draft_cost_growth`):
+/// a drafted token costs `cost + growth · n / 1000` one-token steps after n tokens of context.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DraftCost {
+    pub cost: f32,
+    pub growth: f32,
+}
+
+impl DraftCost {
+    /// The line through the raw costs measured at two context lengths, `(context, raw cost)`, each figure
+    /// within `0..=MAX_DRAFT_COST` (0 when not measurable; no growth from a single length).
+    pub fn through(short: (usize, f64), long: (usize, f64)) -> Self {
+        let within = |x: f64| {
+            if x.is_finite() {
+                (x as f32).clamp(0.0, MAX_DRAFT_COST)
+            } else {
+                0.0
+            }
+        };
+        let span = long.0.saturating_sub(short.0) as f64 / 1000.0;
+        let growth = if span > 0.0 {
+            within((long.1 - short.1) / span)
+        } else {
+            0.0
+        };
+        Self {
+            cost: within(short.1 - f64::from(growth) * short.0 as f64 / 1000.0),
+            growth,
+        }
     }
 }
 
-/// Measures [`draft_cost`] on this machine: the medians of `repeats` one-token steps and 4-token forwards.
-pub fn measure_draft_cost(llama: &Llama, repeats: usize) -> Result<f32> {
+/// The raw draft cost after a `prefix`-token context: from the medians of `repeats` one-token steps and 4-token
+/// forwards.
+pub fn raw_draft_cost_after(llama: &Llama, prefix: usize, repeats: usize) -> Result<f64> {
     let (mut steps, mut fours) = (Vec::new(), Vec::new());
-    for (k, ms) in forward_ms(llama, &[1, VERIFIED], repeats)? {
+    for (k, ms) in forward_ms(llama, prefix, &[1, VERIFIED], repeats)? {
         if k == 1 {
             steps.push(ms);
         } else {
             fours.push(ms);
         }
     }
-    Ok(draft_cost(median(&mut steps), median(&mut fours)))
+    Ok(raw_draft_cost(median(&mut fours) / median(&mut steps)))
+}
+
+/// Measures [`DraftCost`] on this machine: the draft cost after [`PREFIX_TOKENS`] and after
+/// [`LONG_PREFIX_TOKENS`] (or as long a prefix as the model's context leaves room for).
+pub fn measure_draft_cost(llama: &Llama, repeats: usize) -> Result<DraftCost> {
+    let short = raw_draft_cost_after(llama, PREFIX_TOKENS, repeats)?;
+    let long_prefix =
+        LONG_PREFIX_TOKENS.min(llama.config.context_length.saturating_sub(VERIFIED + 1));
+    if long_prefix < 2 * PREFIX_TOKENS {
+        return Ok(DraftCost::through(
+            (PREFIX_TOKENS, short),
+            (PREFIX_TOKENS, short),
+        ));
+    }
+    let long = raw_draft_cost_after(llama, long_prefix, repeats)?;
+    Ok(DraftCost::through(
+        (PREFIX_TOKENS, short),
+        (long_prefix, long),
+    ))
 }
 
 fn median(values: &mut [f64]) -> f64 {
@@ -97,14 +150,38 @@ mod tests {
     use super::*;
 
     #[test]
-    fn draft_cost_is_the_share_of_a_step_per_drafted_token() {
-        assert_eq!(draft_cost(10.0, 16.0), 0.2);
+    fn draft_cost_is_a_line_through_two_context_lengths() {
+        assert!((raw_draft_cost(1.6) - 0.2).abs() < 1e-12);
+        let line = DraftCost::through((0, 0.1), (1000, 0.3));
+        assert!((line.cost - 0.1).abs() < 1e-6 && (line.growth - 0.2).abs() < 1e-6);
+        // Measured at 64 and 1,064 tokens: the line's value at 64 is the short cost.
+        let line = DraftCost::through((64, 0.2), (1064, 0.45));
+        assert!((line.growth - 0.25).abs() < 1e-6);
+        assert!((line.cost + line.growth * 0.064 - 0.2).abs() < 1e-6);
+        let flat = DraftCost::through((64, 0.2), (1064, 0.1));
         assert_eq!(
-            draft_cost(10.0, 9.0),
-            0.0,
-            "a faster 4-token forward costs nothing"
+            flat.growth, 0.0,
+            "a cost that falls with context does not grow"
         );
-        assert_eq!(draft_cost(10.0, 100.0), MAX_DRAFT_COST);
-        assert_eq!(draft_cost(0.0, 16.0), 0.0, "no step time, no figure");
+        assert_eq!(
+            DraftCost::through((64, 0.2), (64, 0.9)),
+            DraftCost {
+                cost: 0.2,
+                growth: 0.0
+            },
+            "one length gives no growth"
+        );
+        assert_eq!(
+            DraftCost::through((64, -0.1), (1064, f64::NAN)),
+            DraftCost {
+                cost: 0.0,
+                growth: 0.0
+            },
+            "a faster 4-token forward costs nothing; no step time, no figure"
+        );
+        assert_eq!(
+            DraftCost::through((64, 9.0), (1064, 9.0)).cost,
+            MAX_DRAFT_COST
+        );
     }
 }

@@ -444,7 +444,10 @@ fn default_label(method: &str, params: &MethodParams) -> String {
             let s = &params.speculative;
             let len = match (s.adaptive, s.draft_cost) {
                 (Some(h), _) => format!("adaptive h={h}"),
-                (None, Some(c)) => format!("cost-aware c={c} k≤{}", s.draft_len),
+                (None, Some(c)) => match s.draft_cost_growth {
+                    Some(g) => format!("cost-aware c={c}+{g}/1k k≤{}", s.draft_len),
+                    None => format!("cost-aware c={c} k≤{}", s.draft_len),
+                },
                 (None, None) => format!("k={}", s.draft_len),
             };
             format!(

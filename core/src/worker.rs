@@ -88,9 +88,10 @@ pub enum Event {
         id: RunId,
         error: String,
     },
-    /// What one drafted token adds to a verification forward on this machine, in one-token steps.
+    /// What one drafted token adds to a verification forward on this machine, in one-token steps, and how
+    /// that grows with the context.
     DraftCostMeasured {
-        draft_cost: f32,
+        draft_cost: calibrate::DraftCost,
     },
     DraftCostFailed {
         error: String,
@@ -168,8 +169,7 @@ impl Worker {
         self.send(Command::SetParams(id, Box::new(params)));
     }
 
-    /// Asks for [`Event::DraftCostMeasured`] on the loaded model (the worker is busy for about a third of a
-    /// second).
+    /// Asks for [`Event::DraftCostMeasured`] on the loaded model (the worker is busy for about two seconds).
     pub fn measure_draft_cost(&self) {
         self.send(Command::MeasureDraftCost);
     }

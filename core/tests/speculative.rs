@@ -223,6 +223,54 @@ fn cost_aware_length_drafts_only_what_pays() {
     );
 }
 
+/// A cost that grows with the context (every verified token attends over the whole cache) prices drafts by the
+/// context they are verified after: prompt lookup drafts early, and drafts nothing once the context has made a
+/// drafted token cost a whole step (no draft can pay then); the output stays greedy's.
+#[test]
+fn cost_aware_length_prices_drafts_by_their_context() {
+    // Raw text (no chat template) that the model goes on repeating, so the run is long and matches abound.
+    let prompt = "the quick brown fox jumps over the lazy dog, ".repeat(12);
+    let mut params = speculative_params("prompt-lookup", SamplingParams::greedy());
+    params.speculative.draft_cost = Some(0.2);
+    params.speculative.draft_cost_growth = Some(2.0);
+    // 0.2 + 2.0 · 400 / 1000: a drafted token costs a whole step from 400 tokens of context on.
+    let dear_from = 400;
+    assert!(params.speculative.draft_cost_at(dear_from) >= Some(1.0));
+    assert!(params.speculative.draft_cost_at(dear_from - 1) < Some(1.0));
+    let raw = |method: &str, params: MethodParams| {
+        let mut spec = spec(method, &prompt, params, 330, 0);
+        spec.prompt.chat = false;
+        generate(model(), spec).unwrap()
+    };
+    let trace = raw("speculative", params);
+    let plain = raw(
+        "greedy",
+        speculative_params("prompt-lookup", SamplingParams::greedy()),
+    );
+    assert_eq!(
+        trace.summary.as_ref().unwrap().token_ids,
+        plain.summary.as_ref().unwrap().token_ids
+    );
+    let mut context = trace.header.prompt.token_ids.len();
+    let (mut early, mut late, mut late_steps) = (0, 0, 0);
+    for step in &trace.steps {
+        // A step drafts after every token committed before it: the context its cost is priced at.
+        if context < dear_from {
+            early += step.draft_n;
+        } else {
+            late += step.draft_n;
+            late_steps += 1;
+        }
+        context += step.tokens.len();
+    }
+    assert!(
+        early > 0,
+        "nothing drafted before the context made drafts dear"
+    );
+    assert!(late_steps > 0, "the run ended before {dear_from} tokens");
+    assert_eq!(late, 0, "drafted after {dear_from} tokens of context");
+}
+
 #[test]
 fn trace_records_the_speculative_story() {
     let prompt = "Repeat exactly: the quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy dog.";

@@ -130,7 +130,7 @@ pub fn bench(model_path: Option<&Path>, threads: usize, args: BenchArgs) -> Resu
             "prefill_tokens_per_s",
             prompt.len() as f64 * 1000.0 / prefill,
         );
-        for (k, t) in calibrate::forward_ms(llama, &FORWARD_SIZES, 1)? {
+        for (k, t) in calibrate::forward_ms(llama, calibrate::PREFIX_TOKENS, &FORWARD_SIZES, 1)? {
             forward_ms.entry(k).or_default().push(t);
         }
         record("decode_tokens_per_s", engine_decode(&model, n, None)?);
@@ -157,6 +157,12 @@ pub fn bench(model_path: Option<&Path>, threads: usize, args: BenchArgs) -> Resu
         (Some(with), Some(without)) => with.paired_cost(without),
         _ => f64::NAN,
     };
+
+    // The same cost after a long context: attention over the cache grows with every verified token.
+    let long_cost = calibrate::raw_draft_cost_after(llama, calibrate::LONG_PREFIX_TOKENS, runs)?;
+    let short_cost = calibrate::raw_draft_cost(ratio_to_step(4));
+    let growth = (long_cost - short_cost)
+        / ((calibrate::LONG_PREFIX_TOKENS - calibrate::PREFIX_TOKENS) as f64 / 1000.0);
 
     let memory = if args.no_memory {
         None
@@ -191,7 +197,11 @@ pub fn bench(model_path: Option<&Path>, threads: usize, args: BenchArgs) -> Resu
         "verify16_over_step": round(ratio_to_step(16)),
         // What one drafted token adds to a 4-token verification, in one-token steps: the cost `--draft-cost`
         // takes.
-        "verify_token_cost": round(calibrate::raw_draft_cost(ratio_to_step(4))),
+        "verify_token_cost": round(short_cost),
+        // The same after a 1,024-token context, and its growth per 1,000 tokens: what `--draft-cost-growth`
+        // takes.
+        "verify_token_cost_after_1024_tokens": round(long_cost),
+        "verify_token_cost_growth": round(growth),
         // What recording the trace costs: the engine's decode against bare forwards with an argmax, run by run.
         "trace_capture_cost": round(cost("decode_tokens_per_s")),
         "attention_capture_cost_last_2_layers": round(cost("attention_capture_tokens_per_s")),
@@ -235,6 +245,8 @@ pub fn bench(model_path: Option<&Path>, threads: usize, args: BenchArgs) -> Resu
     }
     for key in [
         "verify_token_cost",
+        "verify_token_cost_after_1024_tokens",
+        "verify_token_cost_growth",
         "trace_capture_cost",
         "attention_capture_cost_last_2_layers",
         "busy_thread_over_idle",

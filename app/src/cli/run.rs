@@ -127,6 +127,10 @@ pub struct RunArgs {
     /// possibly none, that maximises expected tokens per unit of cost.
     #[arg(long, value_name = "C", conflicts_with = "adaptive")]
     pub draft_cost: Option<f32>,
+    /// speculative, with --draft-cost: the cost grows by G per 1,000 tokens of context, since every verified
+    /// token attends over the whole cache (`specula bench` prints it as verify_token_cost_growth).
+    #[arg(long, value_name = "G", requires = "draft_cost")]
+    pub draft_cost_growth: Option<f32>,
     /// speculative: node budget of tree drafters (token-recycling).
     #[arg(long, default_value_t = 16)]
     pub tree_size: usize,
@@ -257,6 +261,7 @@ impl RunArgs {
             },
             adaptive: self.adaptive,
             draft_cost: self.draft_cost,
+            draft_cost_growth: self.draft_cost_growth,
             tree_size: self.tree_size,
             tree_template: self.tree_template.clone(),
             // One run per process: there is no earlier run whose matrix could be kept.

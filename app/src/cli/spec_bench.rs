@@ -45,6 +45,10 @@ pub struct SpecBenchArgs {
     /// prints it as verify_token_cost).
     #[arg(long, value_name = "C")]
     pub draft_cost: Option<f32>,
+    /// With --draft-cost: the cost grows by G per 1,000 tokens of context (`specula bench` prints it as
+    /// verify_token_cost_growth).
+    #[arg(long, value_name = "G", requires = "draft_cost")]
+    pub draft_cost_growth: Option<f32>,
     /// Node budget of tree drafters (token-recycling).
     #[arg(long, default_value_t = 16)]
     pub tree_size: usize,
@@ -218,6 +222,7 @@ fn decode(
                 draft_len: args.draft_len,
                 adaptive: args.adaptive,
                 draft_cost: args.draft_cost,
+                draft_cost_growth: args.draft_cost_growth,
                 tree_size: args.tree_size,
                 tree_template: args.tree_template.clone(),
                 keep_matrix: args.keep_matrix,

@@ -25,6 +25,10 @@ pub enum DraftLength {
 /// prints it as `verify_token_cost`).
 pub const DEFAULT_DRAFT_COST: f32 = 0.3;
 
+/// What that cost grows by per 1,000 tokens of context here (`specula bench` prints it as
+/// `verify_token_cost_growth`).
+pub const DEFAULT_DRAFT_COST_GROWTH: f32 = 0.2;
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct RunSettings {
@@ -48,6 +52,8 @@ pub struct RunSettings {
     pub adaptive_threshold: f32,
     /// The cost-aware policy's cost of one drafted token, in one-token steps.
     pub draft_cost: f32,
+    /// Its growth per 1,000 tokens of context (0: the same cost at every length).
+    pub draft_cost_growth: f32,
     /// Token recycling: node budget, tree template ("scored" or "paper") and keeping the matrix across runs.
     pub tree_size: usize,
     pub tree_template: String,
@@ -85,6 +91,7 @@ impl Default for RunSettings {
             draft_length: DraftLength::Fixed,
             adaptive_threshold: spec.adaptive.unwrap_or(0.5),
             draft_cost: spec.draft_cost.unwrap_or(DEFAULT_DRAFT_COST),
+            draft_cost_growth: spec.draft_cost_growth.unwrap_or(DEFAULT_DRAFT_COST_GROWTH),
             tree_size: spec.tree_size,
             tree_template: spec.tree_template,
             keep_matrix: spec.keep_matrix,
@@ -132,6 +139,9 @@ impl RunSettings {
             adaptive: (self.draft_length == DraftLength::StopThreshold)
                 .then_some(self.adaptive_threshold),
             draft_cost: (self.draft_length == DraftLength::CostAware).then_some(self.draft_cost),
+            draft_cost_growth: (self.draft_length == DraftLength::CostAware
+                && self.draft_cost_growth > 0.0)
+                .then_some(self.draft_cost_growth),
             tree_size: self.tree_size,
             tree_template: self.tree_template.clone(),
             keep_matrix: self.keep_matrix,

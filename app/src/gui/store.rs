@@ -262,7 +262,7 @@ pub enum DraftCost {
     #[default]
     NotMeasured,
     Measuring,
-    Measured(f32),
+    Measured(specula_core::calibrate::DraftCost),
 }
 
 impl RunStore {
@@ -482,7 +482,9 @@ impl RunStore {
             Event::DraftCostMeasured { draft_cost } => {
                 self.draft_cost = DraftCost::Measured(draft_cost);
                 Some(Notice::info(format!(
-                    "Measured here: one drafted token costs {draft_cost:.2} of a one-token step."
+                    "Measured here: one drafted token costs {:.2} of a one-token step, plus {:.2} per 1,000 \
+                     tokens of context.",
+                    draft_cost.cost, draft_cost.growth
                 )))
             }
             Event::DraftCostFailed { error } => {

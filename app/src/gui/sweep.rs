@@ -164,6 +164,8 @@ pub fn sweep_specs(settings: &RunSettings, kind: SweepKind) -> Vec<RunSpec> {
         params.speculative.draft_len = k;
         params.speculative.adaptive = None;
         params.speculative.draft_cost = cost;
+        // Each cost holds at every context length, so that a point of the sweep is the cost it is labelled with.
+        params.speculative.draft_cost_growth = None;
         let label = match cost {
             None => format!("sweep: {} k={k}", params.speculative.drafter),
             Some(c) => format!("sweep: {} C={c} (k<={k})", params.speculative.drafter),

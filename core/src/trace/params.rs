@@ -189,6 +189,11 @@ pub struct SpeculativeParams {
     /// tokens per unit of cost, from the running acceptance. `None` = off. Exclusive with `adaptive`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub draft_cost: Option<f32>,
+    /// Cost-aware draft length: what a drafted token's cost grows by per 1,000 tokens of context, since every
+    /// verified token attends over the whole cache; at context n the cost is `draft_cost + growth · n / 1000`
+    /// (at most `MAX_DRAFT_COST`). `None` = the same cost at every length. Only with `draft_cost`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draft_cost_growth: Option<f32>,
     /// Node budget of tree drafters (token recycling).
     pub tree_size: usize,
     /// Token recycling's tree template: "scored" (the `tree_size` likeliest nodes by candidate rank) or
@@ -211,6 +216,7 @@ impl Default for SpeculativeParams {
             draft_len: 4,
             adaptive: None,
             draft_cost: None,
+            draft_cost_growth: None,
             tree_size: 16,
             tree_template: "scored".to_owned(),
             keep_matrix: false,

@@ -109,21 +109,25 @@ fn measured_cost_ui(ui: &mut egui::Ui, ctx: &ViewCtx<'_>, settings: &mut RunSett
         if ui
             .add_enabled(loaded, egui::Button::new("Measure here"))
             .on_hover_text(
-                "Time 1- and 4-token forwards of the loaded model on this machine (about a third of a \
-                 second, between steps of running runs)",
+                "Time 1- and 4-token forwards of the loaded model on this machine, after a short and a \
+                 1,024-token context (about two seconds, between steps of running runs)",
             )
             .on_disabled_hover_text("Load a model first")
             .clicked()
         {
             ctx.send(Command::MeasureDraftCost);
         }
-        if let DraftCost::Measured(cost) = ctx.store.draft_cost
+        if let DraftCost::Measured(measured) = ctx.store.draft_cost
             && ui
-                .button(format!("Use {cost:.2}"))
-                .on_hover_text("Set the cost per draft to the one measured here")
+                .button(format!(
+                    "Use {:.2} + {:.2}/1k",
+                    measured.cost, measured.growth
+                ))
+                .on_hover_text("Set the cost per draft and its growth to the ones measured here")
                 .clicked()
         {
-            settings.draft_cost = cost;
+            settings.draft_cost = measured.cost;
+            settings.draft_cost_growth = measured.growth;
         }
     });
 }
@@ -203,6 +207,15 @@ fn speculative_ui(ui: &mut egui::Ui, ctx: &ViewCtx<'_>, settings: &mut RunSettin
                     "What one drafted token adds to the verification, in one-token steps \
                      (`specula bench` prints this machine's as verify_token_cost)",
                 );
+            ui.add(
+                egui::Slider::new(&mut settings.draft_cost_growth, 0.0..=1.0)
+                    .text("Growth per 1k context"),
+            )
+            .on_hover_text(
+                "What the cost per draft grows by per 1,000 tokens of context, since every verified token \
+                 attends over the whole cache; 0 keeps it the same at every length (`specula bench` prints \
+                 this machine's as verify_token_cost_growth)",
+            );
             measured_cost_ui(ui, ctx, settings);
         }
     }

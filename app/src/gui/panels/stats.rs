@@ -49,9 +49,12 @@ impl StatsPanel {
                         let sp = &h.params.speculative;
                         let adaptive = match (sp.adaptive, sp.draft_cost) {
                             (Some(t), _) => format!(", adaptive (stop at {t:.2})"),
-                            (None, Some(c)) => {
-                                format!(", cost-aware (a drafted token costs {c:.2} steps)")
-                            }
+                            (None, Some(c)) => match sp.draft_cost_growth {
+                                Some(g) => format!(
+                                    ", cost-aware (a drafted token costs {c:.2} steps + {g:.2} per 1,000 tokens of context)"
+                                ),
+                                None => format!(", cost-aware (a drafted token costs {c:.2} steps)"),
+                            },
                             (None, None) => String::new(),
                         };
                         let tree = if sp.drafter == "token-recycling" {

@@ -40,13 +40,18 @@ impl DraftInput<'_> {
         self.point_mass_budget_at(self.acceptance)
     }
 
+    /// The cost-aware policy's cost of one drafted token at this step's context length; `None` when off.
+    pub fn draft_cost(&self) -> Option<f64> {
+        self.params.speculative.draft_cost_at(self.context.len())
+    }
+
     /// The depth of a point-mass draft tree whose template for depth d holds `nodes_at(d)` nodes: under the cost-aware
     /// policy the depth whose nodes pay for themselves ([`cost_aware_depth`]), else [`Self::point_mass_budget`].
     pub fn tree_depth(&self, nodes_at: impl Fn(usize) -> usize) -> usize {
-        match self.params.speculative.draft_cost {
+        match self.draft_cost() {
             Some(cost) => {
                 let nodes: Vec<usize> = (0..=self.max_len).map(nodes_at).collect();
-                cost_aware_depth(clamped(self.acceptance), f64::from(cost), &nodes)
+                cost_aware_depth(clamped(self.acceptance), cost, &nodes)
             }
             None => self.point_mass_budget(),
         }
@@ -59,8 +64,8 @@ impl DraftInput<'_> {
     pub fn point_mass_budget_at(&self, acceptance: f64) -> usize {
         let spec = &self.params.speculative;
         let a = clamped(acceptance);
-        if let Some(cost) = spec.draft_cost {
-            return cost_aware_length(a, f64::from(cost), self.max_len);
+        if let Some(cost) = self.draft_cost() {
+            return cost_aware_length(a, cost, self.max_len);
         }
         match spec.adaptive {
             None => self.max_len,

@@ -237,8 +237,8 @@ pub(crate) fn draft_chain_on(
     // Expected tokens a round commits with the drafts so far (the verifier's own token, then each draft while
     // all before it hold), and what a drafted token costs: its verification plus its own draft forward.
     let mut expected = 1.0f64;
-    let token_cost = input.params.speculative.draft_cost.map(|verify| {
-        f64::from(verify)
+    let token_cost = input.draft_cost().map(|verify| {
+        verify
             + forward_weights(&llama.config, &capture.skip_layers)
                 / forward_weights(&input.llama.config, &BTreeSet::new())
     });

@@ -105,6 +105,24 @@ impl SpeculativeParams {
                 ));
             }
         }
+        if let Some(g) = self.draft_cost_growth {
+            if !(g.is_finite() && (0.0..=MAX_DRAFT_COST).contains(&g)) {
+                return Err(bad_param(
+                    "draft_cost_growth",
+                    g,
+                    format!(
+                        "the growth of a drafted token's cost per 1,000 tokens of context must be in 0..={MAX_DRAFT_COST}"
+                    ),
+                ));
+            }
+            if self.draft_cost.is_none() {
+                return Err(bad_param(
+                    "draft_cost_growth",
+                    g,
+                    "the cost's growth with context needs the cost-aware length (draft_cost)",
+                ));
+            }
+        }
         if !(1..=MAX_TREE_SIZE).contains(&self.tree_size) {
             return Err(bad_param(
                 "tree_size",
@@ -137,6 +155,15 @@ impl SpeculativeParams {
             ));
         }
         Ok(())
+    }
+
+    /// The cost-aware policy's cost of one drafted token, in one-token steps, when `context` tokens precede the
+    /// draft: `draft_cost`, grown by `draft_cost_growth` per 1,000 tokens, at most [`MAX_DRAFT_COST`]. `None`
+    /// when the policy is off.
+    pub fn draft_cost_at(&self, context: usize) -> Option<f64> {
+        let cost = f64::from(self.draft_cost?);
+        let growth = f64::from(self.draft_cost_growth.unwrap_or(0.0));
+        Some((cost + growth * context as f64 / 1000.0).min(f64::from(MAX_DRAFT_COST)))
     }
 }
 
@@ -603,6 +630,42 @@ mod tests {
 
     /// The cost-aware length drafts nothing when one drafted token costs more than its acceptance is worth,
     /// everything when drafting is free, and never less when acceptance rises.
+    #[test]
+    fn draft_cost_grows_with_context_up_to_its_ceiling() {
+        let params = |cost, growth| SpeculativeParams {
+            draft_cost: cost,
+            draft_cost_growth: growth,
+            ..SpeculativeParams::default()
+        };
+        assert_eq!(params(None, None).draft_cost_at(500), None);
+        assert_eq!(
+            params(Some(0.1), None).draft_cost_at(5000),
+            Some(f64::from(0.1f32))
+        );
+        let growing = params(Some(0.125), Some(0.25));
+        assert_eq!(growing.draft_cost_at(0), Some(0.125));
+        assert_eq!(growing.draft_cost_at(1000), Some(0.375));
+        assert_eq!(
+            growing.draft_cost_at(100_000),
+            Some(f64::from(MAX_DRAFT_COST))
+        );
+        // At the cost a long context brings, the same acceptance pays for a shorter draft.
+        let a = 0.6;
+        let short = cost_aware_length(a, growing.draft_cost_at(100).unwrap_or(0.0), 8);
+        let long = cost_aware_length(a, growing.draft_cost_at(2000).unwrap_or(0.0), 8);
+        assert!(
+            long < short,
+            "{long} drafts at 2,000 tokens, {short} at 100"
+        );
+        assert!(params(Some(0.1), Some(0.2)).validate(30).is_ok());
+        assert!(
+            params(None, Some(0.2)).validate(30).is_err(),
+            "growth alone"
+        );
+        assert!(params(Some(0.1), Some(f32::NAN)).validate(30).is_err());
+        assert!(params(Some(0.1), Some(-0.1)).validate(30).is_err());
+    }
+
     #[test]
     fn cost_aware_length_follows_acceptance_and_cost() {
         assert_eq!(cost_aware_length(0.2, 0.3, 8), 0);
