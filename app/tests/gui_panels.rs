@@ -493,6 +493,10 @@ fn a_finished_sweep_plots_mat_and_speedup_against_k_and_reopens_from_a_file() {
 #[test]
 fn a_cost_sweep_runs_the_cost_aware_length_at_each_cost() {
     let (mut harness, script) = sweep_harness(SavePicker { save: None });
+    // From cost-aware settings whose cost grows with context: each point's cost holds at every length.
+    let run = &mut harness.state_mut().settings_mut().run;
+    run.draft_length = specula::gui::settings::DraftLength::CostAware;
+    run.draft_cost_growth = 0.3;
     harness.get_by_label("Cost per draft C").click();
     harness.run();
     harness.get_by_label("Sweep C = 0..0.8").click();
@@ -505,6 +509,7 @@ fn a_cost_sweep_runs_the_cost_aware_length_at_each_cost() {
             assert_eq!(s.started.len(), i + 2, "one run at a time");
             let speculative = &s.started[i + 1].params.speculative;
             assert_eq!(speculative.draft_cost, Some(cost));
+            assert_eq!(speculative.draft_cost_growth, None);
             assert_eq!(speculative.adaptive, None);
             assert_eq!(
                 speculative.draft_len,

@@ -121,23 +121,25 @@ pub fn raw_draft_cost_after(llama: &Llama, prefix: usize, repeats: usize) -> Res
     Ok(raw_draft_cost(median(&mut fours) / median(&mut steps)))
 }
 
-/// Measures [`DraftCost`] on this machine: the draft cost after [`PREFIX_TOKENS`] and after
-/// [`LONG_PREFIX_TOKENS`] (or as long a prefix as the model's context leaves room for).
+/// The long prefix the growth is measured after: [`LONG_PREFIX_TOKENS`], or as long a prefix as the model's
+/// context leaves room for; `None` when that is too short to tell a growth from noise.
+pub fn long_prefix(llama: &Llama) -> Option<usize> {
+    let prefix = LONG_PREFIX_TOKENS.min(llama.config.context_length.saturating_sub(VERIFIED + 1));
+    (prefix >= 2 * PREFIX_TOKENS).then_some(prefix)
+}
+
+/// Measures [`DraftCost`] on this machine: the draft cost after [`PREFIX_TOKENS`] and after [`long_prefix`]
+/// (no growth for a model whose context is too short for it).
 pub fn measure_draft_cost(llama: &Llama, repeats: usize) -> Result<DraftCost> {
     let short = raw_draft_cost_after(llama, PREFIX_TOKENS, repeats)?;
-    let long_prefix =
-        LONG_PREFIX_TOKENS.min(llama.config.context_length.saturating_sub(VERIFIED + 1));
-    if long_prefix < 2 * PREFIX_TOKENS {
+    let Some(prefix) = long_prefix(llama) else {
         return Ok(DraftCost::through(
             (PREFIX_TOKENS, short),
             (PREFIX_TOKENS, short),
         ));
-    }
-    let long = raw_draft_cost_after(llama, long_prefix, repeats)?;
-    Ok(DraftCost::through(
-        (PREFIX_TOKENS, short),
-        (long_prefix, long),
-    ))
+    };
+    let long = raw_draft_cost_after(llama, prefix, repeats)?;
+    Ok(DraftCost::through((PREFIX_TOKENS, short), (prefix, long)))
 }
 
 fn median(values: &mut [f64]) -> f64 {

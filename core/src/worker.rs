@@ -21,7 +21,8 @@ use crate::trace::{MethodParams, ModelInfo, RunHeader, RunSummary, StepRecord};
 
 pub type RunId = u64;
 
-/// Timings of each forward size behind a measured draft cost (about a third of a second with the default model).
+/// Timings of each forward size, after each context length, behind a measured draft cost (about two seconds with
+/// the default model, most of it the 1,024-token prefill).
 const DRAFT_COST_REPEATS: usize = 7;
 
 /// Called after every event, so the UI can repaint (core knows nothing of egui).

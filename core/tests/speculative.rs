@@ -271,6 +271,53 @@ fn cost_aware_length_prices_drafts_by_their_context() {
     assert_eq!(late, 0, "drafted after {dear_from} tokens of context");
 }
 
+/// A speculative run forked from a greedy one (the fork's kept tokens are prefilled after the prompt) drafts and
+/// verifies from the right context: forced onto greedy's own token, it goes on exactly as greedy did.
+#[test]
+fn a_forked_speculative_run_continues_from_the_fork() {
+    let prompt = "Explain in three sentences why the sky is blue and sunsets are red.";
+    let greedy = generate(
+        model(),
+        spec(
+            "greedy",
+            prompt,
+            speculative_params("prompt-lookup", SamplingParams::greedy()),
+            40,
+            0,
+        ),
+    )
+    .unwrap();
+    let parent: Vec<_> = greedy.tokens().cloned().collect();
+    let kept = 8;
+    let mut tokens = parent[..=kept].to_vec();
+    tokens[kept].source = TokenSource::Forced;
+    let mut forked = spec(
+        "speculative",
+        prompt,
+        speculative_params("prompt-lookup", SamplingParams::greedy()),
+        40,
+        0,
+    );
+    forked.fork = Some(specula_core::Fork {
+        origin: specula_core::trace::ForkOrigin {
+            parent_label: "greedy".into(),
+            kept_tokens: kept,
+            forced_token_id: parent[kept].id,
+        },
+        tokens,
+    });
+    let trace = generate(model(), forked).unwrap();
+    let summary = trace.summary.as_ref().unwrap();
+    assert_eq!(
+        summary.token_ids,
+        greedy.summary.as_ref().unwrap().token_ids
+    );
+    assert!(
+        summary.draft_n > 0,
+        "prompt lookup never drafted after the fork"
+    );
+}
+
 #[test]
 fn trace_records_the_speculative_story() {
     let prompt = "Repeat exactly: the quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy dog.";

@@ -158,11 +158,17 @@ pub fn bench(model_path: Option<&Path>, threads: usize, args: BenchArgs) -> Resu
         _ => f64::NAN,
     };
 
-    // The same cost after a long context: attention over the cache grows with every verified token.
-    let long_cost = calibrate::raw_draft_cost_after(llama, calibrate::LONG_PREFIX_TOKENS, runs)?;
+    // The same cost after a long context (attention over the cache grows with every verified token), and the
+    // slope between the two, unclamped; not measured for a model whose context is too short.
     let short_cost = calibrate::raw_draft_cost(ratio_to_step(4));
-    let growth = (long_cost - short_cost)
-        / ((calibrate::LONG_PREFIX_TOKENS - calibrate::PREFIX_TOKENS) as f64 / 1000.0);
+    let (long_cost, growth) = match calibrate::long_prefix(llama) {
+        Some(prefix) => {
+            let long = calibrate::raw_draft_cost_after(llama, prefix, runs)?;
+            let span = (prefix - calibrate::PREFIX_TOKENS) as f64 / 1000.0;
+            (long, (long - short_cost) / span)
+        }
+        None => (f64::NAN, f64::NAN),
+    };
 
     let memory = if args.no_memory {
         None

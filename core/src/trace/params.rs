@@ -185,8 +185,9 @@ pub struct SpeculativeParams {
     /// exceeds this threshold h (SpecDec++'s threshold policy, estimated without training). `None` = fixed.
     pub adaptive: Option<f32>,
     /// Cost-aware draft length: each drafted token the verification feeds costs this fraction of a one-token
-    /// step, and each step drafts the length (0 = a plain step, up to `draft_len`) that maximises expected
-    /// tokens per unit of cost, from the running acceptance. `None` = off. Exclusive with `adaptive`.
+    /// step (plus `draft_cost_growth` with the context), and each step drafts the length (0 = a plain step, up
+    /// to `draft_len`) that maximises expected tokens per unit of cost, from the running acceptance. `None` =
+    /// off. Exclusive with `adaptive`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub draft_cost: Option<f32>,
     /// Cost-aware draft length: what a drafted token's cost grows by per 1,000 tokens of context, since every

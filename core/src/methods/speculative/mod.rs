@@ -260,7 +260,13 @@ impl DecodingMethod for Speculative {
             self.drafter_for = wanted;
         }
         let mut record = empty_step();
-        let context: Vec<u32> = ctx.prefill.iter().chain(ctx.generated).copied().collect();
+        // A fork's kept tokens end `prefill` and begin `generated`: once is enough.
+        let context: Vec<u32> = ctx
+            .prefill
+            .iter()
+            .chain(ctx.generated.get(ctx.forked..).unwrap_or_default())
+            .copied()
+            .collect();
         let root = *context.last().ok_or(Error::EmptyPrompt)?;
         let root_pos = context.len() - 1;
 
@@ -628,8 +634,8 @@ pub fn speculative_summary(trace: &crate::trace::Trace) -> Option<serde_json::Va
 mod tests {
     use super::*;
 
-    /// The cost-aware length drafts nothing when one drafted token costs more than its acceptance is worth,
-    /// everything when drafting is free, and never less when acceptance rises.
+    /// A drafted token's cost grows with the context it is verified after, up to the ceiling, and prices longer
+    /// drafts out; the growth is refused without the cost or outside its range.
     #[test]
     fn draft_cost_grows_with_context_up_to_its_ceiling() {
         let params = |cost, growth| SpeculativeParams {
@@ -664,8 +670,15 @@ mod tests {
         );
         assert!(params(Some(0.1), Some(f32::NAN)).validate(30).is_err());
         assert!(params(Some(0.1), Some(-0.1)).validate(30).is_err());
+        assert!(
+            params(Some(0.1), Some(MAX_DRAFT_COST + 0.1))
+                .validate(30)
+                .is_err()
+        );
     }
 
+    /// The cost-aware length drafts nothing when one drafted token costs more than its acceptance is worth,
+    /// everything when drafting is free, and never less when acceptance rises.
     #[test]
     fn cost_aware_length_follows_acceptance_and_cost() {
         assert_eq!(cost_aware_length(0.2, 0.3, 8), 0);

@@ -71,7 +71,11 @@ impl Drafter for PromptLookup {
         ) {
             (Some(_), Some(&a)) => (
                 input.point_mass_budget_at(a),
-                format!(" (cost-aware, acceptance after such matches {a:.2})"),
+                format!(
+                    " (cost-aware, acceptance after such matches {a:.2}, a drafted token costs {:.2} steps after {} tokens)",
+                    input.draft_cost().unwrap_or(0.0),
+                    input.context.len()
+                ),
             ),
             _ => (input.point_mass_budget(), String::new()),
         };
