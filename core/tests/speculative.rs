@@ -242,7 +242,7 @@ fn cost_aware_length_prices_drafts_by_their_context() {
         spec.prompt.chat = false;
         generate(model(), spec).unwrap()
     };
-    let trace = raw("speculative", params);
+    let trace = raw("speculative", params.clone());
     let plain = raw(
         "greedy",
         speculative_params("prompt-lookup", SamplingParams::greedy()),
@@ -254,7 +254,16 @@ fn cost_aware_length_prices_drafts_by_their_context() {
     let mut context = trace.header.prompt.token_ids.len();
     let (mut early, mut late, mut late_steps) = (0, 0, 0);
     for step in &trace.steps {
-        // A step drafts after every token committed before it: the context its cost is priced at.
+        // A step drafts after every token committed before it: the context its cost is priced at, which its
+        // note gives.
+        if let Some(StepPayload::Speculative(p)) = &step.payload {
+            let cost = params
+                .speculative
+                .draft_cost_at(context)
+                .unwrap_or_default();
+            let priced = format!("a drafted token costs {cost:.2} steps after {context} tokens");
+            assert!(p.note.ends_with(&priced), "{:?}: {priced}", p.note);
+        }
         if context < dear_from {
             early += step.draft_n;
         } else {

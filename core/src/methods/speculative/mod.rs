@@ -531,9 +531,20 @@ impl DecodingMethod for Speculative {
                 token_id: verdict.token,
             }),
             alpha: verdict.alpha.clone(),
-            note: draft.note,
+            note: with_priced_cost(draft.note, &params.speculative, context.len()),
         })));
         Ok(record)
+    }
+}
+
+/// A drafter's note, with the cost the cost-aware policy priced a drafted token at when that cost grows with the
+/// context (so the panel can say why drafts thin out as a run gets long).
+fn with_priced_cost(note: String, params: &SpeculativeParams, context: usize) -> String {
+    match (params.draft_cost_growth, params.draft_cost_at(context)) {
+        (Some(_), Some(cost)) => {
+            format!("{note}; a drafted token costs {cost:.2} steps after {context} tokens")
+        }
+        _ => note,
     }
 }
 

@@ -71,11 +71,7 @@ impl Drafter for PromptLookup {
         ) {
             (Some(_), Some(&a)) => (
                 input.point_mass_budget_at(a),
-                format!(
-                    " (cost-aware, acceptance after such matches {a:.2}, a drafted token costs {:.2} steps after {} tokens)",
-                    input.draft_cost().unwrap_or(0.0),
-                    input.context.len()
-                ),
+                format!(" (cost-aware, acceptance after such matches {a:.2})"),
             ),
             _ => (input.point_mass_budget(), String::new()),
         };
