@@ -94,17 +94,19 @@ impl DraftCost {
                 0.0
             }
         };
-        let span = long.0.saturating_sub(short.0) as f64 / 1000.0;
-        let growth = if span > 0.0 {
-            within((long.1 - short.1) / span)
-        } else {
-            0.0
-        };
+        let growth = raw_growth(short, long).map_or(0.0, within);
         Self {
             cost: within(short.1 - f64::from(growth) * short.0 as f64 / 1000.0),
             growth,
         }
     }
+}
+
+/// The raw draft costs' growth per 1,000 tokens of context between two `(context, raw cost)` measurements, as
+/// measured (`specula bench` prints it unclamped); `None` when the second is not after a longer context.
+pub fn raw_growth(short: (usize, f64), long: (usize, f64)) -> Option<f64> {
+    let span = long.0.saturating_sub(short.0) as f64 / 1000.0;
+    (span > 0.0).then(|| (long.1 - short.1) / span)
 }
 
 /// The raw draft cost after a `prefix`-token context: from the medians of `repeats` one-token steps and 4-token

@@ -164,8 +164,9 @@ pub fn bench(model_path: Option<&Path>, threads: usize, args: BenchArgs) -> Resu
     let (long_cost, growth) = match calibrate::long_prefix(llama) {
         Some(prefix) => {
             let long = calibrate::raw_draft_cost_after(llama, prefix, runs)?;
-            let span = (prefix - calibrate::PREFIX_TOKENS) as f64 / 1000.0;
-            (long, (long - short_cost) / span)
+            let growth =
+                calibrate::raw_growth((calibrate::PREFIX_TOKENS, short_cost), (prefix, long));
+            (long, growth.unwrap_or(f64::NAN))
         }
         None => (f64::NAN, f64::NAN),
     };

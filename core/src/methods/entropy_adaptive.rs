@@ -119,12 +119,7 @@ impl DecodingMethod for EntropyAdaptive {
         }
         self.full_mode = Some(full);
 
-        let sequence: Vec<u32> = ctx
-            .prefill
-            .iter()
-            .chain(ctx.generated.get(ctx.forked..).unwrap_or_default())
-            .copied()
-            .collect();
+        let sequence = ctx.sequence();
         let (side, capture) = if full {
             (&mut self.full, Capture::default())
         } else {

@@ -76,6 +76,16 @@ impl StepContext<'_> {
         }
     }
 
+    /// The whole sequence so far: the prompt, then every generated token (a fork's kept tokens, which end
+    /// `prefill` and open `generated`, once).
+    pub fn sequence(&self) -> Vec<u32> {
+        self.prefill
+            .iter()
+            .chain(self.generated.get(self.forked..).unwrap_or_default())
+            .copied()
+            .collect()
+    }
+
     /// Absolute position of the next generated token.
     pub fn next_position(&self) -> usize {
         self.prefill.len() + self.generated.len() - self.forked.min(self.generated.len())

@@ -256,13 +256,7 @@ impl DecodingMethod for Speculative {
             self.drafter_for = wanted;
         }
         let mut record = empty_step();
-        // A fork's kept tokens end `prefill` and begin `generated`: once is enough.
-        let context: Vec<u32> = ctx
-            .prefill
-            .iter()
-            .chain(ctx.generated.get(ctx.forked..).unwrap_or_default())
-            .copied()
-            .collect();
+        let context = ctx.sequence();
         let root = *context.last().ok_or(Error::EmptyPrompt)?;
         let root_pos = context.len() - 1;
 
