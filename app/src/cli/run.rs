@@ -138,7 +138,8 @@ pub struct RunArgs {
     /// (Luo et al.'s static 80-node tree, cut to --tree-size; give --tree-size 80 --draft-len 6 for all of it).
     #[arg(long, default_value = "scored")]
     pub tree_template: String,
-    /// speculative, layer-skip: layers to skip, e.g. 10,11,12 (default: the middle third).
+    /// speculative, layer-skip: layers to skip, e.g. 10,11,12 (default: the middle third). early-exit: fixes the
+    /// exit before the first of them (default: chosen before every draft from the estimated acceptance of each exit).
     #[arg(long, value_delimiter = ',')]
     pub skip_layers: Vec<usize>,
     /// speculative, model: the draft model's GGUF (it must share the target's tokenizer).

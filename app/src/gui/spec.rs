@@ -401,6 +401,7 @@ mod tests {
             }),
             alpha: vec![],
             note: String::new(),
+            exit_layers: None,
         };
         let l = layout(&spec);
         assert_eq!(
@@ -472,6 +473,7 @@ mod tests {
             }),
             alpha: vec![0.8],
             note: String::new(),
+            exit_layers: None,
         };
         let step = specula_core::methods::empty_step();
         assert!(

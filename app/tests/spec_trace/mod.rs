@@ -88,6 +88,7 @@ fn step(
             rejection: Some(rejection),
             alpha,
             note: "skipped layers 8–23 of 30".into(),
+            exit_layers: None,
         }))),
         inspection: Vec::new(),
         timing: Some(StepTiming {

@@ -29,6 +29,43 @@ pub struct SpeculativeStep {
     /// Drafter-specific notes shown in the panel (the skipped layers, the matched n-gram, ...).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub note: String,
+    /// The early-exit drafter: its acceptance estimate for every candidate exit and the exit it drafted from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_layers: Option<ExitLayers>,
+}
+
+/// DEL's view before an early-exit draft: for each candidate exit, the acceptance its drafts would have, estimated
+/// from "shadow tokens" (the final norm and LM head applied to that layer's hidden state of the verified roots of
+/// earlier steps), and the draft length that maximises expected tokens per unit of cost.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ExitLayers {
+    /// One per candidate exit, shallowest first.
+    pub exits: Vec<ExitEstimate>,
+    /// Layers the draft ran before its exit.
+    pub chosen: usize,
+    /// True when `chosen` (and the draft length) maximised expected tokens per unit of cost; false when the exit
+    /// was fixed (`--skip-layers`).
+    pub dynamic: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ExitEstimate {
+    /// Layers run before this exit (the drafter exits after layer `layers - 1`, counting from 0).
+    pub layers: usize,
+    /// Estimated acceptance of a draft token from this exit.
+    pub acceptance: f32,
+    /// The shadow tokens behind `acceptance` (decayed count: older ones weigh less).
+    pub samples: f32,
+    /// The previous step's shadow token at this exit, the newest observation in `acceptance`: 1 or 0 when
+    /// greedy (did this exit's top token equal the target's?), sum min(p, q) when sampling. `None` when that
+    /// step did not observe this exit (exits take turns) or its root was not verified (the first step, whose
+    /// root the prefill fed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<f32>,
+    /// The draft length (0 = none) that maximises expected tokens per unit of cost from this exit.
+    pub best_len: usize,
+    /// Expected tokens per unit of cost (one plain step = 1) at `best_len`.
+    pub tokens_per_cost: f32,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

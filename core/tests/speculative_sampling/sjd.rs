@@ -194,7 +194,10 @@ fn first_two_sjd(o: &mut Oracle, rows: &mut SjdRows, check: Check, rng: &mut Run
         tokens: &fed,
         logits: &rows.warm,
         accepted_path: &[],
-    });
+        sampling: &o.params,
+        root_states: &[],
+    })
+    .unwrap();
     let mut out: Vec<u32> = Vec::new();
     while out.len() < 2 {
         let mut context = o.prompt.clone();
@@ -257,7 +260,10 @@ fn first_two_sjd(o: &mut Oracle, rows: &mut SjdRows, check: Check, rng: &mut Run
                 tokens: &fed,
                 logits: &logits,
                 accepted_path: &v.accepted_path,
-            });
+                sampling: &o.params,
+                root_states: &[],
+            })
+            .unwrap();
         }
     }
     (out[0], out[1])

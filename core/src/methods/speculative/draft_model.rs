@@ -96,6 +96,7 @@ impl Drafter for DraftModel {
                 "draft model {} ({} layers)",
                 llama.info.file_name, llama.config.n_layers
             ),
+            exit_layers: None,
         })
     }
 }

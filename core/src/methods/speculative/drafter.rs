@@ -9,7 +9,7 @@ use super::{cost_aware_depth, cost_aware_length};
 use crate::error::Result;
 use crate::model::{KvCache, Llama};
 use crate::sampling::RunRng;
-use crate::trace::MethodParams;
+use crate::trace::{ExitLayers, MethodParams, SamplingParams};
 
 /// What a drafter sees when it drafts.
 pub struct DraftInput<'a> {
@@ -107,6 +107,8 @@ pub struct Draft {
     pub tree: DraftTree,
     pub forward_calls: u32,
     pub note: String,
+    /// The early-exit drafter's estimates and choice of exit, for the panel.
+    pub exit_layers: Option<ExitLayers>,
 }
 
 /// What the target computed in the verification forward, for drafters that learn from it.
@@ -117,6 +119,12 @@ pub struct Observation<'a> {
     pub logits: &'a [Vec<f32>],
     /// Accepted draft nodes, root's child first.
     pub accepted_path: &'a [usize],
+    /// The sampling the verifier used (the warping applied to every distribution it compared).
+    pub sampling: &'a SamplingParams,
+    /// For drafters that ask ([`Drafter::wants_root_states`]): the root's residual stream after the embeddings
+    /// (index 0) and after each layer (index i + 1 after layer i), from this verification forward. Empty when
+    /// not asked for, and when the root was not in the forward (the first step, whose root the prefill fed).
+    pub root_states: &'a [Vec<f32>],
 }
 
 pub trait Drafter: Send {
@@ -125,7 +133,13 @@ pub trait Drafter: Send {
     /// Called after every verification forward, and after each prefill chunk when `learns_from_prompt` (every
     /// position of the chunk, the root included when the chunk ends the prompt; the first verification then
     /// shows the root again, with the same logits).
-    fn observe(&mut self, _obs: &Observation<'_>) {}
+    fn observe(&mut self, _obs: &Observation<'_>) -> Result<()> {
+        Ok(())
+    }
+    /// Asks the verification forward for the root's hidden state at every layer ([`Observation::root_states`]).
+    fn wants_root_states(&self) -> bool {
+        false
+    }
     /// Asks the prefill for every prompt position's logits (an LM head per prompt token, ~10% of a prefill) so
     /// the drafter can learn from the prompt before the first draft.
     fn learns_from_prompt(&self) -> bool {

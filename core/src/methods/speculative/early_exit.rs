@@ -1,22 +1,236 @@
-//! Early exit: the target's first layers alone draft a chain (the final norm and LM head applied to an
-//! intermediate layer's residual stream, as the logit lens does), with a real q. LayerSkip- and DEL-style
-//! methods train the model for this; on plain SmolLM2 the early exits are weak, which is what the trace shows.
-//! Drafting shares the layer-skip chain (the upper layers are simply skipped) and its clone of the cache.
+//! Early exit, DEL-style (Zarch et al., "DEL: Context-Aware Dynamic Exit Layer for Efficient Self-Speculative
+//! Decoding"): the target's first layers alone draft a chain (the final norm and LM head applied to an
+//! intermediate layer's residual stream, as the logit lens does), with a real q; which exit, and how many tokens,
+//! is chosen before every draft.
+//!
+//! The choice rests on "shadow tokens": after each verification, the final norm and LM head are applied to the
+//! verified root's hidden state at every candidate exit, which says what a draft from that exit would have
+//! proposed there. Their agreement with the target is a running acceptance estimate per exit, and the drafter
+//! takes the exit and length with the most expected tokens per unit of cost, TPL(l, d) = (1 − a_l^(d+1)) /
+//! (1 − a_l) / (1 + d·(w_l + c)): w_l the share of a full forward's weights a draft through l layers reads, c the
+//! cost of verifying a drafted token (`--draft-cost`, 0 when off, as DEL assumes). LayerSkip-trained models make
+//! early exits good; on plain SmolLM2 they are weak, which is what the estimates show.
+//!
+//! `--skip-layers` fixes the exit before the first skipped layer instead; the estimates are still kept and shown.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
-use super::drafter::{Draft, DraftInput, Drafter};
-use super::layer_skip::draft_chain;
-use super::verifier::DraftTree;
+use candle_core::Tensor;
+
+use super::draft_length::expected_tokens_per_round;
+use super::drafter::{Draft, DraftInput, Drafter, Observation, PRIOR_ACCEPTANCE};
+use super::layer_skip::{draft_chain, forward_weights};
+use super::verifier::{DraftTree, overlap};
 use crate::error::Result;
+use crate::model::{Llama, logits_row};
+use crate::sampling::{argmax, warp};
+use crate::trace::{ExitEstimate, ExitLayers};
 
-#[derive(Default)]
-pub struct EarlyExit;
+/// Candidate exits, as layers run before the exit: every `stride`-th layer below the full depth, with the stride
+/// keeping them to about ten (each costs one LM-head row per verified step).
+pub fn candidate_exits(n_layers: usize) -> Vec<usize> {
+    let stride = n_layers.div_ceil(10).max(1);
+    (1..n_layers).filter(|l| l % stride == 0).collect()
+}
 
-/// The default exit: after two thirds of the layers (layer 20 of 30), the shallowest exit whose top-1 still
-/// often agrees with the full model's on this size of model.
+/// How much an exit's older shadow token still counts against its newer one: the estimates follow an exit's last
+/// five or so observations, since what a layer gets right depends on the text at hand (DEL's "context-aware").
+pub const DECAY: f64 = 0.8;
+
+/// Shadow tokens taken at each verified root, the exits taking turns: an LM-head row costs about a sixth of a
+/// step here, so observing every exit at every root would slow even the steps that draft nothing by half.
+pub const SHADOWS_PER_ROOT: usize = 1;
+
+/// Running acceptance per candidate exit, from shadow tokens: a decayed mean that starts from
+/// [`PRIOR_ACCEPTANCE`] worth one observation, so an exit with no evidence is neither trusted nor ruled out.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExitEstimator {
+    exits: Vec<usize>,
+    /// Decayed sums of observed acceptance, and decayed counts of observations, one per exit.
+    sums: Vec<f64>,
+    weights: Vec<f64>,
+    /// Each exit's observation at the latest root, if it was due then.
+    last: Vec<Option<f64>>,
+    /// Roots observed so far (which exits are due next).
+    turn: usize,
+}
+
+impl ExitEstimator {
+    pub fn new(exits: Vec<usize>) -> Self {
+        let n = exits.len();
+        Self {
+            exits,
+            sums: vec![0.0; n],
+            weights: vec![0.0; n],
+            last: vec![None; n],
+            turn: 0,
+        }
+    }
+
+    pub fn exits(&self) -> &[usize] {
+        &self.exits
+    }
+
+    /// The exits due at the next root, as indices into the exits: the next [`SHADOWS_PER_ROOT`] in turn.
+    pub fn due(&self) -> Vec<usize> {
+        let n = self.exits.len();
+        let mut due: Vec<usize> = (0..SHADOWS_PER_ROOT.min(n))
+            .map(|k| (self.turn * SHADOWS_PER_ROOT + k) % n)
+            .collect();
+        due.sort_unstable();
+        due
+    }
+
+    /// Folds in one root's shadow acceptance at the exits due ([`Self::due`], same order).
+    pub fn observe(&mut self, shadow: &[f64]) {
+        let due = self.due();
+        self.last.iter_mut().for_each(|l| *l = None);
+        for (&i, &a) in due.iter().zip(shadow) {
+            if let (Some(sum), Some(weight), Some(last)) = (
+                self.sums.get_mut(i),
+                self.weights.get_mut(i),
+                self.last.get_mut(i),
+            ) {
+                *sum = DECAY * *sum + a;
+                *weight = DECAY * *weight + 1.0;
+                *last = Some(a);
+            }
+        }
+        self.turn += 1;
+    }
+
+    /// The estimated acceptance at each exit.
+    pub fn acceptance(&self) -> Vec<f64> {
+        self.sums
+            .iter()
+            .zip(&self.weights)
+            .map(|(&sum, &weight)| (sum + PRIOR_ACCEPTANCE) / (weight + 1.0))
+            .collect()
+    }
+
+    /// The estimates with, for each exit, its best draft length and expected tokens per unit of cost.
+    /// `draft_share(l)`: what a draft forward through l layers costs, in plain steps; `verify_cost`: what verifying
+    /// one drafted token costs.
+    pub fn report(
+        &self,
+        draft_share: impl Fn(usize) -> f64,
+        verify_cost: f64,
+        max_len: usize,
+    ) -> Vec<ExitEstimate> {
+        self.exits
+            .iter()
+            .zip(self.acceptance())
+            .enumerate()
+            .map(|(i, (&layers, acceptance))| {
+                let (best_len, tokens_per_cost) =
+                    best_length(acceptance, draft_share(layers) + verify_cost, max_len);
+                ExitEstimate {
+                    layers,
+                    acceptance: acceptance as f32,
+                    samples: self.weights.get(i).map_or(0.0, |&w| w as f32),
+                    shadow: self.last.get(i).copied().flatten().map(|a| a as f32),
+                    best_len,
+                    tokens_per_cost: tokens_per_cost as f32,
+                }
+            })
+            .collect()
+    }
+}
+
+/// DEL's tokens per unit of cost for a chain of `len` drafts each accepted with probability `acceptance`, each
+/// costing `token_cost` plain steps (its draft forward and its verification) on top of the one-step verification.
+pub fn tokens_per_cost(acceptance: f64, len: usize, token_cost: f64) -> f64 {
+    expected_tokens_per_round(acceptance.clamp(0.0, 1.0), len as f64)
+        / (1.0 + len as f64 * token_cost)
+}
+
+/// The length in 1..=`max_len` with the most tokens per unit of cost (ties to the shorter), and that figure;
+/// `(0, 1.0)`, a plain step, when `max_len` is 0.
+pub fn best_length(acceptance: f64, token_cost: f64, max_len: usize) -> (usize, f64) {
+    let mut best = (0, 1.0);
+    for len in 1..=max_len {
+        let tpc = tokens_per_cost(acceptance, len, token_cost);
+        if best.0 == 0 || tpc > best.1 {
+            best = (len, tpc);
+        }
+    }
+    best
+}
+
+/// The exit (and its report entry) with the most tokens per unit of cost; ties to the shallower.
+pub fn best_exit(report: &[ExitEstimate]) -> Option<&ExitEstimate> {
+    report
+        .iter()
+        .fold(None, |best: Option<&ExitEstimate>, e| match best {
+            Some(b) if b.tokens_per_cost >= e.tokens_per_cost => Some(b),
+            _ => Some(e),
+        })
+}
+
+/// The fixed exit when `--skip-layers` was not given and the estimates cannot decide (no candidate exits): after
+/// two thirds of the layers.
 pub fn default_exit(n_layers: usize) -> usize {
     (2 * n_layers / 3).max(1)
+}
+
+pub struct EarlyExit {
+    llama: Arc<Llama>,
+    estimator: ExitEstimator,
+}
+
+impl EarlyExit {
+    pub fn new(llama: Arc<Llama>) -> Self {
+        let exits = candidate_exits(llama.config.n_layers);
+        Self {
+            llama,
+            estimator: ExitEstimator::new(exits),
+        }
+    }
+
+    /// Each candidate exit's acceptance at one verified root: did its top token equal the target's (greedy), or
+    /// the probability sum min(p, q) that a token it drew would be accepted (sampling).
+    fn shadow(&self, obs: &Observation<'_>) -> Result<Option<Vec<f64>>> {
+        let (Some(target), false) = (obs.logits.first(), obs.root_states.is_empty()) else {
+            return Ok(None);
+        };
+        let exits: Vec<usize> = self
+            .estimator
+            .due()
+            .iter()
+            .filter_map(|&i| self.estimator.exits().get(i).copied())
+            .collect();
+        let dim = self.llama.config.dim;
+        let mut rows = Vec::with_capacity(exits.len() * dim);
+        for &l in &exits {
+            match obs.root_states.get(l) {
+                Some(state) if state.len() == dim => rows.extend_from_slice(state),
+                _ => return Ok(None),
+            }
+        }
+        let heads = self
+            .llama
+            .head(&Tensor::from_vec(
+                rows,
+                (exits.len(), dim),
+                self.llama.device(),
+            )?)?
+            .unsqueeze(0)?;
+        let p = warp(target, obs.sampling);
+        let greedy = obs.sampling.is_greedy();
+        let target_token = argmax(target);
+        (0..exits.len())
+            .map(|i| {
+                let q = logits_row(&heads, 0, i)?;
+                Ok(if greedy {
+                    f64::from(u8::from(argmax(&q) == target_token))
+                } else {
+                    overlap(&p, &warp(&q, obs.sampling))
+                })
+            })
+            .collect::<Result<Vec<f64>>>()
+            .map(Some)
+    }
 }
 
 impl Drafter for EarlyExit {
@@ -25,23 +239,124 @@ impl Drafter for EarlyExit {
     }
 
     fn draft(&mut self, input: &mut DraftInput<'_>) -> Result<Draft> {
-        let n_layers = input.llama.config.n_layers;
+        let config = &input.llama.config;
+        let n_layers = config.n_layers;
+        let full = forward_weights(config, &BTreeSet::new());
+        let share =
+            |layers: usize| forward_weights(config, &(layers..n_layers).collect()) / full.max(1.0);
+        let verify_cost = input.draft_cost().unwrap_or(0.0);
+        let report = self.estimator.report(share, verify_cost, input.max_len);
         // `skip_layers` given: exit before the first of them (everything from there up is skipped).
-        let exit = input
-            .params
-            .speculative
-            .skip_layers
-            .iter()
-            .copied()
-            .min()
-            .unwrap_or_else(|| default_exit(n_layers))
-            .max(1);
+        let fixed = input.params.speculative.skip_layers.iter().copied().min();
+        let (exit, len, note) = match (fixed, best_exit(&report)) {
+            (Some(exit), _) => (exit.max(1), input.max_len, "fixed by the skipped layers"),
+            (None, Some(best)) => (
+                best.layers,
+                // A plain step when even the best exit's drafts cost more than they bring (cost-aware only).
+                if input.draft_cost().is_some() && best.tokens_per_cost <= 1.0 {
+                    0
+                } else {
+                    best.best_len
+                },
+                "the most expected tokens per unit of cost",
+            ),
+            (None, None) => (default_exit(n_layers), input.max_len, "the default"),
+        };
+        let exit_layers = Some(ExitLayers {
+            exits: report,
+            chosen: exit,
+            dynamic: fixed.is_none(),
+        });
+        let note = format!(
+            "exit after layer {} of {n_layers} ({note}), up to {len} drafts",
+            exit - 1
+        );
+        if len == 0 {
+            return Ok(Draft {
+                note,
+                exit_layers,
+                ..Draft::default()
+            });
+        }
+        input.max_len = len.min(input.max_len);
         let skip: BTreeSet<usize> = (exit..n_layers).collect();
         let (nodes, calls) = draft_chain(input, &skip)?;
         Ok(Draft {
             tree: DraftTree { nodes },
             forward_calls: calls,
-            note: format!("exit after layer {} of {n_layers}", exit - 1),
+            note,
+            exit_layers,
         })
+    }
+
+    fn wants_root_states(&self) -> bool {
+        true
+    }
+
+    fn observe(&mut self, obs: &Observation<'_>) -> Result<()> {
+        if let Some(shadow) = self.shadow(obs)? {
+            self.estimator.observe(&shadow);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candidate_exits_stay_about_ten_and_below_the_full_depth() {
+        assert_eq!(candidate_exits(30), [3, 6, 9, 12, 15, 18, 21, 24, 27]);
+        assert_eq!(candidate_exits(4), [1, 2, 3]);
+        assert_eq!(candidate_exits(1), Vec::<usize>::new());
+    }
+
+    #[test]
+    fn estimates_start_at_the_prior_and_follow_the_shadow_tokens_in_turn() {
+        let mut e = ExitEstimator::new(vec![3, 6, 9]);
+        assert_eq!(e.acceptance(), [0.5; 3]);
+        assert_eq!(e.due(), [0]);
+        e.observe(&[0.0]);
+        // (0 + 0.5) / (1 + 1); the others keep the prior.
+        assert_eq!(e.acceptance(), [0.25, 0.5, 0.5]);
+        assert_eq!(e.due(), [1]);
+        e.observe(&[1.0]);
+        assert_eq!(e.acceptance(), [0.25, 0.75, 0.5]);
+        let shadows: Vec<Option<f32>> =
+            e.report(|_| 0.1, 0.0, 2).iter().map(|r| r.shadow).collect();
+        assert_eq!(shadows, [None, Some(1.0), None]);
+        e.observe(&[0.5]);
+        assert_eq!(e.due(), [0]);
+        e.observe(&[1.0]);
+        let w = DECAY + 1.0;
+        assert!((e.acceptance()[0] - 1.5 / (w + 1.0)).abs() < 1e-12);
+        assert_eq!(e.report(|_| 0.1, 0.0, 2)[0].samples, w as f32);
+    }
+
+    #[test]
+    fn the_choice_maximises_tokens_per_unit_of_cost() {
+        // a = 0.5 at cost 0.1 a token: TPL(1) = 1.5 / 1.1 = 1.364, TPL(2) = 1.75 / 1.2 = 1.458,
+        // TPL(3) = 1.875 / 1.3 = 1.442: two drafts.
+        let (len, tpc) = best_length(0.5, 0.1, 4);
+        assert_eq!(len, 2);
+        assert!((tpc - 1.75 / 1.2).abs() < 1e-12);
+        assert_eq!(best_length(0.5, 0.1, 0), (0, 1.0));
+        // A deep exit that agrees more beats a shallow cheap one that rarely does.
+        let mut e = ExitEstimator::new(vec![10, 20]);
+        for _ in 0..30 {
+            let due = e.due();
+            let shadow: Vec<f64> = due.iter().map(|&i| [0.1, 0.9][i]).collect();
+            e.observe(&shadow);
+        }
+        let report = e.report(|l| l as f64 / 30.0, 0.0, 4);
+        let best = best_exit(&report).map(|b| b.layers);
+        assert_eq!(best, Some(20));
+        for r in &report {
+            let (len, tpc) = best_length(f64::from(r.acceptance), r.layers as f64 / 30.0, 4);
+            assert_eq!(r.best_len, len);
+            assert!((f64::from(r.tokens_per_cost) - tpc).abs() < 1e-5);
+            assert!(r.samples > 4.0);
+        }
     }
 }

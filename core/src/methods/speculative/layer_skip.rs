@@ -190,6 +190,7 @@ impl Drafter for LayerSkip {
                 describe(&skip),
                 skip.len()
             ),
+            exit_layers: None,
         })
     }
 }
@@ -211,7 +212,7 @@ pub(crate) fn draft_chain(
 
 /// About how many weights a forward reads (each layer's projections ~12 dim^2, plus the LM head): the cost
 /// of a draft forward relative to the target's.
-fn forward_weights(config: &crate::model::Config, skipped: &BTreeSet<usize>) -> f64 {
+pub(crate) fn forward_weights(config: &crate::model::Config, skipped: &BTreeSet<usize>) -> f64 {
     let layers = config.n_layers.saturating_sub(skipped.len()) as f64;
     let dim = config.dim as f64;
     layers * 12.0 * dim * dim + config.vocab_size as f64 * dim

@@ -265,10 +265,11 @@ impl Drafter for Lookahead {
                 candidates.len(),
                 self.pool.len()
             ),
+            exit_layers: None,
         })
     }
 
-    fn observe(&mut self, obs: &Observation<'_>) {
+    fn observe(&mut self, obs: &Observation<'_>) -> Result<()> {
         // A draft that never ran (no room left in the context) leaves its rows; make them an argmax iteration,
         // since there is no random stream here.
         self.iterate(0, None);
@@ -283,6 +284,7 @@ impl Drafter for Lookahead {
         if !rows.is_empty() {
             self.pending = Some((self.window_at, rows));
         }
+        Ok(())
     }
 }
 

@@ -167,7 +167,7 @@ impl SpeculativeParams {
 /// drafts from the model's `kept` matrix when `params.keep_matrix`).
 pub fn create_drafter(
     params: &SpeculativeParams,
-    llama: &Llama,
+    llama: &Arc<Llama>,
     tokenizer: &Tokenizer,
     kept: &SharedMatrix,
 ) -> Result<Box<dyn Drafter>> {
@@ -192,7 +192,7 @@ pub fn create_drafter(
         ))),
         "prompt-lookup" => Ok(Box::new(prompt_lookup::PromptLookup::default())),
         "layer-skip" => Ok(Box::new(layer_skip::LayerSkip::default())),
-        "early-exit" => Ok(Box::new(early_exit::EarlyExit)),
+        "early-exit" => Ok(Box::new(early_exit::EarlyExit::new(llama.clone()))),
         "lookahead" => Ok(Box::new(lookahead::Lookahead::default())),
         other => Err(bad_param(
             "drafter",
@@ -301,7 +301,9 @@ impl DecodingMethod for Speculative {
                         tokens: chunk,
                         logits: &logits,
                         accepted_path: &[],
-                    });
+                        sampling: &params.sampling,
+                        root_states: &[],
+                    })?;
                 }
                 root_logits = logits.last().cloned();
             }
@@ -384,6 +386,9 @@ impl DecodingMethod for Speculative {
         positions.extend(depths.iter().map(|&d| root_pos + d));
         let mut logits: Vec<Vec<f32>> = root_logits.into_iter().collect();
         let skip = usize::from(root_fed);
+        let wants_states =
+            !root_fed && self.drafter.as_ref().is_some_and(|d| d.wants_root_states());
+        let mut root_states = Vec::new();
         if tokens.len() > skip {
             // Without the root, nodes hanging off it hang off the past (which now ends with it).
             let parents: Vec<Option<usize>> = parents[skip..]
@@ -397,11 +402,20 @@ impl DecodingMethod for Speculative {
                 1,
                 &Mask::Tree(parents),
                 Logits::All,
-                &Capture::default(),
+                &Capture {
+                    hidden_states: wants_states,
+                    ..Capture::default()
+                },
             )?;
             record.target_forward_calls += 1;
             for i in 0..tokens.len() - skip {
                 logits.push(logits_row(&out.logits, 0, i)?);
+            }
+            // The root is the forward's first row.
+            if wants_states {
+                for layer in &out.hidden_states {
+                    root_states.push(layer.get(0)?.get(0)?.to_vec1::<f32>()?);
+                }
             }
         }
         let p: Vec<_> = logits.iter().map(|l| warp(l, &params.sampling)).collect();
@@ -414,13 +428,18 @@ impl DecodingMethod for Speculative {
         self.cache.keep(&keep)?;
         let verify_ms = verify_started.elapsed().as_secs_f64() * 1000.0;
 
+        // What the drafter learns from the verification is drafting work: its time counts as draft time.
+        let observe_started = Instant::now();
         if let Some(d) = self.drafter.as_mut() {
             d.observe(&Observation {
                 tokens: &tokens,
                 logits: &logits,
                 accepted_path: &verdict.accepted_path,
-            });
+                sampling: &params.sampling,
+                root_states: &root_states,
+            })?;
         }
+        let draft_ms = draft_ms + observe_started.elapsed().as_secs_f64() * 1000.0;
 
         // Running acceptance per drafted token along the verified chain (for the adaptive policy).
         if tree.nodes.is_empty() {
@@ -522,6 +541,7 @@ impl DecodingMethod for Speculative {
             }),
             alpha: verdict.alpha.clone(),
             note: with_priced_cost(draft.note, &params.speculative, context.len()),
+            exit_layers: draft.exit_layers,
         })));
         Ok(record)
     }

@@ -90,12 +90,13 @@ impl Drafter for PromptLookup {
                 "matched the last {n} token(s); proposed {}{policy}",
                 tokens.len()
             ),
+            exit_layers: None,
         })
     }
 
-    fn observe(&mut self, obs: &Observation<'_>) {
+    fn observe(&mut self, obs: &Observation<'_>) -> Result<()> {
         let Some(n) = self.last_match.take() else {
-            return;
+            return Ok(());
         };
         let drafted = obs.tokens.len().saturating_sub(1);
         let accepted = obs.accepted_path.len();
@@ -104,6 +105,7 @@ impl Drafter for PromptLookup {
         if let Some(a) = self.acceptance.get_mut(n - 1) {
             update_acceptance(a, accepted, tested);
         }
+        Ok(())
     }
 }
 

@@ -333,6 +333,7 @@ impl Drafter for TokenRecycling {
             tree: DraftTree { nodes },
             forward_calls: 0,
             note,
+            exit_layers: None,
         })
     }
 
@@ -345,7 +346,7 @@ impl Drafter for TokenRecycling {
 
     /// Rows are overwritten in feeding order, so a token fed twice keeps its last occurrence's candidates (the
     /// paper's "last" strategy, its best by MAT).
-    fn observe(&mut self, obs: &Observation<'_>) {
+    fn observe(&mut self, obs: &Observation<'_>) -> Result<()> {
         let vocab = self.vocab;
         self.with_matrix(|matrix| {
             for (token, logits) in obs.tokens.iter().zip(obs.logits) {
@@ -362,6 +363,7 @@ impl Drafter for TokenRecycling {
                 }
             }
         });
+        Ok(())
     }
 }
 
