@@ -563,6 +563,7 @@ fn every_pane_scrolls_to_its_lowest_widget_in_an_800_point_window() {
         ("speculative.jsonl", Pane::Stats),
         ("speculative.jsonl", Pane::Candidates),
         ("speculative.jsonl", Pane::DraftTree),
+        ("early-exit.jsonl", Pane::DraftTree),
         ("speculative.jsonl", Pane::Plots),
         ("speculative.jsonl", Pane::Acceptance),
         ("speculative.jsonl", Pane::Speedup),

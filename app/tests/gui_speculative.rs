@@ -14,7 +14,9 @@ use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
 use spec_trace::speculative_trace;
 use specula::gui::{Pane, SpeculaApp};
-use specula_core::trace::{DraftKind, DraftStatus, ExportOptions, StepPayload, Trace};
+use specula_core::trace::{
+    DraftKind, DraftStatus, ExportOptions, SpeculativeStep, StepPayload, Trace,
+};
 
 fn trace_path(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -375,4 +377,62 @@ fn run_statistics_name_the_block_sums_arithmetic() {
     harness.get_by_label("Matmul");
     harness.get_by_label("block-sums");
     assert!(harness.query_all_by_label("Prompt matmul").next().is_none());
+}
+
+fn early_exit_example() -> Trace {
+    Trace::load(&trace_path("early-exit.jsonl"))
+        .unwrap()
+        .remove(0)
+}
+
+/// The step of the early-exit example whose draft was accepted (the drafter had moved off its usual exit).
+fn accepted_early_exit_step(trace: &Trace) -> (usize, SpeculativeStep) {
+    trace
+        .steps
+        .iter()
+        .enumerate()
+        .find_map(|(i, s)| match &s.payload {
+            Some(StepPayload::Speculative(p)) if !p.accepted_path.is_empty() => {
+                Some((i, (**p).clone()))
+            }
+            _ => None,
+        })
+        .unwrap()
+}
+
+/// The early-exit example, recorded with the real model: beside the draft tree, every candidate exit with its
+/// estimated acceptance, the last root's shadow token and best length, and the exit the drafter took marked.
+#[test]
+fn the_early_exit_example_shows_every_exit_and_the_one_taken() {
+    let trace = early_exit_example();
+    let (index, spec) = accepted_early_exit_step(&trace);
+    let exits = spec.exit_layers.unwrap();
+    let (mut harness, _dir) = harness_with(&trace, SIZE);
+    at_step(&mut harness, index, Pane::DraftTree);
+    harness.get_by_label("Exit layers");
+    harness.get_by_label_contains(&format!(
+        "Drafted from the exit after layer {} (the exit with the most expected tokens per unit of cost)",
+        exits.chosen - 1
+    ));
+    for e in &exits.exits {
+        let marker = if e.layers == exits.chosen { " ◀" } else { "" };
+        harness.get_by_label(&format!("layer {}{marker}", e.layers - 1));
+    }
+    // The first steps have seen no verified root yet: every exit at the prior, no shadow token.
+    at_step(&mut harness, 0, Pane::DraftTree);
+    assert_eq!(
+        harness.query_all_by_label("50.0%").count(),
+        exits.exits.len()
+    );
+}
+
+#[test]
+fn snapshot_early_exit() {
+    let trace = early_exit_example();
+    let (index, _) = accepted_early_exit_step(&trace);
+    let (mut harness, _dir) = harness_with(&trace, egui::vec2(1600.0, 900.0));
+    at_step(&mut harness, index, Pane::DraftTree);
+    harness.remove_cursor();
+    harness.run();
+    harness.snapshot("early_exit");
 }

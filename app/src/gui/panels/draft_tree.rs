@@ -11,6 +11,7 @@ use specula_core::trace::{DraftStatus, SpeculativeStep, StepRecord};
 
 use super::colouring::{BONUS, CORRECTED, DRAFT_ACCEPTED, REJECTED, UNVERIFIED};
 use super::draft_detail::detail_ui;
+use super::exit_layers::exit_layers_ui;
 use super::{ViewCtx, empty_state};
 use crate::gui::spec::{
     Slot, TreeLayout, TreePick, explain, is_speculative, layout, payload, quote, verifier_token,
@@ -123,7 +124,14 @@ impl DraftTreePanel {
             egui::ScrollArea::vertical()
                 .id_salt("draft_detail")
                 .auto_shrink([false, false])
-                .show(ui, |ui| detail_ui(ui, step, spec, pick));
+                .show(ui, |ui| {
+                    // The drafter's choice first: it came before the draft the explanation is about.
+                    if let Some(exits) = &spec.exit_layers {
+                        exit_layers_ui(ui, exits, index);
+                        ui.separator();
+                    }
+                    detail_ui(ui, step, spec, pick);
+                });
         });
         ui.allocate_rect(area, Sense::hover());
     }

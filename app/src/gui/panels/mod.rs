@@ -19,6 +19,7 @@ pub mod compare;
 pub mod contrastive;
 pub mod draft_detail;
 pub mod draft_tree;
+pub mod exit_layers;
 pub mod lens;
 pub mod model_panel;
 pub mod momentum;
