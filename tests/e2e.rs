@@ -330,6 +330,14 @@ fn lookahead_sampling_reports_acceptance_and_records_q() {
         assert!(v[key].is_number(), "--json lacks `{key}`: {v}");
     }
     assert!(v["draft_n"].as_u64().is_some_and(|n| n > 0), "{v}");
+    // The measured speedup: the plain run's wall clock over the speculative run's.
+    let (speedup, plain, wall) = (
+        v["speedup"].as_f64().unwrap(),
+        v["plain_wall_ms"].as_f64().unwrap(),
+        v["wall_ms"].as_f64().unwrap(),
+    );
+    assert!(plain > 0.0 && wall > 0.0, "{v}");
+    assert!((speedup - plain / wall).abs() < 1e-9, "{v}");
     let runs = specula_core::Trace::load(&trace).unwrap();
     let run = runs
         .iter()
