@@ -160,6 +160,22 @@ impl Warped {
         heaviest(self.support.iter().copied())
     }
 
+    /// The distribution with the tokens in `taken` removed and the rest renormalised: what the next of several
+    /// siblings is drawn from when they are drawn without replacement. Empty when nothing else has mass.
+    pub fn without(&self, taken: &[u32]) -> Warped {
+        let mut support: Vec<(u32, f32)> = self
+            .support
+            .iter()
+            .copied()
+            .filter(|(t, p)| !taken.contains(t) && *p > 0.0)
+            .collect();
+        let total: f32 = support.iter().map(|(_, p)| p).sum();
+        for (_, p) in &mut support {
+            *p /= total;
+        }
+        Warped { support }
+    }
+
     /// Draws a token: inverse CDF over the support in its fixed order.
     pub fn sample(&self, rng: &mut RunRng) -> u32 {
         let r: f64 = rng.random();

@@ -193,6 +193,36 @@ fn greedy_lossless_layer_skip() {
     greedy_lossless("layer-skip");
 }
 
+/// Layer skip with three siblings at the first position (the first draft's two runners-up beside it): still
+/// token-identical to plain greedy, and every step that drafted tested three tokens there.
+#[test]
+fn greedy_lossless_layer_skip_with_siblings() {
+    let mut params = speculative_params("layer-skip", SamplingParams::greedy());
+    params.speculative.siblings = 3;
+    greedy_lossless_with(params.clone());
+    let (prompt, _) = &greedy_baseline()[0];
+    let trace = generate(model(), spec("speculative", prompt, params, MAX_TOKENS, 0)).unwrap();
+    let mut drafted = 0;
+    for step in &trace.steps {
+        let Some(StepPayload::Speculative(p)) = &step.payload else {
+            continue;
+        };
+        if p.nodes.is_empty() {
+            continue;
+        }
+        drafted += 1;
+        let first: Vec<u32> = p
+            .nodes
+            .iter()
+            .filter(|n| n.parent.is_none())
+            .map(|n| n.id)
+            .collect();
+        assert_eq!(first.len(), 3, "{p:?}");
+        assert!(first[0] != first[1] && first[1] != first[2] && first[0] != first[2]);
+    }
+    assert!(drafted > 0);
+}
+
 #[test]
 fn greedy_lossless_token_recycling() {
     greedy_lossless("token-recycling");

@@ -142,6 +142,10 @@ pub struct RunArgs {
     /// exit before the first of them (default: chosen before every draft from the estimated acceptance of each exit).
     #[arg(long, value_delimiter = ',')]
     pub skip_layers: Vec<usize>,
+    /// speculative, layer-skip, early-exit, model: drafts at the first position, drawn without replacement
+    /// (recursive speculative decoding's siblings; greedy, the likeliest ones), the first continuing the chain.
+    #[arg(long, default_value_t = 1)]
+    pub siblings: usize,
     /// speculative, model: the draft model's GGUF (it must share the target's tokenizer).
     #[arg(long)]
     pub draft_model: Option<PathBuf>,
@@ -268,6 +272,7 @@ impl RunArgs {
             // One run per process: there is no earlier run whose matrix could be kept.
             keep_matrix: false,
             skip_layers: self.skip_layers.clone(),
+            siblings: self.siblings,
             draft_model: self.draft_model.clone(),
         }
     }

@@ -58,6 +58,8 @@ pub struct RunSettings {
     pub tree_size: usize,
     pub tree_template: String,
     pub keep_matrix: bool,
+    /// Chain drafters with a real q: drafts at the first position (1 = a chain).
+    pub siblings: usize,
     /// The `model` drafter's GGUF path (empty: none chosen).
     #[serde(default)]
     pub draft_model: String,
@@ -95,6 +97,7 @@ impl Default for RunSettings {
             tree_size: spec.tree_size,
             tree_template: spec.tree_template,
             keep_matrix: spec.keep_matrix,
+            siblings: spec.siblings,
             draft_model: String::new(),
             search: SearchParams::default(),
             entropy: AdaptiveParams::default(),
@@ -145,6 +148,7 @@ impl RunSettings {
             tree_size: self.tree_size,
             tree_template: self.tree_template.clone(),
             keep_matrix: self.keep_matrix,
+            siblings: self.siblings,
             draft_model: Some(self.draft_model.trim())
                 .filter(|p| !p.is_empty())
                 .map(Into::into),

@@ -205,6 +205,11 @@ pub struct SpeculativeParams {
     pub keep_matrix: bool,
     /// Layers the layer-skip drafter skips; empty = the drafter's default (a contiguous middle block).
     pub skip_layers: Vec<usize>,
+    /// Chain drafters with a real q (layer-skip, early-exit, model): drafts at the first position, drawn from q
+    /// without replacement (recursive speculative decoding's siblings; the likeliest ones when greedy), the first
+    /// continuing the chain. 1 = a plain chain.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub siblings: usize,
     /// The `model` drafter's GGUF (same vocabulary as the target).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub draft_model: Option<std::path::PathBuf>,
@@ -222,9 +227,18 @@ impl Default for SpeculativeParams {
             tree_template: "scored".to_owned(),
             keep_matrix: false,
             skip_layers: Vec::new(),
+            siblings: 1,
             draft_model: None,
         }
     }
+}
+
+fn one() -> usize {
+    1
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
 }
 
 /// The warping applied to the model's distribution before a token is chosen. Applied in this order:

@@ -16,6 +16,7 @@ use std::sync::atomic::AtomicBool;
 
 use common::{model, spec, speculative_params};
 use specula_core::methods::speculative::drafter::{DraftInput, Drafter, Observation};
+use specula_core::methods::speculative::layer_skip::draw_siblings;
 use specula_core::methods::speculative::lookahead::Lookahead;
 use specula_core::methods::speculative::prompt_lookup;
 use specula_core::methods::speculative::verifier::{
@@ -225,21 +226,6 @@ impl Oracle {
     }
 }
 
-/// Draws `w` without the tokens in `taken`, renormalized (siblings drafted without replacement).
-fn without(w: &Warped, taken: &[u32]) -> Warped {
-    let mut support: Vec<(u32, f32)> = w
-        .support
-        .iter()
-        .copied()
-        .filter(|(t, _)| !taken.contains(t))
-        .collect();
-    let total: f32 = support.iter().map(|(_, p)| p).sum();
-    for (_, p) in &mut support {
-        *p /= total;
-    }
-    Warped { support }
-}
-
 type DraftFn = fn(&mut Oracle, &[u32], &mut RunRng) -> DraftTree;
 
 /// Layer-skip chain of two drafts, each from the real q.
@@ -260,22 +246,20 @@ fn chain_draft(o: &mut Oracle, done: &[u32], rng: &mut RunRng) -> DraftTree {
     DraftTree { nodes }
 }
 
-/// RSD-style tree: three siblings drawn without replacement from q, each with one child from q after it.
+/// RSD-style tree: three siblings drawn without replacement from q (the first from q, the others by the chain
+/// drafters' own `draw_siblings`), each with one child from q after it.
 fn tree_draft(o: &mut Oracle, done: &[u32], rng: &mut RunRng) -> DraftTree {
     let q = o.dist(done, true);
-    let mut nodes: Vec<DraftTreeNode> = Vec::new();
-    let mut taken = Vec::new();
-    for _ in 0..3.min(q.support.len()) {
-        let qj = without(&q, &taken);
-        let x = qj.sample(rng);
-        taken.push(x);
-        nodes.push(DraftTreeNode {
-            token: x,
+    let first = q.sample(rng);
+    let mut nodes: Vec<DraftTreeNode> = std::iter::once((first, (*q).clone()))
+        .chain(draw_siblings(&q, first, 2, rng))
+        .map(|(token, q)| DraftTreeNode {
+            token,
             parent: None,
-            q: qj,
+            q,
             kind: DraftKind::Sampled,
-        });
-    }
+        })
+        .collect();
     for parent in 0..nodes.len() {
         let mut ctx = done.to_vec();
         ctx.push(nodes[parent].token);

@@ -170,6 +170,15 @@ fn speculative_ui(ui: &mut egui::Ui, ctx: &ViewCtx<'_>, settings: &mut RunSettin
     if settings.drafter == "token-recycling" {
         recycling_ui(ui, settings);
     }
+    if ["layer-skip", "early-exit", "model"].contains(&settings.drafter.as_str()) {
+        use specula_core::methods::speculative::MAX_SIBLINGS;
+        ui.add(egui::Slider::new(&mut settings.siblings, 1..=MAX_SIBLINGS).text("Siblings"))
+            .on_hover_text(
+                "Drafts at the first position, verified in the same forward: when sampling, drawn from the \
+                 drafter's q without replacement and tested one after another against what each rejection \
+                 leaves (recursive speculative decoding); greedy, the likeliest ones. 1 = a plain chain",
+            );
+    }
     ui.horizontal(|ui| {
         ui.label("Draft length policy");
         for (policy, name, hover) in [

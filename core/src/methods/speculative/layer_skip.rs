@@ -9,7 +9,7 @@ use super::drafter::{Draft, DraftInput, Drafter};
 use super::verifier::{DraftTree, DraftTreeNode};
 use crate::error::{Error, Result};
 use crate::model::{Capture, KvCache, Llama, Logits, Mask, logits_row};
-use crate::sampling::{argmax, warp};
+use crate::sampling::{RunRng, Warped, argmax, top_n, warp};
 use crate::trace::DraftKind;
 
 /// Steps of the optimization phase: one candidate skip set is scored per step, then the best one drafts.
@@ -233,6 +233,8 @@ pub(crate) fn draft_chain_on(
         .last()
         .ok_or_else(|| Error::InvalidInput("nothing to draft from".into()))?;
     let mut nodes: Vec<DraftTreeNode> = Vec::new();
+    let extra = input.params.speculative.siblings.saturating_sub(1);
+    let mut first_logits = None;
     let mut calls = 0;
     let mut confidence = 1.0f64;
     // Expected tokens a round commits with the drafts so far (the verifier's own token, then each draft while
@@ -272,6 +274,9 @@ pub(crate) fn draft_chain_on(
         calls += 1;
         let logits = logits_row(&out.logits, 0, 0)?;
         let q = warp(&logits, &sampling);
+        if depth == 0 && extra > 0 {
+            first_logits = Some(logits.clone());
+        }
         let (x, conf) = if sampling.is_greedy() {
             let x = argmax(&logits);
             (x, plain_prob(&logits, x))
@@ -306,5 +311,83 @@ pub(crate) fn draft_chain_on(
         }
         token = x;
     }
+    // Siblings of the first draft, verified in the same forward (they cost no draft forward: the first one's gave
+    // their q). Greedy, the next likeliest tokens there, as point masses like every greedy draft.
+    if let (Some(first), Some(logits)) = (nodes.first(), first_logits) {
+        let siblings = if sampling.is_greedy() {
+            top_n(&logits, extra + 1)
+                .into_iter()
+                .filter(|&t| t != first.token)
+                .take(extra)
+                .map(|t| (t, Warped::point(t)))
+                .collect()
+        } else {
+            draw_siblings(&first.q, first.token, extra, input.rng)
+        };
+        let kind = if sampling.is_greedy() {
+            DraftKind::Unlabelled
+        } else {
+            DraftKind::Sampled
+        };
+        for (token, q) in siblings {
+            nodes.push(DraftTreeNode {
+                token,
+                parent: None,
+                q,
+                kind,
+            });
+        }
+    }
     Ok((nodes, calls))
+}
+
+/// `count` more siblings after `first` (drawn from `q`), each drawn from q without the siblings before it,
+/// renormalised, and carrying that distribution as its own q: recursive speculative decoding's sampling without
+/// replacement, which the verifier's recursive rejection test expects. Stops early when q has no other token.
+pub fn draw_siblings(q: &Warped, first: u32, count: usize, rng: &mut RunRng) -> Vec<(u32, Warped)> {
+    let mut taken = vec![first];
+    let mut siblings = Vec::with_capacity(count);
+    for _ in 0..count {
+        let rest = q.without(&taken);
+        if rest.support.is_empty() {
+            break;
+        }
+        let token = rest.sample(rng);
+        taken.push(token);
+        siblings.push((token, rest));
+    }
+    siblings
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sampling::rng_from_seed;
+
+    #[test]
+    fn siblings_are_drawn_without_replacement_each_from_what_was_left() {
+        let q = Warped {
+            support: vec![(5, 0.5), (7, 0.3), (9, 0.2)],
+        };
+        let mut rng = rng_from_seed(1);
+        let mut second_is_7 = 0;
+        let draws = 4000;
+        for _ in 0..draws {
+            let siblings = draw_siblings(&q, 5, 4, &mut rng);
+            // Only two other tokens have mass.
+            assert_eq!(siblings.len(), 2);
+            let mut taken = vec![5];
+            for (token, rest) in &siblings {
+                assert!(!taken.contains(token));
+                assert_eq!(rest, &q.without(&taken));
+                let total: f32 = rest.support.iter().map(|&(_, p)| p).sum();
+                assert!((total - 1.0).abs() < 1e-6);
+                taken.push(*token);
+            }
+            second_is_7 += usize::from(siblings[0].0 == 7);
+        }
+        // P(7 | 5 taken) = 0.3 / 0.5; four standard deviations is 0.031.
+        let share = second_is_7 as f64 / f64::from(draws);
+        assert!((share - 0.6).abs() < 0.031, "{share}");
+    }
 }

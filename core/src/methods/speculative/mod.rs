@@ -55,6 +55,8 @@ pub const MAX_DRAFT_LEN: usize = 16;
 pub const MAX_DRAFT_COST: f32 = 2.0;
 /// Largest tree a tree drafter may build.
 pub const MAX_TREE_SIZE: usize = 128;
+/// Most first-position siblings a chain drafter may draw.
+pub const MAX_SIBLINGS: usize = 8;
 
 impl SpeculativeParams {
     /// Refuses values no drafter can work with. `n_layers` bounds `skip_layers`.
@@ -127,6 +129,13 @@ impl SpeculativeParams {
                     "the cost's growth with context needs the cost-aware length (draft_cost)",
                 ));
             }
+        }
+        if !(1..=MAX_SIBLINGS).contains(&self.siblings) {
+            return Err(bad_param(
+                "siblings",
+                self.siblings,
+                format!("must be between 1 and {MAX_SIBLINGS}"),
+            ));
         }
         if !(1..=MAX_TREE_SIZE).contains(&self.tree_size) {
             return Err(bad_param(
