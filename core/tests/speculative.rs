@@ -11,6 +11,7 @@ use common::{model, spec, speculative_params};
 use specula_core::Trace;
 use specula_core::methods::speculative::cost_aware_length;
 use specula_core::methods::speculative::token_recycling::SharedMatrix;
+use specula_core::sampling::warp;
 use specula_core::trace::{StepPayload, TokenSource};
 use specula_core::{MethodParams, Model, SamplingParams, generate};
 
@@ -459,6 +460,48 @@ fn trace_records_the_speculative_story() {
         positions,
         (first..first + positions.len()).collect::<Vec<_>>()
     );
+}
+
+/// A sampled layer-skip run's steps, checked against the model recomputed from scratch: each drafted node's p is
+/// the target's warped probability of its token after the committed text and the nodes above it; the drafter ran
+/// a forward per chain node at least (its skip-set search runs more); drafting and verifying both took time.
+#[test]
+fn each_node_records_the_targets_probability_and_the_step_its_costs() {
+    let params = speculative_params("layer-skip", SamplingParams::default());
+    let prompt = "Write a short poem about the sea.";
+    let trace = generate(model(), spec("speculative", prompt, params.clone(), 24, 5)).unwrap();
+    let llama = &model().llama;
+    let mut committed = trace.header.prompt.token_ids.clone();
+    let mut checked = 0;
+    for step in trace.steps.iter().take(6) {
+        let Some(StepPayload::Speculative(p)) = &step.payload else {
+            panic!("every step has a speculative payload");
+        };
+        let timing = step.timing.unwrap();
+        assert!(
+            timing.draft_ms > 0.0 && timing.verify_ms > 0.0,
+            "{timing:?}"
+        );
+        assert!(step.draft_forward_calls as usize >= p.nodes.len());
+        // A chain: the committed text, then every node, fed as one sequence.
+        let mut fed = committed.clone();
+        fed.extend(p.nodes.iter().map(|n| n.id));
+        let logits = common::chain(llama, &mut llama.new_cache(), &fed);
+        for (i, node) in p.nodes.iter().enumerate() {
+            assert_eq!(node.parent, i.checked_sub(1));
+            // The position before the node: the root (the last committed token), then node i - 1.
+            let before = committed.len() - 1 + i;
+            let expected = warp(&logits[before], &params.sampling).prob(node.id);
+            let recorded = node.p.unwrap();
+            assert!(
+                (recorded - expected).abs() < 2e-3,
+                "node {i} of {p:?}: p {recorded} recorded, {expected} recomputed"
+            );
+            checked += 1;
+        }
+        committed.extend(step.tokens.iter().map(|t| t.id));
+    }
+    assert!(checked >= 6, "only {checked} nodes checked");
 }
 
 #[test]
