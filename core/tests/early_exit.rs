@@ -1,6 +1,6 @@
 //! The early-exit drafter's DEL estimates on the real default model: a shadow token says what a draft from its exit
 //! would have proposed, the recorded estimates follow the shadow tokens, and each draft comes from the exit and
-//! length with the most expected tokens per unit of cost. Greedy losslessness is in speculative.rs.
+//! length with the most expected tokens per unit of cost. Greedy losslessness is in speculative/main.rs.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
