@@ -136,6 +136,12 @@ impl TokenRecycling {
         }
     }
 
+    /// Bytes of state: the adjacency matrix, a row of `TOP_K` token ids per vocabulary entry (the paper's
+    /// "< 2 MB"; 1.5 MB for SmolLM2's 49,152 tokens).
+    pub fn state_bytes(&mut self) -> usize {
+        self.with_matrix(|matrix| std::mem::size_of_val(matrix))
+    }
+
     /// Runs `f` on the matrix, locking the kept one for the duration.
     fn with_matrix<R>(&mut self, f: impl FnOnce(&mut [u32]) -> R) -> R {
         match &mut self.store {
@@ -323,8 +329,9 @@ impl Drafter for TokenRecycling {
                 format!("; matrix kept across runs ({earlier_runs} earlier)")
             }
         };
+        let megabytes = self.state_bytes() as f64 / (1024.0 * 1024.0);
         let note = format!(
-            "{} template of {} nodes, depth {depth}; {} placed; {rows} matrix rows filled{kept}",
+            "{} template of {} nodes, depth {depth}; {} placed; {rows} matrix rows filled ({megabytes:.1} MB){kept}",
             spec.tree_template,
             shape.len(),
             nodes.len(),
@@ -370,6 +377,18 @@ impl Drafter for TokenRecycling {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_state_stays_under_the_papers_two_megabytes_for_smollm2() {
+        let vocab = 49_152;
+        assert_eq!(TokenRecycling::new(vocab).state_bytes(), vocab * TOP_K * 4);
+        assert!(TokenRecycling::new(vocab).state_bytes() < 2 * 1024 * 1024);
+        let kept = SharedMatrix::default();
+        assert_eq!(
+            TokenRecycling::kept(vocab, kept).state_bytes(),
+            vocab * TOP_K * 4
+        );
+    }
 
     #[test]
     fn template_is_parent_first_and_chain_first() {
