@@ -93,7 +93,7 @@ fn a_shadow_token_is_what_a_draft_from_its_exit_would_have_proposed() {
 }
 
 /// The dynamic exit: every step's estimates follow from the previous step's and the shadow tokens it reports
-/// (the decayed mean, from the prior), and the step drafts from the exit with the most expected tokens per unit
+/// (the decayed mean, starting from the prior with weight 1), and the step drafts from the exit with the most expected tokens per unit
 /// of cost, no longer than that exit's best length; under the cost-aware policy it drafts nothing when no exit
 /// beats a plain step. Greedy and sampling, with and without a verification cost.
 #[test]
@@ -133,12 +133,8 @@ fn each_draft_comes_from_the_exit_and_length_the_estimates_favour() {
                         Some(x) => {
                             observed += 1;
                             assert!((0.0..=1.0).contains(&x));
-                            let sum = b_acc * (b_w + 1.0) - PRIOR_ACCEPTANCE;
                             let weight = DECAY * b_w + 1.0;
-                            (
-                                (DECAY * sum + f64::from(x) + PRIOR_ACCEPTANCE) / (weight + 1.0),
-                                weight,
-                            )
+                            ((DECAY * b_acc * b_w + f64::from(x)) / weight, weight)
                         }
                         None => (b_acc, b_w),
                     };

@@ -1,6 +1,7 @@
 //! What the user set up in the prompt panel and the view menu; persisted across sessions by eframe.
 
 use serde::{Deserialize, Serialize};
+use specula_core::methods::speculative::SIBLING_DRAFTERS;
 use specula_core::trace::{
     AdaptiveParams, InspectParams, SamplingParams, SearchParams, SpeculativeParams,
 };
@@ -148,7 +149,12 @@ impl RunSettings {
             tree_size: self.tree_size,
             tree_template: self.tree_template.clone(),
             keep_matrix: self.keep_matrix,
-            siblings: self.siblings,
+            // Only the chain drafters draw siblings; others would refuse the setting left from one of them.
+            siblings: if SIBLING_DRAFTERS.contains(&self.drafter.as_str()) {
+                self.siblings
+            } else {
+                1
+            },
             draft_model: Some(self.draft_model.trim())
                 .filter(|p| !p.is_empty())
                 .map(Into::into),

@@ -54,7 +54,8 @@ pub struct ExitEstimate {
     pub layers: usize,
     /// Estimated acceptance of a draft token from this exit.
     pub acceptance: f32,
-    /// The shadow tokens behind `acceptance` (decayed count: older ones weigh less).
+    /// The weight behind `acceptance`: 1 for the prior at the start, then each shadow token adds 1 as older
+    /// weight decays.
     pub samples: f32,
     /// The previous step's shadow token at this exit, the newest observation in `acceptance`: 1 or 0 when
     /// greedy (did this exit's top token equal the target's?), sum min(p, q) when sampling. `None` when that
@@ -96,7 +97,8 @@ pub struct DraftNode {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DraftKind {
-    /// Drawn at random from q, which the node carries (lookahead's SJD window guesses).
+    /// Drawn at random from q, which the node carries (lookahead's SJD window guesses; a chain drafter's first
+    /// draft and its siblings, each sibling's q being what the ones before it left).
     Sampled,
     /// The argmax of the q its sampled sibling (the sibling just before it) was drawn from, proposed as a point
     /// mass (q = 1) and tested after that sibling is rejected, against the residual it left.

@@ -1,6 +1,6 @@
 //! Speculative decoding on the real default model: greedy losslessness of every drafter against plain greedy,
 //! what a speculative step records in the trace, and parameter checks. The sampling verifier's exactness is in
-//! speculative_sampling.rs.
+//! speculative_sampling/.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "../common/mod.rs"]
@@ -444,7 +444,20 @@ fn bad_parameters_are_refused() {
     assert!(generate(model(), spec("speculative", "Hi", params.clone(), 4, 0)).is_err());
     params.speculative.adaptive = None;
     params.speculative.draft_cost = Some(3.0);
-    assert!(generate(model(), spec("speculative", "Hi", params, 4, 0)).is_err());
+    assert!(generate(model(), spec("speculative", "Hi", params.clone(), 4, 0)).is_err());
+    // Siblings: at most MAX_SIBLINGS, and only for the drafters with a real q.
+    params.speculative.draft_cost = None;
+    params.speculative.siblings = 9;
+    assert!(generate(model(), spec("speculative", "Hi", params.clone(), 4, 0)).is_err());
+    params.speculative.siblings = 3;
+    params.speculative.drafter = "prompt-lookup".into();
+    let err = generate(model(), spec("speculative", "Hi", params.clone(), 4, 0))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("only the drafters with a real q"), "{err:?}");
+    params.speculative.drafter = "layer-skip".into();
+    assert!(generate(model(), spec("speculative", "Hi", params, 4, 0)).is_ok());
 }
 
 /// Token recycling with the paper's tree: its 80 nodes on 6 levels (the template cut nothing), recorded in the

@@ -127,7 +127,7 @@ impl DraftTreePanel {
                 .show(ui, |ui| {
                     // The drafter's choice first: it came before the draft the explanation is about.
                     if let Some(exits) = &spec.exit_layers {
-                        exit_layers_ui(ui, exits, index);
+                        exit_layers_ui(ui, exits, spec.nodes.len(), index);
                         ui.separator();
                     }
                     detail_ui(ui, step, spec, pick);

@@ -14,18 +14,25 @@ const PLOT_HEIGHT: f32 = 130.0;
 /// About what the table's five columns take.
 const TABLE_WIDTH: f32 = 400.0;
 
-pub fn exit_layers_ui(ui: &mut egui::Ui, exits: &ExitLayers, step_index: usize) {
+/// `drafted`: the nodes the step drafted (none when no draft length paid for its cost).
+pub fn exit_layers_ui(ui: &mut egui::Ui, exits: &ExitLayers, drafted: usize, step_index: usize) {
     ui.label(RichText::new("Exit layers").heading());
     let how = if exits.dynamic {
         "the exit with the most expected tokens per unit of cost"
     } else {
         "the exit the skipped layers fix"
     };
+    let layer = exits.chosen.saturating_sub(1);
+    let what = if drafted == 0 {
+        format!(
+            "No draft this step: at the best exit (after layer {layer}) no draft paid for its cost."
+        )
+    } else {
+        format!("Drafted from the exit after layer {layer} ({how}).")
+    };
     ui.add(
         egui::Label::new(format!(
-            "Drafted from the exit after layer {} ({how}). Bars: how often a draft from each exit would be \
-             accepted, from shadow tokens.",
-            exits.chosen.saturating_sub(1),
+            "{what} Bars: how often a draft from each exit would be accepted, from shadow tokens."
         ))
         .wrap(),
     )

@@ -2,6 +2,7 @@
 //! next step), and the list of runs.
 
 use egui::RichText;
+use specula_core::methods::speculative::SIBLING_DRAFTERS;
 
 use super::ViewCtx;
 use crate::gui::command::Command;
@@ -170,7 +171,7 @@ fn speculative_ui(ui: &mut egui::Ui, ctx: &ViewCtx<'_>, settings: &mut RunSettin
     if settings.drafter == "token-recycling" {
         recycling_ui(ui, settings);
     }
-    if ["layer-skip", "early-exit", "model"].contains(&settings.drafter.as_str()) {
+    if SIBLING_DRAFTERS.contains(&settings.drafter.as_str()) {
         use specula_core::methods::speculative::MAX_SIBLINGS;
         ui.add(egui::Slider::new(&mut settings.siblings, 1..=MAX_SIBLINGS).text("Siblings"))
             .on_hover_text(

@@ -22,7 +22,7 @@ use super::draft_length::expected_tokens_per_round;
 use super::drafter::{Draft, DraftInput, Drafter, Observation, PRIOR_ACCEPTANCE};
 use super::layer_skip::{draft_chain, forward_weights};
 use super::verifier::{DraftTree, overlap};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::{Llama, logits_row};
 use crate::sampling::{argmax, warp};
 use crate::trace::{ExitEstimate, ExitLayers};
@@ -42,8 +42,9 @@ pub const DECAY: f64 = 0.8;
 /// step here, so observing every exit at every root would slow even the steps that draft nothing by half.
 pub const SHADOWS_PER_ROOT: usize = 1;
 
-/// Running acceptance per candidate exit, from shadow tokens: a decayed mean that starts from
-/// [`PRIOR_ACCEPTANCE`] worth one observation, so an exit with no evidence is neither trusted nor ruled out.
+/// Running acceptance per candidate exit, from shadow tokens: a decayed mean that starts at
+/// [`PRIOR_ACCEPTANCE`] worth one observation, so an exit with no evidence is neither trusted nor ruled out, and
+/// whose start fades like any older observation.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ExitEstimator {
     exits: Vec<usize>,
@@ -61,8 +62,8 @@ impl ExitEstimator {
         let n = exits.len();
         Self {
             exits,
-            sums: vec![0.0; n],
-            weights: vec![0.0; n],
+            sums: vec![PRIOR_ACCEPTANCE; n],
+            weights: vec![1.0; n],
             last: vec![None; n],
             turn: 0,
         }
@@ -105,7 +106,7 @@ impl ExitEstimator {
         self.sums
             .iter()
             .zip(&self.weights)
-            .map(|(&sum, &weight)| (sum + PRIOR_ACCEPTANCE) / (weight + 1.0))
+            .map(|(&sum, &weight)| sum / weight)
             .collect()
     }
 
@@ -200,12 +201,21 @@ impl EarlyExit {
             .iter()
             .filter_map(|&i| self.estimator.exits().get(i).copied())
             .collect();
+        if exits.is_empty() {
+            return Ok(None);
+        }
         let dim = self.llama.config.dim;
         let mut rows = Vec::with_capacity(exits.len() * dim);
         for &l in &exits {
             match obs.root_states.get(l) {
                 Some(state) if state.len() == dim => rows.extend_from_slice(state),
-                _ => return Ok(None),
+                _ => {
+                    return Err(Error::MethodPanicked(format!(
+                        "early exit: the verification returned {} hidden states, none of width {dim} after \
+                         layer {l}",
+                        obs.root_states.len()
+                    )));
+                }
             }
         }
         let heads = self
@@ -318,20 +328,33 @@ mod tests {
         assert_eq!(e.acceptance(), [0.5; 3]);
         assert_eq!(e.due(), [0]);
         e.observe(&[0.0]);
-        // (0 + 0.5) / (1 + 1); the others keep the prior.
-        assert_eq!(e.acceptance(), [0.25, 0.5, 0.5]);
+        // (0.8 * 0.5 + 0) / (0.8 + 1); the others keep the prior.
+        let a = e.acceptance();
+        assert!((a[0] - 0.4 / 1.8).abs() < 1e-12);
+        assert_eq!(&a[1..], [0.5, 0.5]);
         assert_eq!(e.due(), [1]);
         e.observe(&[1.0]);
-        assert_eq!(e.acceptance(), [0.25, 0.75, 0.5]);
+        assert!((e.acceptance()[1] - 1.4 / 1.8).abs() < 1e-12);
         let shadows: Vec<Option<f32>> =
             e.report(|_| 0.1, 0.0, 2).iter().map(|r| r.shadow).collect();
         assert_eq!(shadows, [None, Some(1.0), None]);
         e.observe(&[0.5]);
         assert_eq!(e.due(), [0]);
         e.observe(&[1.0]);
-        let w = DECAY + 1.0;
-        assert!((e.acceptance()[0] - 1.5 / (w + 1.0)).abs() < 1e-12);
+        let w = DECAY * (DECAY + 1.0) + 1.0;
+        assert!((e.acceptance()[0] - (DECAY * 0.4 + 1.0) / w).abs() < 1e-12);
         assert_eq!(e.report(|_| 0.1, 0.0, 2)[0].samples, w as f32);
+        // The prior fades: an exit that is always right tends to 1, one that never is to 0.
+        for _ in 0..300 {
+            let shadow: Vec<f64> = e
+                .due()
+                .iter()
+                .map(|&i| if i == 2 { 1.0 } else { 0.0 })
+                .collect();
+            e.observe(&shadow);
+        }
+        let a = e.acceptance();
+        assert!(a[0] < 1e-6 && a[2] > 1.0 - 1e-6, "{a:?}");
     }
 
     #[test]

@@ -220,7 +220,8 @@ pub(crate) fn forward_weights(config: &crate::model::Config, skipped: &BTreeSet<
 
 /// Drafts a chain from the root with `llama` on `cache` (which holds the context before the root), each token
 /// drawn from the warped q (argmax for greedy), stopping early under the adaptive threshold or the cost-aware
-/// policy. Returns the nodes and the number of draft forwards; `cache` is left holding the root and the drafts.
+/// policy; with `siblings` above 1, more drafts at the first position follow the chain in the node list (parent
+/// `None`). Returns the nodes and the number of draft forwards; `cache` is left holding the root and the chain.
 pub(crate) fn draft_chain_on(
     input: &mut DraftInput<'_>,
     llama: &Llama,
@@ -314,28 +315,52 @@ pub(crate) fn draft_chain_on(
     // Siblings of the first draft, verified in the same forward (they cost no draft forward: the first one's gave
     // their q). Greedy, the next likeliest tokens there, as point masses like every greedy draft.
     if let (Some(first), Some(logits)) = (nodes.first(), first_logits) {
-        let siblings = if sampling.is_greedy() {
+        let (first_token, greedy) = (first.token, sampling.is_greedy());
+        // Each with the chance it is the one accepted, as the chain estimates it: its probability under q.
+        let siblings: Vec<(u32, Warped, f64)> = if greedy {
             top_n(&logits, extra + 1)
                 .into_iter()
-                .filter(|&t| t != first.token)
+                .filter(|&t| t != first_token)
                 .take(extra)
-                .map(|t| (t, Warped::point(t)))
+                .map(|t| (t, Warped::point(t), plain_prob(&logits, t)))
                 .collect()
         } else {
-            draw_siblings(&first.q, first.token, extra, input.rng)
+            let q = first.q.clone();
+            draw_siblings(&q, first_token, extra, input.rng)
+                .into_iter()
+                .map(|(t, rest)| (t, rest, f64::from(q.prob(t))))
+                .collect()
         };
-        let kind = if sampling.is_greedy() {
-            DraftKind::Unlabelled
-        } else {
-            DraftKind::Sampled
-        };
-        for (token, q) in siblings {
+        // The cost-aware policy prices a sibling as one more verified token and keeps it only while the expected
+        // tokens per unit of cost still rise.
+        let verify_cost = input.draft_cost();
+        let mut cost = 1.0 + nodes.len() as f64 * token_cost.unwrap_or(0.0);
+        let chain_len = nodes.len();
+        for (token, q, chance) in siblings {
+            if let Some(c) = verify_cost {
+                if (expected + chance) / (cost + c) <= expected / cost {
+                    break;
+                }
+                expected += chance;
+                cost += c;
+            }
             nodes.push(DraftTreeNode {
                 token,
                 parent: None,
                 q,
-                kind,
+                kind: if greedy {
+                    DraftKind::Unlabelled
+                } else {
+                    DraftKind::Sampled
+                },
             });
+        }
+        // Sampled siblings: the first one was drawn the same way, and says so too.
+        if !greedy
+            && nodes.len() > chain_len
+            && let Some(first) = nodes.first_mut()
+        {
+            first.kind = DraftKind::Sampled;
         }
     }
     Ok((nodes, calls))

@@ -57,6 +57,8 @@ pub const MAX_DRAFT_COST: f32 = 2.0;
 pub const MAX_TREE_SIZE: usize = 128;
 /// Most first-position siblings a chain drafter may draw.
 pub const MAX_SIBLINGS: usize = 8;
+/// The drafters that draft a chain with a real q, and so can draw siblings at its first position.
+pub const SIBLING_DRAFTERS: &[&str] = &["layer-skip", "early-exit", "model"];
 
 impl SpeculativeParams {
     /// Refuses values no drafter can work with. `n_layers` bounds `skip_layers`.
@@ -135,6 +137,17 @@ impl SpeculativeParams {
                 "siblings",
                 self.siblings,
                 format!("must be between 1 and {MAX_SIBLINGS}"),
+            ));
+        }
+        if self.siblings > 1 && !SIBLING_DRAFTERS.contains(&self.drafter.as_str()) {
+            return Err(bad_param(
+                "siblings",
+                self.siblings,
+                format!(
+                    "only the drafters with a real q draw siblings ({}); {} drafts point masses or trees of its own",
+                    SIBLING_DRAFTERS.join(", "),
+                    self.drafter
+                ),
             ));
         }
         if !(1..=MAX_TREE_SIZE).contains(&self.tree_size) {
