@@ -8,7 +8,7 @@ mod common;
 use common::{model, spec, speculative_params};
 use specula_core::Trace;
 use specula_core::methods::speculative::drafter::PRIOR_ACCEPTANCE;
-use specula_core::methods::speculative::early_exit::{DECAY, best_exit};
+use specula_core::methods::speculative::early_exit::{DECAY, IDLE_STRIDE, best_exit};
 use specula_core::trace::{ExitLayers, SpeculativeStep, StepPayload};
 use specula_core::{MethodParams, SamplingParams, generate};
 
@@ -95,7 +95,7 @@ fn a_shadow_token_is_what_a_draft_from_its_exit_would_have_proposed() {
 /// The dynamic exit: every step's estimates follow from the previous step's and the shadow tokens it reports
 /// (the decayed mean, starting from the prior with weight 1), and the step drafts from the exit with the most expected tokens per unit
 /// of cost, no longer than that exit's best length; under the cost-aware policy it drafts nothing when no exit
-/// beats a plain step. Greedy and sampling, with and without a verification cost.
+/// beats a plain step, and then takes shadow tokens at every IDLE_STRIDE-th step only. Greedy and sampling, with and without a verification cost.
 #[test]
 fn each_draft_comes_from_the_exit_and_length_the_estimates_favour() {
     let mut observed = 0;
@@ -124,6 +124,17 @@ fn each_draft_comes_from_the_exit_and_length_the_estimates_favour() {
                 let pays = cost.is_none() || best.tokens_per_cost > 1.0;
                 let longest = if pays { best.best_len } else { 0 };
                 assert!(step.nodes.len() <= longest, "{prompt:?}: {step:?}");
+            }
+            // While no exit pays, only every IDLE_STRIDE-th idle step takes a shadow token.
+            let mut idle = 0usize;
+            for pair in steps.windows(2) {
+                let paid = cost.is_none()
+                    || best_exit(&exits(pair[0]).exits).unwrap().tokens_per_cost > 1.0;
+                idle = if paid { 0 } else { idle + 1 };
+                let shadowed = exits(pair[1]).exits.iter().any(|e| e.shadow.is_some());
+                if !idle.is_multiple_of(IDLE_STRIDE) {
+                    assert!(!shadowed, "{prompt:?}: a shadow token on idle step {idle}");
+                }
             }
             for pair in steps.windows(2) {
                 let (before, after) = (exits(pair[0]), exits(pair[1]));

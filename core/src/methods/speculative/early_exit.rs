@@ -101,6 +101,11 @@ impl ExitEstimator {
         self.turn += 1;
     }
 
+    /// A root that gave no shadow tokens: the next report shows none as the newest.
+    pub fn skip(&mut self) {
+        self.last.iter_mut().for_each(|l| *l = None);
+    }
+
     /// The estimated acceptance at each exit.
     pub fn acceptance(&self) -> Vec<f64> {
         self.sums
@@ -175,9 +180,16 @@ pub fn default_exit(n_layers: usize) -> usize {
     (2 * n_layers / 3).max(1)
 }
 
+/// While no exit pays (the cost-aware policy drafts nothing), shadow tokens are taken at every `IDLE_STRIDE`-th
+/// root only: they are what lets drafting start again when the text turns predictable, but at every root they
+/// would cost each plain step a sixth more.
+pub const IDLE_STRIDE: usize = 4;
+
 pub struct EarlyExit {
     llama: Arc<Llama>,
     estimator: ExitEstimator,
+    /// Steps in a row that drafted nothing because no draft paid.
+    idle_steps: usize,
 }
 
 impl EarlyExit {
@@ -186,6 +198,7 @@ impl EarlyExit {
         Self {
             llama,
             estimator: ExitEstimator::new(exits),
+            idle_steps: 0,
         }
     }
 
@@ -281,6 +294,7 @@ impl Drafter for EarlyExit {
             "exit after layer {} of {n_layers} ({note}), up to {len} drafts",
             exit - 1
         );
+        self.idle_steps = if len == 0 { self.idle_steps + 1 } else { 0 };
         if len == 0 {
             return Ok(Draft {
                 note,
@@ -304,8 +318,14 @@ impl Drafter for EarlyExit {
     }
 
     fn observe(&mut self, obs: &Observation<'_>) -> Result<()> {
-        if let Some(shadow) = self.shadow(obs)? {
-            self.estimator.observe(&shadow);
+        let shadow = if self.idle_steps.is_multiple_of(IDLE_STRIDE) {
+            self.shadow(obs)?
+        } else {
+            None
+        };
+        match shadow {
+            Some(shadow) => self.estimator.observe(&shadow),
+            None => self.estimator.skip(),
         }
         Ok(())
     }
