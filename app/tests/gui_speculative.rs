@@ -286,6 +286,17 @@ fn the_speculative_method_shows_its_parameters() {
     harness.state_mut().settings_mut().run.draft_cost_growth = 0.0;
     let spec = harness.state_mut().settings_mut().run.run_spec();
     assert_eq!(spec.params.speculative.draft_cost_growth, None);
+
+    // Siblings: a slider for the chain drafters with a real q, reaching their runs; other drafters get 1.
+    assert!(harness.query_all_by_label("Siblings").next().is_some());
+    harness.state_mut().settings_mut().run.siblings = 3;
+    let spec = harness.state_mut().settings_mut().run.run_spec();
+    assert_eq!(spec.params.speculative.siblings, 3);
+    harness.state_mut().settings_mut().run.drafter = "prompt-lookup".into();
+    harness.run();
+    assert!(harness.query_all_by_label("Siblings").next().is_none());
+    let spec = harness.state_mut().settings_mut().run.run_spec();
+    assert_eq!(spec.params.speculative.siblings, 1);
 }
 
 /// The prompt panel with speculative decoding and the cost-aware draft length chosen.

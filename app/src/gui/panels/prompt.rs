@@ -171,15 +171,6 @@ fn speculative_ui(ui: &mut egui::Ui, ctx: &ViewCtx<'_>, settings: &mut RunSettin
     if settings.drafter == "token-recycling" {
         recycling_ui(ui, settings);
     }
-    if SIBLING_DRAFTERS.contains(&settings.drafter.as_str()) {
-        use specula_core::methods::speculative::MAX_SIBLINGS;
-        ui.add(egui::Slider::new(&mut settings.siblings, 1..=MAX_SIBLINGS).text("Siblings"))
-            .on_hover_text(
-                "Drafts at the first position, verified in the same forward: when sampling, drawn from the \
-                 drafter's q without replacement and tested one after another against what each rejection \
-                 leaves (recursive speculative decoding); greedy, the likeliest ones. 1 = a plain chain",
-            );
-    }
     ui.horizontal(|ui| {
         ui.label("Draft length policy");
         for (policy, name, hover) in [
@@ -228,6 +219,16 @@ fn speculative_ui(ui: &mut egui::Ui, ctx: &ViewCtx<'_>, settings: &mut RunSettin
             );
             measured_cost_ui(ui, ctx, settings);
         }
+    }
+    // Below the length policy, whose sliders it would otherwise push down: a tree's width is the rarer knob.
+    if SIBLING_DRAFTERS.contains(&settings.drafter.as_str()) {
+        use specula_core::methods::speculative::MAX_SIBLINGS;
+        ui.add(egui::Slider::new(&mut settings.siblings, 1..=MAX_SIBLINGS).text("Siblings"))
+            .on_hover_text(
+                "Drafts at the first position, verified in the same forward: when sampling, drawn from the \
+                 drafter's q without replacement and tested one after another against what each rejection \
+                 leaves (recursive speculative decoding); greedy, the likeliest ones. 1 = a plain chain",
+            );
     }
     ui.label(
         RichText::new(
