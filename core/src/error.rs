@@ -66,6 +66,19 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Refuses a count outside `1..=max`: "must be between 1 and {max}{unit}".
+pub fn count_in_range(name: &'static str, value: usize, max: usize, unit: &str) -> Result<()> {
+    if (1..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(bad_param(
+            name,
+            value,
+            format!("must be between 1 and {max}{unit}"),
+        ))
+    }
+}
+
 /// Shorthand for a bad-parameter error.
 pub fn bad_param(name: &'static str, value: impl ToString, reason: impl Into<String>) -> Error {
     Error::BadParameter {

@@ -16,7 +16,7 @@ use std::collections::BTreeSet;
 use super::speculative::layer_skip::default_skip_set;
 use super::{DecodingMethod, PREFILL_CHUNK, StepContext, empty_step};
 use crate::engine::Model;
-use crate::error::{Error, Result, bad_param};
+use crate::error::{Error, Result, bad_param, count_in_range};
 use crate::model::{Capture, KvCache, Logits, Mask, logits_row};
 use crate::sampling::{PositionStats, argmax, warp};
 use crate::trace::{
@@ -35,20 +35,8 @@ impl AdaptiveParams {
                 "the entropy threshold must be a number of nats >= 0 (0 = always the full model)",
             ));
         }
-        if !(1..=MAX_WINDOW).contains(&self.window) {
-            return Err(bad_param(
-                "entropy_window",
-                self.window,
-                format!("must be between 1 and {MAX_WINDOW} tokens"),
-            ));
-        }
-        if !(1..=MAX_WINDOW).contains(&self.min_dwell) {
-            return Err(bad_param(
-                "min_dwell",
-                self.min_dwell,
-                format!("must be between 1 and {MAX_WINDOW} tokens"),
-            ));
-        }
+        count_in_range("entropy_window", self.window, MAX_WINDOW, " tokens")?;
+        count_in_range("min_dwell", self.min_dwell, MAX_WINDOW, " tokens")?;
         Ok(())
     }
 }

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use crate::error::{Result, bad_param};
+use crate::error::{Result, bad_param, count_in_range};
 use crate::trace::{Rollback, SearchParams, StepPayload, StepRecord, TokenRecord, Trace};
 
 /// Largest beam width: each beam is a batch row of every forward, so the cost grows linearly.
@@ -24,13 +24,7 @@ impl SearchParams {
         };
         match method {
             "beam" | "diverse-beam" | "opera" => {
-                if !(1..=MAX_BEAMS).contains(&self.beams) {
-                    return Err(bad_param(
-                        "beams",
-                        self.beams,
-                        format!("must be between 1 and {MAX_BEAMS}"),
-                    ));
-                }
+                count_in_range("beams", self.beams, MAX_BEAMS, "")?;
                 finite("length_penalty", self.length_penalty)?;
                 if self.length_penalty.abs() > 10.0 {
                     return Err(bad_param(
@@ -49,13 +43,7 @@ impl SearchParams {
                         "the resistance weight must be between 0 (greedy) and 10",
                     ));
                 }
-                if !(1..=MAX_CANDIDATES).contains(&self.candidates) {
-                    return Err(bad_param(
-                        "candidates",
-                        self.candidates,
-                        format!("must be between 1 and {MAX_CANDIDATES}"),
-                    ));
-                }
+                count_in_range("candidates", self.candidates, MAX_CANDIDATES, "")?;
             }
             "contrastive" => {
                 finite("alpha", self.alpha)?;
@@ -66,13 +54,7 @@ impl SearchParams {
                         "the degeneration penalty must be in [0, 1]; 0 is greedy",
                     ));
                 }
-                if !(1..=MAX_CANDIDATES).contains(&self.candidates) {
-                    return Err(bad_param(
-                        "candidates",
-                        self.candidates,
-                        format!("must be between 1 and {MAX_CANDIDATES}"),
-                    ));
-                }
+                count_in_range("candidates", self.candidates, MAX_CANDIDATES, "")?;
             }
             "cad" => {
                 finite("alpha", self.alpha)?;
@@ -125,13 +107,7 @@ impl SearchParams {
                     "the over-trust penalty weight must be between 0 (beam search) and 10",
                 ));
             }
-            if !(1..=MAX_CANDIDATES).contains(&self.candidates) {
-                return Err(bad_param(
-                    "candidates",
-                    self.candidates,
-                    format!("must be between 1 and {MAX_CANDIDATES}"),
-                ));
-            }
+            count_in_range("candidates", self.candidates, MAX_CANDIDATES, "")?;
         }
         Ok(())
     }

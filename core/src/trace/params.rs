@@ -83,13 +83,7 @@ impl InspectParams {
         if !self.attention {
             return Ok(());
         }
-        if !(1..=64).contains(&self.attention_top_k) {
-            return Err(crate::error::bad_param(
-                "attention_top_k",
-                self.attention_top_k,
-                "must be between 1 and 64",
-            ));
-        }
+        crate::error::count_in_range("attention_top_k", self.attention_top_k, 64, "")?;
         if let Some(&bad) = self.attention_layers.iter().find(|&&l| l >= n_layers) {
             return Err(crate::error::bad_param(
                 "attention_layers",

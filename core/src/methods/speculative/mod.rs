@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::engine::Model;
-use crate::error::{Error, Result, bad_param};
+use crate::error::{Error, Result, bad_param, count_in_range};
 use crate::methods::{DecodingMethod, PREFILL_CHUNK, StepContext, empty_step};
 use crate::model::{Capture, KvCache, Llama, Logits, Mask, logits_row};
 use crate::sampling::{PositionStats, warp};
@@ -80,13 +80,7 @@ impl SpeculativeParams {
                 "the model drafter needs a draft model: a GGUF with the target's vocabulary",
             ));
         }
-        if !(1..=MAX_DRAFT_LEN).contains(&self.draft_len) {
-            return Err(bad_param(
-                "draft_len",
-                self.draft_len,
-                format!("must be between 1 and {MAX_DRAFT_LEN}"),
-            ));
-        }
+        count_in_range("draft_len", self.draft_len, MAX_DRAFT_LEN, "")?;
         if let Some(h) = self.adaptive
             && !(h.is_finite() && h > 0.0 && h < 1.0)
         {
@@ -132,13 +126,7 @@ impl SpeculativeParams {
                 ));
             }
         }
-        if !(1..=MAX_SIBLINGS).contains(&self.siblings) {
-            return Err(bad_param(
-                "siblings",
-                self.siblings,
-                format!("must be between 1 and {MAX_SIBLINGS}"),
-            ));
-        }
+        count_in_range("siblings", self.siblings, MAX_SIBLINGS, "")?;
         if self.siblings > 1 && !SIBLING_DRAFTERS.contains(&self.drafter.as_str()) {
             return Err(bad_param(
                 "siblings",
@@ -150,13 +138,7 @@ impl SpeculativeParams {
                 ),
             ));
         }
-        if !(1..=MAX_TREE_SIZE).contains(&self.tree_size) {
-            return Err(bad_param(
-                "tree_size",
-                self.tree_size,
-                format!("must be between 1 and {MAX_TREE_SIZE}"),
-            ));
-        }
+        count_in_range("tree_size", self.tree_size, MAX_TREE_SIZE, "")?;
         if !token_recycling::TREE_TEMPLATES.contains(&self.tree_template.as_str()) {
             return Err(bad_param(
                 "tree_template",
