@@ -195,6 +195,7 @@ fn first_two_sjd(o: &mut Oracle, rows: &mut SjdRows, check: Check, rng: &mut Run
         logits: &rows.warm,
         accepted_path: &[],
         sampling: &o.params,
+        p: &[],
         root_states: &[],
     })
     .unwrap();
@@ -261,6 +262,7 @@ fn first_two_sjd(o: &mut Oracle, rows: &mut SjdRows, check: Check, rng: &mut Run
                 logits: &logits,
                 accepted_path: &v.accepted_path,
                 sampling: &o.params,
+                p: &[],
                 root_states: &[],
             })
             .unwrap();

@@ -2,7 +2,7 @@
 //! next step), and the list of runs.
 
 use egui::RichText;
-use specula_core::methods::speculative::SIBLING_DRAFTERS;
+use specula_core::methods::speculative::{MAX_SIBLINGS, SIBLING_DRAFTERS};
 
 use super::ViewCtx;
 use crate::gui::command::Command;
@@ -222,7 +222,6 @@ fn speculative_ui(ui: &mut egui::Ui, ctx: &ViewCtx<'_>, settings: &mut RunSettin
     }
     // Below the length policy, whose sliders it would otherwise push down: a tree's width is the rarer knob.
     if SIBLING_DRAFTERS.contains(&settings.drafter.as_str()) {
-        use specula_core::methods::speculative::MAX_SIBLINGS;
         ui.add(egui::Slider::new(&mut settings.siblings, 1..=MAX_SIBLINGS).text("Siblings"))
             .on_hover_text(
                 "Drafts at the first position, verified in the same forward: when sampling, drawn from the \

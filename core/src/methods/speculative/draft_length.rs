@@ -50,19 +50,34 @@ pub fn cost_aware_length(alpha: f64, c: f64, max_len: usize) -> usize {
     cost_aware_depth(alpha, c, &chain)
 }
 
+/// The draft length in 1..=`max_len` with the highest predicted speedup at acceptance `alpha` and per-token cost
+/// `c` (ties to the shorter), and that speedup: the length a drafter that always drafts takes. `(0, 1.0)`, a plain
+/// step, when `max_len` is 0.
+pub fn best_length(alpha: f64, c: f64, max_len: usize) -> (usize, f64) {
+    let chain: Vec<usize> = (0..=max_len).collect();
+    best_depth(alpha, c, &chain, 1)
+}
+
 /// The cost-aware depth of a draft tree whose cut to depth d holds `nodes[d]` nodes (`nodes[0]` = 0): the d that
 /// maximises the expected tokens per round at per-level acceptance `alpha` over the verification's cost in
 /// one-token steps, 1 + c · nodes[d]. A chain (one node per level) gives [`cost_aware_length`]; a tree pays for
 /// every node it verifies, not only for its depth.
 pub fn cost_aware_depth(alpha: f64, c: f64, nodes: &[usize]) -> usize {
-    let mut best = (0, 1.0);
-    for (d, &n) in nodes.iter().enumerate().skip(1) {
+    best_depth(alpha, c, nodes, 0).0
+}
+
+/// The depth d >= `shallowest` of a tree holding `nodes[d]` nodes when cut to depth d that maximises the expected
+/// tokens per round over the verification's cost, 1 + c · nodes[d], with that figure (ties to the shallower);
+/// `(0, 1.0)` when no depth is allowed. Depth 0, a plain step, scores exactly 1.
+fn best_depth(alpha: f64, c: f64, nodes: &[usize], shallowest: usize) -> (usize, f64) {
+    let mut best: Option<(usize, f64)> = None;
+    for (d, &n) in nodes.iter().enumerate().skip(shallowest) {
         let speedup = expected_tokens_per_round(alpha, d as f64) / (n as f64 * c + 1.0);
-        if speedup > best.1 + 1e-12 {
-            best = (d, speedup);
+        if best.is_none_or(|(_, b)| speedup > b + 1e-12) {
+            best = Some((d, speedup));
         }
     }
-    best.0
+    best.unwrap_or((0, 1.0))
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use super::verifier::DraftTree;
 use super::{cost_aware_depth, cost_aware_length};
 use crate::error::Result;
 use crate::model::{KvCache, Llama};
-use crate::sampling::RunRng;
+use crate::sampling::{RunRng, Warped};
 use crate::trace::{ExitLayers, MethodParams, SamplingParams};
 
 /// What a drafter sees when it drafts.
@@ -121,6 +121,9 @@ pub struct Observation<'a> {
     pub accepted_path: &'a [usize],
     /// The sampling the verifier used (the warping applied to every distribution it compared).
     pub sampling: &'a SamplingParams,
+    /// The verifier's warped target distribution p at each fed position, same order as `logits` (empty for a
+    /// prefill chunk, which the verifier did not see).
+    pub p: &'a [Warped],
     /// For drafters that ask ([`Drafter::wants_root_states`]): the root's residual stream after the embeddings
     /// (index 0) and after each layer (index i + 1 after layer i), from this verification forward. Empty when
     /// not asked for, and when the root was not in the forward (the first step, whose root the prefill fed).

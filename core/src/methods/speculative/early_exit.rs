@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use candle_core::Tensor;
 
-use super::draft_length::expected_tokens_per_round;
+use super::draft_length::best_length;
 use super::drafter::{Draft, DraftInput, Drafter, Observation, PRIOR_ACCEPTANCE};
 use super::layer_skip::{draft_chain, forward_weights};
 use super::verifier::{DraftTree, overlap};
@@ -38,13 +38,11 @@ pub fn candidate_exits(n_layers: usize) -> Vec<usize> {
 /// five or so observations, since what a layer gets right depends on the text at hand (DEL's "context-aware").
 pub const DECAY: f64 = 0.8;
 
-/// Shadow tokens taken at each verified root, the exits taking turns: an LM-head row costs about a sixth of a
-/// step here, so observing every exit at every root would slow even the steps that draft nothing by half.
-pub const SHADOWS_PER_ROOT: usize = 1;
-
 /// Running acceptance per candidate exit, from shadow tokens: a decayed mean that starts at
 /// [`PRIOR_ACCEPTANCE`] worth one observation, so an exit with no evidence is neither trusted nor ruled out, and
-/// whose start fades like any older observation.
+/// whose start fades like any older observation. Each verified root gives one exit's shadow token, the exits
+/// taking turns: an LM-head row costs about a sixth of a step here, so observing every exit at every root would
+/// slow even the steps that draft nothing by half.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ExitEstimator {
     exits: Vec<usize>,
@@ -53,7 +51,7 @@ pub struct ExitEstimator {
     weights: Vec<f64>,
     /// Each exit's observation at the latest root, if it was due then.
     last: Vec<Option<f64>>,
-    /// Roots observed so far (which exits are due next).
+    /// Roots observed so far (which exit is due next).
     turn: usize,
 }
 
@@ -73,30 +71,24 @@ impl ExitEstimator {
         &self.exits
     }
 
-    /// The exits due at the next root, as indices into the exits: the next [`SHADOWS_PER_ROOT`] in turn.
-    pub fn due(&self) -> Vec<usize> {
-        let n = self.exits.len();
-        let mut due: Vec<usize> = (0..SHADOWS_PER_ROOT.min(n))
-            .map(|k| (self.turn * SHADOWS_PER_ROOT + k) % n)
-            .collect();
-        due.sort_unstable();
-        due
+    /// The exit due at the next root (an index into the exits), in turn; `None` when there are no exits.
+    pub fn due(&self) -> Option<usize> {
+        (!self.exits.is_empty()).then(|| self.turn % self.exits.len())
     }
 
-    /// Folds in one root's shadow acceptance at the exits due ([`Self::due`], same order).
-    pub fn observe(&mut self, shadow: &[f64]) {
-        let due = self.due();
-        self.last.iter_mut().for_each(|l| *l = None);
-        for (&i, &a) in due.iter().zip(shadow) {
-            if let (Some(sum), Some(weight), Some(last)) = (
+    /// Folds in one root's shadow acceptance at the exit due ([`Self::due`]).
+    pub fn observe(&mut self, shadow: f64) {
+        self.skip();
+        if let Some(i) = self.due()
+            && let (Some(sum), Some(weight), Some(last)) = (
                 self.sums.get_mut(i),
                 self.weights.get_mut(i),
                 self.last.get_mut(i),
-            ) {
-                *sum = DECAY * *sum + a;
-                *weight = DECAY * *weight + 1.0;
-                *last = Some(a);
-            }
+            )
+        {
+            *sum = DECAY * *sum + shadow;
+            *weight = DECAY * *weight + 1.0;
+            *last = Some(shadow);
         }
         self.turn += 1;
     }
@@ -144,26 +136,6 @@ impl ExitEstimator {
     }
 }
 
-/// DEL's tokens per unit of cost for a chain of `len` drafts each accepted with probability `acceptance`, each
-/// costing `token_cost` plain steps (its draft forward and its verification) on top of the one-step verification.
-pub fn tokens_per_cost(acceptance: f64, len: usize, token_cost: f64) -> f64 {
-    expected_tokens_per_round(acceptance.clamp(0.0, 1.0), len as f64)
-        / (1.0 + len as f64 * token_cost)
-}
-
-/// The length in 1..=`max_len` with the most tokens per unit of cost (ties to the shorter), and that figure;
-/// `(0, 1.0)`, a plain step, when `max_len` is 0.
-pub fn best_length(acceptance: f64, token_cost: f64, max_len: usize) -> (usize, f64) {
-    let mut best = (0, 1.0);
-    for len in 1..=max_len {
-        let tpc = tokens_per_cost(acceptance, len, token_cost);
-        if best.0 == 0 || tpc > best.1 {
-            best = (len, tpc);
-        }
-    }
-    best
-}
-
 /// The exit (and its report entry) with the most tokens per unit of cost; ties to the shallower.
 pub fn best_exit(report: &[ExitEstimate]) -> Option<&ExitEstimate> {
     report
@@ -202,57 +174,41 @@ impl EarlyExit {
         }
     }
 
-    /// Each candidate exit's acceptance at one verified root: did its top token equal the target's (greedy), or
-    /// the probability sum min(p, q) that a token it drew would be accepted (sampling).
-    fn shadow(&self, obs: &Observation<'_>) -> Result<Option<Vec<f64>>> {
-        let (Some(target), false) = (obs.logits.first(), obs.root_states.is_empty()) else {
+    /// The due exit's acceptance at one verified root: did its top token equal the target's (greedy), or the
+    /// probability sum min(p, q) that a token it drew would be accepted (sampling). `None` when the root was not
+    /// in the verification (or there are no exits).
+    fn shadow(&self, obs: &Observation<'_>) -> Result<Option<f64>> {
+        let (Some(p), false) = (obs.p.first(), obs.root_states.is_empty()) else {
             return Ok(None);
         };
-        let exits: Vec<usize> = self
+        let Some(&layers) = self
             .estimator
             .due()
-            .iter()
-            .filter_map(|&i| self.estimator.exits().get(i).copied())
-            .collect();
-        if exits.is_empty() {
+            .and_then(|i| self.estimator.exits().get(i))
+        else {
             return Ok(None);
-        }
+        };
         let dim = self.llama.config.dim;
-        let mut rows = Vec::with_capacity(exits.len() * dim);
-        for &l in &exits {
-            match obs.root_states.get(l) {
-                Some(state) if state.len() == dim => rows.extend_from_slice(state),
-                _ => {
-                    return Err(Error::MethodPanicked(format!(
-                        "early exit: the verification returned {} hidden states, none of width {dim} after \
-                         layer {l}",
-                        obs.root_states.len()
-                    )));
-                }
+        let state = match obs.root_states.get(layers) {
+            Some(state) if state.len() == dim => state.clone(),
+            _ => {
+                return Err(Error::MethodPanicked(format!(
+                    "early exit: the verification returned {} hidden states, none of width {dim} after {layers} \
+                     layers",
+                    obs.root_states.len()
+                )));
             }
-        }
-        let heads = self
+        };
+        let head = self
             .llama
-            .head(&Tensor::from_vec(
-                rows,
-                (exits.len(), dim),
-                self.llama.device(),
-            )?)?
-            .unsqueeze(0)?;
-        let p = warp(target, obs.sampling);
-        let greedy = obs.sampling.is_greedy();
-        let target_token = argmax(target);
-        (0..exits.len())
-            .map(|i| {
-                let q = logits_row(&heads, 0, i)?;
-                Ok(if greedy {
-                    f64::from(u8::from(argmax(&q) == target_token))
-                } else {
-                    overlap(&p, &warp(&q, obs.sampling))
-                })
-            })
-            .collect::<Result<Vec<f64>>>()
-            .map(Some)
+            .head(&Tensor::from_vec(state, (1, 1, dim), self.llama.device())?)?;
+        let q = logits_row(&head, 0, 0)?;
+        Ok(Some(if obs.sampling.is_greedy() {
+            // Greedy, p is the point mass on the target's top token.
+            f64::from(u8::from(p.most_likely() == Some(argmax(&q))))
+        } else {
+            overlap(p, &warp(&q, obs.sampling))
+        }))
     }
 }
 
@@ -267,8 +223,10 @@ impl Drafter for EarlyExit {
         let full = forward_weights(config, &BTreeSet::new());
         let share =
             |layers: usize| forward_weights(config, &(layers..n_layers).collect()) / full.max(1.0);
-        let verify_cost = input.draft_cost().unwrap_or(0.0);
-        let report = self.estimator.report(share, verify_cost, input.max_len);
+        let draft_cost = input.draft_cost();
+        let report = self
+            .estimator
+            .report(share, draft_cost.unwrap_or(0.0), input.max_len);
         // `skip_layers` given: exit before the first of them (everything from there up is skipped).
         let fixed = input.params.speculative.skip_layers.iter().copied().min();
         let (exit, len, note) = match (fixed, best_exit(&report)) {
@@ -276,7 +234,7 @@ impl Drafter for EarlyExit {
             (None, Some(best)) => (
                 best.layers,
                 // A plain step when even the best exit's drafts cost more than they bring (cost-aware only).
-                if input.draft_cost().is_some() && best.tokens_per_cost <= 1.0 {
+                if draft_cost.is_some() && best.tokens_per_cost <= 1.0 {
                     0
                 } else {
                     best.best_len
@@ -324,7 +282,7 @@ impl Drafter for EarlyExit {
             None
         };
         match shadow {
-            Some(shadow) => self.estimator.observe(&shadow),
+            Some(shadow) => self.estimator.observe(shadow),
             None => self.estimator.skip(),
         }
         Ok(())
@@ -346,32 +304,28 @@ mod tests {
     fn estimates_start_at_the_prior_and_follow_the_shadow_tokens_in_turn() {
         let mut e = ExitEstimator::new(vec![3, 6, 9]);
         assert_eq!(e.acceptance(), [0.5; 3]);
-        assert_eq!(e.due(), [0]);
-        e.observe(&[0.0]);
+        assert_eq!(e.due(), Some(0));
+        e.observe(0.0);
         // (0.8 * 0.5 + 0) / (0.8 + 1); the others keep the prior.
         let a = e.acceptance();
         assert!((a[0] - 0.4 / 1.8).abs() < 1e-12);
         assert_eq!(&a[1..], [0.5, 0.5]);
-        assert_eq!(e.due(), [1]);
-        e.observe(&[1.0]);
+        assert_eq!(e.due(), Some(1));
+        e.observe(1.0);
         assert!((e.acceptance()[1] - 1.4 / 1.8).abs() < 1e-12);
         let shadows: Vec<Option<f32>> =
             e.report(|_| 0.1, 0.0, 2).iter().map(|r| r.shadow).collect();
         assert_eq!(shadows, [None, Some(1.0), None]);
-        e.observe(&[0.5]);
-        assert_eq!(e.due(), [0]);
-        e.observe(&[1.0]);
+        e.observe(0.5);
+        assert_eq!(e.due(), Some(0));
+        e.observe(1.0);
         let w = DECAY * (DECAY + 1.0) + 1.0;
         assert!((e.acceptance()[0] - (DECAY * 0.4 + 1.0) / w).abs() < 1e-12);
         assert_eq!(e.report(|_| 0.1, 0.0, 2)[0].samples, w as f32);
         // The prior fades: an exit that is always right tends to 1, one that never is to 0.
         for _ in 0..300 {
-            let shadow: Vec<f64> = e
-                .due()
-                .iter()
-                .map(|&i| if i == 2 { 1.0 } else { 0.0 })
-                .collect();
-            e.observe(&shadow);
+            let shadow = if e.due() == Some(2) { 1.0 } else { 0.0 };
+            e.observe(shadow);
         }
         let a = e.acceptance();
         assert!(a[0] < 1e-6 && a[2] > 1.0 - 1e-6, "{a:?}");
@@ -388,9 +342,8 @@ mod tests {
         // A deep exit that agrees more beats a shallow cheap one that rarely does.
         let mut e = ExitEstimator::new(vec![10, 20]);
         for _ in 0..30 {
-            let due = e.due();
-            let shadow: Vec<f64> = due.iter().map(|&i| [0.1, 0.9][i]).collect();
-            e.observe(&shadow);
+            let shadow = if e.due() == Some(0) { 0.1 } else { 0.9 };
+            e.observe(shadow);
         }
         let report = e.report(|l| l as f64 / 30.0, 0.0, 4);
         let best = best_exit(&report).map(|b| b.layers);

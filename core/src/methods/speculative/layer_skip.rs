@@ -241,7 +241,8 @@ pub(crate) fn draft_chain_on(
     // Expected tokens a round commits with the drafts so far (the verifier's own token, then each draft while
     // all before it hold), and what a drafted token costs: its verification plus its own draft forward.
     let mut expected = 1.0f64;
-    let token_cost = input.draft_cost().map(|verify| {
+    let verify_cost = input.draft_cost();
+    let token_cost = verify_cost.map(|verify| {
         verify
             + forward_weights(&llama.config, &capture.skip_layers)
                 / forward_weights(&input.llama.config, &BTreeSet::new())
@@ -325,15 +326,13 @@ pub(crate) fn draft_chain_on(
                 .map(|t| (t, Warped::point(t), plain_prob(&logits, t)))
                 .collect()
         } else {
-            let q = first.q.clone();
-            draw_siblings(&q, first_token, extra, input.rng)
+            draw_siblings(&first.q, first_token, extra, input.rng)
                 .into_iter()
-                .map(|(t, rest)| (t, rest, f64::from(q.prob(t))))
+                .map(|(t, rest)| (t, rest, f64::from(first.q.prob(t))))
                 .collect()
         };
         // The cost-aware policy prices a sibling as one more verified token and keeps it only while the expected
         // tokens per unit of cost still rise.
-        let verify_cost = input.draft_cost();
         let mut cost = 1.0 + nodes.len() as f64 * token_cost.unwrap_or(0.0);
         let chain_len = nodes.len();
         for (token, q, chance) in siblings {

@@ -33,7 +33,7 @@ pub mod verifier;
 
 use draft_length::with_priced_cost;
 pub use draft_length::{
-    cost_aware_depth, cost_aware_length, expected_tokens_per_round, predicted_speedup,
+    best_length, cost_aware_depth, cost_aware_length, expected_tokens_per_round, predicted_speedup,
 };
 use drafter::{DraftInput, Drafter, Observation};
 use token_recycling::SharedMatrix;
@@ -306,6 +306,7 @@ impl DecodingMethod for Speculative {
                         logits: &logits,
                         accepted_path: &[],
                         sampling: &params.sampling,
+                        p: &[],
                         root_states: &[],
                     })?;
                 }
@@ -440,6 +441,7 @@ impl DecodingMethod for Speculative {
                 logits: &logits,
                 accepted_path: &verdict.accepted_path,
                 sampling: &params.sampling,
+                p: &p,
                 root_states: &root_states,
             })?;
         }
